@@ -1,0 +1,1 @@
+"""kvshare.agents: see the README module map."""

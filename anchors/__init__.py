@@ -1,0 +1,1 @@
+"""kvshare.anchors: see the README module map."""

@@ -1,0 +1,1 @@
+"""kvshare.integrations: see the README module map."""

@@ -1,0 +1,21 @@
+"""Tensor operations of the hot path (torch reference implementations).
+
+Shape glossary: B batch, L layers, H kv heads, S tokens, D head dim, N selected, V vocabulary.
+"""
+
+from kvshare.kernels.kv import KV, gather, scatter, slice_tokens, splice
+from kvshare.kernels.prefill import PrefillResult, partial_prefill, position_mask
+from kvshare.kernels.rope import shift_kv, shift_rope
+
+__all__ = [
+    "KV",
+    "PrefillResult",
+    "gather",
+    "partial_prefill",
+    "position_mask",
+    "scatter",
+    "shift_kv",
+    "shift_rope",
+    "slice_tokens",
+    "splice",
+]

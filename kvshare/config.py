@@ -1,0 +1,65 @@
+"""Engine configuration: a frozen dataclass validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from kvshare.errors import ConfigError
+
+MODES = ("full", "prefix", "blend", "anchor", "kvshare")
+IMPLEMENTED_MODES = ("full", "prefix")
+SHARE_SCOPES = ("session", "tenant", "global")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an :class:`~kvshare.Engine` reuses KV.
+
+    mode: ``full`` (prefill everything, the oracle) or ``prefix`` (exact longest-prefix reuse,
+        what vLLM/SGLang do). ``blend``, ``anchor`` and ``kvshare`` are reserved for relocated
+        reuse and are refused until implemented.
+    share_scope: who may reuse whose KV: ``session``, ``tenant`` (default) or ``global``.
+        KV never crosses tenants unless ``global`` is chosen explicitly.
+    prefix_cache_bytes: byte budget of the token-level radix tree (``prefix`` mode).
+    segment_store_bytes: byte budget of the content-addressed segment store.
+    store_segments: keep every computed message segment and reply in the segment store.
+    masked_prefill_max_ratio: a masked partial prefill is used while the recomputed share of the
+        span it would otherwise re-run stays at or below this ratio; above it an ordinary
+        causal prefill of that span is faster (measured crossover, see README).
+    """
+
+    mode: str = "prefix"
+    share_scope: str = "tenant"
+    prefix_cache_bytes: int = 2 << 30
+    segment_store_bytes: int = 1 << 30
+    store_segments: bool = True
+    masked_prefill_max_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.mode not in IMPLEMENTED_MODES:
+            raise ConfigError(
+                f"mode {self.mode!r} is not implemented yet; available: "
+                f"{', '.join(IMPLEMENTED_MODES)}"
+            )
+        if self.share_scope not in SHARE_SCOPES:
+            raise ConfigError(
+                f"unknown share_scope {self.share_scope!r}; choose one of {', '.join(SHARE_SCOPES)}"
+            )
+        for name in ("prefix_cache_bytes", "segment_store_bytes"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.masked_prefill_max_ratio <= 1.0:
+            raise ConfigError(
+                f"masked_prefill_max_ratio must be in [0, 1], got {self.masked_prefill_max_ratio}"
+            )
+
+    def with_options(self, **options: Any) -> EngineConfig:
+        """A copy with ``options`` changed; unknown option names raise :class:`ConfigError`."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown EngineConfig option(s): {', '.join(unknown)}")
+        return replace(self, **options)

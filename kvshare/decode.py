@@ -1,0 +1,87 @@
+"""Token sampling and the decode loop (one token per forward, KV kept in a DynamicCache)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from kvshare.kernels import KV
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_p in (0, 1] keeps the smallest nucleus reaching p."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Next token from logits [V]. Host sync boundary: returns a Python int."""
+    if params.temperature <= 0.0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < params.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    """tokens: every generated token (the first one included).
+    kv: KV [L, H, S + len(tokens) - 1, D]: the prompt plus every generated token but the last.
+    finish_reason: ``stop`` (EOS or stop string), ``length`` (max_new_tokens) or ``context``.
+    """
+
+    tokens: list[int]
+    kv: KV
+    finish_reason: str
+
+
+@torch.inference_mode()
+def decode(
+    model: nn.Module,
+    prompt_kv: KV,
+    first: int,
+    max_new_tokens: int,
+    *,
+    params: SamplingParams,
+    eos_ids: set[int],
+    context_length: int,
+    generator: torch.Generator | None = None,
+    should_stop: Callable[[list[int]], bool] | None = None,
+) -> DecodeResult:
+    """Generate after a prefill whose next token ``first`` was already sampled.
+
+    prompt_kv: KV [L, H, S, D] of the prompt at positions 0..S-1.
+    """
+    cache = prompt_kv.to_cache()
+    pos = prompt_kv.length
+    device = prompt_kv.keys.device
+    tokens = [first]
+    reason = "length"
+    while True:
+        if tokens[-1] in eos_ids or (should_stop is not None and should_stop(tokens)):
+            reason = "stop"
+            break
+        if len(tokens) >= max_new_tokens:
+            break
+        if pos >= context_length:
+            reason = "context"
+            break
+        out = model(
+            input_ids=torch.tensor([[tokens[-1]]], device=device),
+            position_ids=torch.tensor([[pos]], device=device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        pos += 1
+        tokens.append(sample(out.logits[0, -1], params, generator))
+    return DecodeResult(tokens, KV.from_cache(cache), reason)

@@ -1,0 +1,341 @@
+"""The Engine: render -> plan -> assemble -> prefill -> decode -> remember, for every call."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvshare import model as model_loading
+from kvshare.config import EngineConfig
+from kvshare.decode import SamplingParams, decode, sample
+from kvshare.errors import ConfigError, ContextLengthError
+from kvshare.kernels import KV, partial_prefill, shift_kv, slice_tokens, splice
+from kvshare.prompt import Prompt, render, token_hash
+from kvshare.radix import RadixCache
+from kvshare.stats import (
+    GREEDY_CAP,
+    CallStats,
+    SessionStats,
+    aggregate,
+    greedy_match,
+    kl_divergence,
+)
+from kvshare.store import LRUSegmentStore, NullSegmentStore, SegmentStore, StoredSegment
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """text: the reply (stop strings cut off); tokens: generated ids; stats: see CallStats."""
+
+    text: str
+    tokens: list[int]
+    stats: CallStats
+
+
+def _check_call_args(max_new_tokens: Any, temperature: Any, top_p: Any, stop: Any) -> None:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
+        raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ConfigError(f"temperature must be a number >= 0, got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
+    if stop is not None and not all(isinstance(s, str) and s for s in stop):
+        raise ConfigError(f"stop must be a list of non-empty strings, got {stop!r}")
+
+
+class Engine:
+    """Runs agent chat calls on one model, reusing KV across calls, agents and sessions.
+
+    Thread-safe: calls from several threads are serialised around the model.
+    """
+
+    def __init__(self, loaded: model_loading.LoadedModel, config: EngineConfig | None = None):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = config or EngineConfig()
+        self.prefix_cache = RadixCache(self.config.prefix_cache_bytes)
+        self.segments: SegmentStore = (
+            LRUSegmentStore(self.config.segment_store_bytes)
+            if self.config.store_segments
+            else NullSegmentStore()
+        )
+        self.rotary = self.model.model.rotary_emb
+        self.eos_ids = self._eos_ids()
+        self._calls: list[CallStats] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        config: EngineConfig | None = None,
+    ) -> Engine:
+        """Load a local model (default: the embedded SmolLM2-135M-Instruct) into an Engine."""
+        return cls(model_loading.load(name_or_path, device=device, dtype=dtype), config)
+
+    def fork(self, config: EngineConfig | None = None, **options: Any) -> Engine:
+        """A new Engine sharing this one's model, with empty stores and its own config."""
+        return Engine(self.loaded, (config or self.config).with_options(**options))
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(self.model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None)
+        ids.update(extra if isinstance(extra, list) else [extra])
+        return {int(i) for i in ids if i is not None}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---------------------------------------------------------------- public calls
+    def chat(
+        self,
+        messages: Any,
+        agent: str | None = None,
+        session: str | None = None,
+        tenant: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+        shadow: bool = False,
+    ) -> ChatResult:
+        """Answer ``messages`` (dicts ``{"role","content"}`` or LangChain messages).
+
+        Raises PromptError, ConfigError or ContextLengthError before touching any store.
+        """
+        t0 = time.perf_counter()
+        _check_call_args(max_new_tokens, temperature, top_p, stop)
+        prompt = render(self.tokenizer, messages)
+        if len(prompt) >= self.loaded.context_length:
+            raise ContextLengthError(
+                f"prompt has {len(prompt)} tokens but the model's context is "
+                f"{self.loaded.context_length}; shorten or drop earlier messages"
+            )
+        params = SamplingParams(float(temperature), float(top_p), seed)
+        with self._lock:
+            return self._call(
+                prompt, t0, params, max_new_tokens, list(stop or []), shadow, agent, session, tenant
+            )
+
+    def stats(self, session: str | None = None, agent: str | None = None) -> SessionStats:
+        """Aggregate CallStats over every call (or those of ``session`` / ``agent``)."""
+        calls = [
+            c
+            for c in self._calls
+            if (session is None or c.session == session) and (agent is None or c.agent == agent)
+        ]
+        return aggregate(calls)
+
+    @property
+    def calls(self) -> list[CallStats]:
+        return list(self._calls)
+
+    def reset(self) -> None:
+        """Drop every stored KV and every recorded statistic."""
+        with self._lock:
+            self.prefix_cache.clear()
+            self.segments.clear()
+            self._calls.clear()
+
+    # ---------------------------------------------------------------- pipeline
+    def _scope(self, tenant: str | None, session: str | None) -> str:
+        scope = self.config.share_scope
+        if scope == "global":
+            return "global"
+        if scope == "tenant":
+            return f"t:{tenant or ''}"
+        return f"t:{tenant or ''}/s:{session if session is not None else uuid.uuid4()}"
+
+    def _kv_dims(self) -> tuple[int, int, int]:
+        cfg = self.model.config
+        heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cfg.num_hidden_layers, heads, dim
+
+    def _reused_prefix(self, scope: str, prompt: Prompt) -> tuple[int, KV | None]:
+        if self.config.mode != "prefix":
+            return 0, None
+        hit, parts = self.prefix_cache.match(scope, prompt.ids[:-1])  # last token is computed
+        return (hit, splice(parts)) if hit else (0, None)
+
+    def _prefill(self, prompt: Prompt, hit: int, hit_kv: KV | None) -> tuple[KV, torch.Tensor]:
+        dev = self.device
+        n = len(prompt)
+        layers, heads, dim = self._kv_dims()
+        fill = torch.zeros(layers, heads, n - hit, dim, dtype=self.model.dtype, device=dev)
+        parts = [hit_kv] if hit_kv is not None else []
+        cache = splice([*parts, KV(fill, fill)])
+        ids = torch.tensor(prompt.ids, device=dev)
+        res = partial_prefill(
+            self.model,
+            cache,
+            ids,
+            torch.arange(n, device=dev),
+            torch.arange(hit, n, device=dev),
+            max_masked_ratio=self.config.masked_prefill_max_ratio,
+        )
+        return res.kv, res.logits[-1]
+
+    def _call(
+        self,
+        prompt: Prompt,
+        t0: float,
+        params: SamplingParams,
+        max_new_tokens: int,
+        stop: list[str],
+        shadow: bool,
+        agent: str | None,
+        session: str | None,
+        tenant: str | None,
+    ) -> ChatResult:
+        scope = self._scope(tenant, session)
+        hit, hit_kv = self._reused_prefix(scope, prompt)
+        kv, logits = self._prefill(prompt, hit, hit_kv)
+        gen = (
+            torch.Generator(device="cpu").manual_seed(params.seed)
+            if params.seed is not None
+            else None
+        )
+        first = sample(logits.cpu(), params, gen)
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        dec = decode(
+            self.model,
+            kv,
+            first,
+            max_new_tokens,
+            params=params,
+            eos_ids=self.eos_ids,
+            context_length=self.loaded.context_length,
+            generator=gen,
+            should_stop=self._stop_checker(stop),
+        )
+        decode_s = time.perf_counter() - t1
+        text = self._text(dec.tokens, stop)
+        self._remember(scope, prompt, dec.tokens, dec.kv, agent)
+        fidelity = self._shadow(prompt, logits, kv, dec.tokens, params) if shadow else {}
+        stats = CallStats(
+            mode=self.config.mode,
+            prompt_tokens=len(prompt),
+            prefix_hit_tokens=hit,
+            relocated_tokens=0,
+            recomputed_tokens=0,
+            computed_tokens=len(prompt) - hit,
+            output_tokens=len(dec.tokens),
+            ttft_s=ttft,
+            decode_tok_s=(len(dec.tokens) - 1) / decode_s if decode_s > 0 else 0.0,
+            finish_reason=dec.finish_reason,
+            agent=agent,
+            session=session,
+            tenant=tenant,
+            **fidelity,
+        )
+        self._calls.append(stats)
+        return ChatResult(text, dec.tokens, stats)
+
+    def _stop_checker(self, stop: list[str]) -> Any:
+        if not stop:
+            return None
+        longest = max(len(s) for s in stop)
+
+        def should_stop(tokens: list[int]) -> bool:
+            tail = self.tokenizer.decode(tokens[-(longest + 8) :], skip_special_tokens=True)
+            return any(s in tail for s in stop)
+
+        return should_stop
+
+    def _text(self, tokens: list[int], stop: list[str]) -> str:
+        text = str(self.tokenizer.decode(tokens, skip_special_tokens=True))
+        cuts = [text.find(s) for s in stop if s in text]
+        return text[: min(cuts)] if cuts else text
+
+    def _remember(
+        self, scope: str, prompt: Prompt, tokens: list[int], kv: KV, agent: str | None
+    ) -> None:
+        """Keep what this call computed: radix prefix (prefix mode), segments, reply KV."""
+        n = len(prompt)
+        if self.config.mode == "prefix":
+            self.prefix_cache.insert(scope, list(prompt.ids) + tokens[:-1], kv)
+        if not self.config.store_segments:
+            return
+        for seg in prompt.segments:
+            if (scope, seg.content_hash) not in self.segments:
+                self._put(
+                    scope,
+                    seg.content_hash,
+                    prompt.ids[seg.start : seg.end],
+                    kv,
+                    seg.start,
+                    "prompt",
+                    seg.role,
+                    agent,
+                )
+        reply = tuple(tokens[:-1])  # the last generated token was never fed back: no KV
+        if reply:
+            self._put(scope, token_hash(reply), reply, kv, n, "reply", "assistant", agent)
+
+    def _put(
+        self,
+        scope: str,
+        chash: str,
+        tokens: Sequence[int],
+        kv: KV,
+        start: int,
+        kind: str,
+        role: str,
+        agent: str | None,
+    ) -> None:
+        part = slice_tokens(kv, start, start + len(tokens))
+        canonical = shift_kv(KV(part.keys.clone(), part.values.clone()), -start, self.rotary)
+        self.segments.put(
+            StoredSegment(scope, chash, tuple(tokens), canonical, kind, role, agent, start)
+        )
+
+    def _shadow(
+        self,
+        prompt: Prompt,
+        logits: torch.Tensor,
+        kv: KV,
+        tokens: list[int],
+        params: SamplingParams,
+    ) -> dict[str, Any]:
+        """Fidelity of this call vs a full prefill of the same prompt (design.md section 5)."""
+        full_kv, full_logits = self._prefill(prompt, 0, None)
+        ref = self._greedy(full_kv, full_logits)
+        ours = (
+            tokens
+            if params.temperature == 0 and (len(tokens) >= GREEDY_CAP or tokens[-1] in self.eos_ids)
+            else self._greedy(kv, logits)
+        )
+        return {
+            "kl": kl_divergence(full_logits, logits),
+            "top1_agree": bool(int(full_logits.argmax()) == int(logits.argmax())),
+            "greedy_match": greedy_match(ref, ours, self.eos_ids),
+        }
+
+    def _greedy(self, kv: KV, logits: torch.Tensor) -> list[int]:
+        return decode(
+            self.model,
+            kv,
+            int(logits.argmax()),
+            GREEDY_CAP,
+            params=SamplingParams(),
+            eos_ids=self.eos_ids,
+            context_length=self.loaded.context_length,
+        ).tokens

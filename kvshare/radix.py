@@ -1,0 +1,140 @@
+"""Token-level radix tree of computed KV: exact longest-prefix reuse (vLLM/SGLang style)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvshare.kernels import KV, slice_tokens
+
+
+@dataclass(eq=False)
+class _Node:
+    """An edge of ``tokens`` with their KV [L, H, len(tokens), D] at absolute positions."""
+
+    tokens: tuple[int, ...]
+    kv: KV | None
+    parent: _Node | None
+    children: dict[int, _Node] = field(default_factory=dict)
+    last_used: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes if self.kv is not None else 0
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _own(kv: KV, start: int, end: int) -> KV:
+    """A copy of tokens [start, end) so a node never pins a larger tensor."""
+    part = slice_tokens(kv, start, end)
+    return KV(part.keys.clone(), part.values.clone())
+
+
+class RadixCache:
+    """Per-scope radix trees over token ids with a byte budget and LRU leaf eviction.
+
+    Contract: ``match`` returns the KV of the longest stored prefix of ``ids`` in that scope
+    (never another scope's); ``bytes_used <= budget_bytes`` after every ``insert``. Thread-safe.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = int(budget_bytes)
+        self._roots: dict[str, _Node] = {}
+        self._bytes = 0
+        self._tick = itertools.count(1)
+        self._lock = threading.Lock()
+
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    def match(self, scope: str, ids: Sequence[int]) -> tuple[int, list[KV]]:
+        """Length of the longest cached prefix of ``ids`` and its KV parts, in order."""
+        with self._lock:
+            node = self._roots.get(scope)
+            parts: list[KV] = []
+            i = 0
+            tick = next(self._tick)
+            while node is not None and i < len(ids):
+                child = node.children.get(ids[i])
+                if child is None or child.kv is None:
+                    break
+                n = _common(child.tokens, ids[i:])
+                child.last_used = tick
+                parts.append(child.kv if n == len(child.tokens) else slice_tokens(child.kv, 0, n))
+                i += n
+                if n < len(child.tokens):
+                    break
+                node = child
+            return i, parts
+
+    def insert(self, scope: str, ids: Sequence[int], kv: KV) -> None:
+        """Store ``ids`` with their KV [L, H, len(ids), D] (positions 0..len-1)."""
+        if kv.length != len(ids):
+            raise ValueError(f"insert: {len(ids)} ids but KV of {kv.length} tokens")
+        with self._lock:
+            node = self._roots.setdefault(scope, _Node((), None, None))
+            i, tick = 0, next(self._tick)
+            while i < len(ids):
+                child = node.children.get(ids[i])
+                if child is None:
+                    leaf = _Node(tuple(ids[i:]), _own(kv, i, len(ids)), node, last_used=tick)
+                    node.children[ids[i]] = leaf
+                    self._bytes += leaf.nbytes
+                    break
+                n = _common(child.tokens, ids[i:])
+                if n < len(child.tokens):
+                    child = self._split(child, n)
+                child.last_used = tick
+                node, i = child, i + n
+            self._evict()
+
+    def _split(self, child: _Node, n: int) -> _Node:
+        """Split ``child``'s edge after n tokens; returns the new upper node."""
+        assert child.parent is not None and child.kv is not None
+        upper = _Node(
+            child.tokens[:n], _own(child.kv, 0, n), child.parent, last_used=child.last_used
+        )
+        child.parent.children[child.tokens[0]] = upper
+        old_bytes = child.nbytes
+        child.kv = _own(child.kv, n, len(child.tokens))
+        child.tokens = child.tokens[n:]
+        child.parent = upper
+        upper.children[child.tokens[0]] = child
+        self._bytes += upper.nbytes + child.nbytes - old_bytes
+        return upper
+
+    def _leaves(self) -> list[_Node]:
+        out, stack = [], list(self._roots.values())
+        while stack:
+            node = stack.pop()
+            if not node.children and node.parent is not None:
+                out.append(node)
+            stack.extend(node.children.values())
+        return out
+
+    def _evict(self) -> None:
+        """Drop least recently used leaves until within budget."""
+        while self._bytes > self.budget_bytes:
+            leaves = self._leaves()
+            if not leaves:
+                return
+            victim = min(leaves, key=lambda n: n.last_used)
+            assert victim.parent is not None
+            del victim.parent.children[victim.tokens[0]]
+            self._bytes -= victim.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._roots.clear()
+            self._bytes = 0
