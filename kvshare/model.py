@@ -91,8 +91,8 @@ def _digest(path: Path) -> str:
 def _ensure_writable(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-"):
+            pass
     except OSError as exc:
         raise CacheDirError(
             f"cannot write the kvshare cache directory {root} ({exc.strerror or exc}); set "

@@ -121,7 +121,10 @@ def _token_bounds(offsets: list[tuple[int, int]], char_bounds: list[int]) -> lis
 def render(tokenizer: Any, messages: Any) -> Prompt:
     """Messages -> :class:`Prompt`. Raises :class:`PromptError` on bad input."""
     msgs = normalize(messages)
-    full = _template(tokenizer, msgs, gen=True)
+    try:
+        full = _template(tokenizer, msgs, gen=True)
+    except Exception as exc:  # jinja TemplateError raised by the model's own chat template
+        raise PromptError(f"the model's chat template rejected these messages: {exc}") from exc
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = [int(i) for i in enc["input_ids"]]
     bounds = _char_bounds(tokenizer, msgs, full)

@@ -1,0 +1,107 @@
+"""Segment store and radix prefix cache: budget, eviction, verification, scope isolation."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kvshare.kernels import KV
+
+from kvshare.prompt import token_hash
+from kvshare.radix import RadixCache
+from kvshare.store import LRUSegmentStore, NullSegmentStore, StoredSegment
+
+TOKEN_BYTES = 2 * 2 * 1 * 4 * 4  # keys+values, L=2, H=1, D=4, fp32
+
+
+def kv_for(ids, fill: float | None = None) -> KV:
+    n = len(ids)
+    base = torch.tensor(ids, dtype=torch.float32).reshape(1, 1, n, 1).expand(2, 1, n, 4)
+    t = base.clone() if fill is None else torch.full((2, 1, n, 4), fill)
+    return KV(t, t + 0.5)
+
+
+def seg(tokens, scope="t:", chash=None) -> StoredSegment:
+    tokens = tuple(tokens)
+    return StoredSegment(
+        scope, chash or token_hash(tokens), tokens, kv_for(tokens), "prompt", "user", None, 0
+    )
+
+
+def test_lru_budget_and_eviction_order():
+    store = LRUSegmentStore(budget_bytes=10 * TOKEN_BYTES)
+    a, b, c = seg([1, 2, 3, 4]), seg([5, 6, 7]), seg([8, 9, 10])
+    assert store.put(a) and store.put(b) and store.put(c)
+    assert store.bytes_used == 10 * TOKEN_BYTES
+    assert store.get("t:", a.content_hash, a.tokens) is a  # a becomes most recent
+    assert store.put(seg([11, 12]))  # must evict b (least recently used), not a
+    assert b.key not in store and a.key in store and c.key in store
+    assert store.bytes_used <= store.budget_bytes and store.evictions == 1
+
+
+def test_oversized_segment_is_refused_and_store_unchanged():
+    store = LRUSegmentStore(budget_bytes=3 * TOKEN_BYTES)
+    small = seg([1, 2])
+    store.put(small)
+    assert not store.put(seg([1, 2, 3, 4]))
+    assert len(store) == 1 and store.bytes_used == 2 * TOKEN_BYTES
+
+
+def test_hash_hit_is_verified_token_by_token_and_scoped():
+    store = LRUSegmentStore(budget_bytes=1 << 20)
+    store.put(seg([1, 2, 3], chash="same"))
+    assert store.get("t:", "same", (1, 2, 3)) is not None
+    assert store.get("t:", "same", (1, 2, 4)) is None  # a colliding hash never passes
+    assert store.get("t:other", "same", (1, 2, 3)) is None  # another tenant's scope
+
+
+def test_null_store_stores_nothing():
+    store = NullSegmentStore()
+    assert not store.put(seg([1]))
+    assert len(store) == 0 and store.get("t:", token_hash((1,)), (1,)) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=8), min_size=1, max_size=12),
+    st.integers(0, 40),
+)
+def test_lru_budget_invariant(seqs, budget_tokens):
+    store = LRUSegmentStore(budget_bytes=budget_tokens * TOKEN_BYTES)
+    for s in seqs:
+        store.put(seg(s))
+        assert store.bytes_used <= store.budget_bytes
+        assert store.bytes_used == sum(
+            x.nbytes
+            for x in store._items.values()  # noqa: SLF001 - checking the invariant
+        )
+
+
+def test_radix_longest_prefix_and_split():
+    cache = RadixCache(budget_bytes=1 << 20)
+    cache.insert("s", [1, 2, 3, 4, 5], kv_for([1, 2, 3, 4, 5]))
+    cache.insert("s", [1, 2, 3, 9], kv_for([1, 2, 3, 9]))
+    n, parts = cache.match("s", [1, 2, 3, 4, 7])
+    assert n == 4
+    got = torch.cat([p.keys for p in parts], 2)[0, 0, :, 0].tolist()
+    assert got == [1, 2, 3, 4]
+    n, parts = cache.match("s", [1, 2, 3, 9, 9])
+    assert n == 4 and torch.cat([p.keys for p in parts], 2)[0, 0, -1, 0] == 9
+    assert cache.match("other", [1, 2, 3])[0] == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=10), min_size=1, max_size=10),
+    st.integers(0, 30),
+)
+def test_radix_matches_are_true_prefixes_within_budget(seqs, budget_tokens):
+    cache = RadixCache(budget_bytes=budget_tokens * TOKEN_BYTES)
+    for s in seqs:
+        cache.insert("s", s, kv_for(s))
+        assert cache.bytes_used <= cache.budget_bytes
+    for s in seqs:
+        n, parts = cache.match("s", s)
+        if n:
+            got = torch.cat([p.keys for p in parts], 2)[0, 0, :, 0].tolist()
+            assert got == [float(x) for x in s[:n]]
