@@ -7,6 +7,7 @@ D head dim, N selected tokens, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,8 +70,9 @@ class KV:
     @staticmethod
     def from_cache(cache: DynamicCache, start: int = 0) -> KV:
         """Tokens ``[start, S)`` of a batch-1 ``DynamicCache`` as a KV [L, H, S - start, D]."""
-        keys = torch.stack([layer.keys[0, :, start:] for layer in cache.layers])
-        values = torch.stack([layer.values[0, :, start:] for layer in cache.layers])
+        layers: list[Any] = list(cache.layers)
+        keys = torch.stack([layer.keys[0, :, start:] for layer in layers])
+        values = torch.stack([layer.values[0, :, start:] for layer in layers])
         return KV(keys, values)
 
 

@@ -89,7 +89,7 @@ def partial_prefill(
     positions: Tensor,
     recompute: Tensor,
     *,
-    max_masked_ratio: float = 0.5,
+    max_masked_ratio: float = 0.9,
     all_logits: bool = False,
 ) -> PrefillResult:
     """Recompute the KV of the ``recompute`` tokens exactly, against the rest of ``cache``.

@@ -34,7 +34,7 @@ class EngineConfig:
     prefix_cache_bytes: int = 2 << 30
     segment_store_bytes: int = 1 << 30
     store_segments: bool = True
-    masked_prefill_max_ratio: float = 0.5
+    masked_prefill_max_ratio: float = 0.9
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

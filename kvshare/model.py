@@ -109,7 +109,7 @@ def _write_converted(gguf: Path, out: Path) -> None:
     )
     # The dequantised weights are ordinary fp32 tensors: drop the GGUF quantiser so that
     # save_pretrained writes plain safetensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(out))
@@ -175,9 +175,10 @@ def load(
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         str(directory), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
-    ).to(dev)
+    )
+    model = model.to(dev)
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     ctx = int(getattr(config, "max_position_embeddings", 2048))

@@ -1,0 +1,79 @@
+"""Writing a BenchReport as JSON, a markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvshare.bench.harness import BenchReport
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def markdown(report: BenchReport) -> str:
+    """A per-mode summary table plus per-agent TTFT and speedup."""
+    w = report.workload
+    lines = [
+        f"Workload `{w['name']}`: {w}. Machine: {report.machine}, torch {report.torch}; "
+        f"median of {report.repeats} repeats, modes interleaved.",
+        "",
+        "| mode | token reuse | call reuse | last-agent TTFT (s) | last-agent speedup | "
+        "mean KL | top-1 | greedy match | peak stored KV (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in report.modes:
+        lines.append(
+            f"| {m.mode} | {m.token_reuse:.1%} | {m.call_reuse:.0%} | {m.ttft_s[-1]:.3f} | "
+            f"{m.speedup[-1]:.2f}× | {_fmt(m.mean_kl, '.4f')} | {_fmt(m.top1_agree, '.0%')} | "
+            f"{_fmt(m.median_greedy_match, '.0f')} | {m.peak_kv_bytes / 2**20:.1f} |"
+        )
+    lines += ["", "TTFT per agent position (s), speedup vs full in brackets:", ""]
+    lines.append("| agent | " + " | ".join(m.mode for m in report.modes) + " |")
+    lines.append("|---|" + "---|" * len(report.modes))
+    for i, name in enumerate(report.agents):
+        cells = [f"{m.ttft_s[i]:.3f} ({m.speedup[i]:.2f}×)" for m in report.modes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: BenchReport, path: Path) -> None:
+    """TTFT per agent position, one line per mode, with token reuse in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = list(range(1, len(report.agents) + 1))
+    for m in report.modes:
+        ax.plot(
+            xs,
+            [t * 1000 for t in m.ttft_s],
+            marker="o",
+            label=f"{m.mode} (reuse {m.token_reuse:.0%})",
+        )
+    ax.set_xlabel("agent position")
+    ax.set_ylabel("TTFT, ms (median)")
+    ax.set_title(f"kvshare bench: {report.workload['name']} — {report.machine}", fontsize=9)
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(report: BenchReport, out_dir: Path) -> dict[str, Path]:
+    """Write ``<workload>.json``, ``.md`` and ``.png`` into ``out_dir``; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / str(report.workload["name"])
+    paths = {
+        "json": stem.with_suffix(".json"),
+        "md": stem.with_suffix(".md"),
+        "png": stem.with_suffix(".png"),
+    }
+    paths["json"].write_text(report.model_dump_json(indent=1))
+    paths["md"].write_text(markdown(report))
+    plot(report, paths["png"])
+    return paths

@@ -1,0 +1,135 @@
+"""Command line: ``kvshare demo``, ``kvshare bench``, ``kvshare chat``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kvshare.config import IMPLEMENTED_MODES
+from kvshare.errors import KVShareError
+
+
+def _engine(args: argparse.Namespace):
+    from kvshare import Engine, EngineConfig
+
+    return Engine.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        config=EngineConfig(mode=getattr(args, "mode", "prefix")),
+    )
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local HF dir or .gguf (default: embedded)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kvshare.demo import run_demo
+
+    run_demo(_engine(args), max_new_tokens=args.max_new_tokens, out=sys.stdout)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvshare.bench import report
+    from kvshare.bench.corpus import long_text
+    from kvshare.bench.harness import run_bench
+    from kvshare.bench.workloads import SyntheticWorkload
+
+    engine = _engine(args)
+    if args.workload == "crossover":
+        from kvshare.bench.crossover import measure
+
+        print("| selected share | masked / causal prefill time |\n|---|---|")
+        for ratio, rel in measure(engine, length=args.input):
+            print(f"| {ratio:.0%} | {rel:.2f} |")
+        return 0
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in IMPLEMENTED_MODES]
+    if bad:
+        raise KVShareError(
+            f"unknown or unimplemented mode(s) {bad}; choose from {IMPLEMENTED_MODES}"
+        )
+    workload = SyntheticWorkload(
+        engine.tokenizer,
+        long_text(),
+        n_agents=args.agents,
+        prefix_len=args.prefix,
+        input_len=args.input,
+        output_len=args.output,
+    )
+    rep = run_bench(engine, workload, modes, repeats=args.repeats, shadow=not args.no_shadow)
+    paths = report.write(rep, Path(args.out))
+    print(report.markdown(rep))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    r = engine.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    print(r.text)
+    s = r.stats
+    print(
+        f"[{s.prompt_tokens} prompt tokens, TTFT {s.ttft_s * 1000:.0f} ms, "
+        f"{s.decode_tok_s:.1f} tok/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvshare", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="multi-agent workflow: full vs best mode, per agent")
+    _add_model_args(demo)
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="side-by-side benchmark of reuse modes")
+    _add_model_args(bench)
+    bench.add_argument(
+        "--workload",
+        default="synthetic",
+        choices=["synthetic", "crossover"],
+        help="synthetic N-agent workflow, or the partial-prefill crossover",
+    )
+    bench.add_argument("--modes", default="full,prefix", help="comma-separated modes")
+    bench.add_argument("--agents", type=int, default=5)
+    bench.add_argument("--prefix", type=int, default=256, help="tokens of each agent's prefix")
+    bench.add_argument("--input", type=int, default=512, help="tokens of the shared input")
+    bench.add_argument("--output", type=int, default=64, help="max tokens per agent output")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--no-shadow", action="store_true", help="skip fidelity measurement")
+    bench.add_argument("--out", default="bench-out", help="directory for JSON/markdown/PNG")
+    bench.set_defaults(func=cmd_bench)
+
+    chat = sub.add_parser("chat", help="one chat call")
+    _add_model_args(chat)
+    chat.add_argument("prompt")
+    chat.add_argument("--system", default=None)
+    chat.add_argument("--mode", default="prefix", choices=IMPLEMENTED_MODES)
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KVShareError as exc:
+        print(f"kvshare: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

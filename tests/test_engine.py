@@ -1,0 +1,145 @@
+"""Engine on a tiny random model: prefix == full, scoping, stats, bad input, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from kvshare import EngineConfig
+from kvshare.errors import ConfigError, ContextLengthError, PromptError
+
+SYSTEM = {"role": "system", "content": "You are a careful planner. " * 8}
+
+
+def conversation(turns: int) -> list[dict[str, str]]:
+    msgs = [SYSTEM]
+    for i in range(turns):
+        msgs.append({"role": "user", "content": f"Step {i}: list three risks of plan {i}."})
+        if i < turns - 1:
+            msgs.append({"role": "assistant", "content": f"Risk {i}a, risk {i}b, risk {i}c."})
+    return msgs
+
+
+@pytest.fixture()
+def engines(tiny_engine):
+    return tiny_engine.fork(mode="full"), tiny_engine.fork(mode="prefix")
+
+
+def test_prefix_equals_full_and_reuses(engines):
+    full, prefix = engines
+    for turns in (1, 2, 3):
+        a = full.chat(conversation(turns), max_new_tokens=6)
+        b = prefix.chat(conversation(turns), max_new_tokens=6)
+        assert a.tokens == b.tokens
+        s = b.stats
+        assert s.prefix_hit_tokens + s.relocated_tokens + s.computed_tokens == s.prompt_tokens
+        if turns > 1:
+            assert s.prefix_hit_tokens > len(SYSTEM["content"]) // 8
+    assert full.stats().reuse_rate == 0.0 and prefix.stats().reuse_rate > 0.3
+
+
+def test_segments_and_replies_are_stored(engines):
+    _, prefix = engines
+    r = prefix.chat(conversation(2), max_new_tokens=5, agent="planner")
+    kinds = sorted({s.kind for s in prefix.segments._items.values()})  # noqa: SLF001
+    assert kinds == (["prompt", "reply"] if r.stats.output_tokens > 1 else ["prompt"])
+    assert len(prefix.segments) >= 3
+
+
+def test_tenants_never_share(tiny_engine):
+    eng = tiny_engine.fork(mode="prefix", share_scope="tenant")
+    eng.chat(conversation(1), tenant="a", max_new_tokens=2)
+    assert eng.chat(conversation(1), tenant="b", max_new_tokens=2).stats.prefix_hit_tokens == 0
+    assert eng.chat(conversation(1), tenant="a", max_new_tokens=2).stats.prefix_hit_tokens > 0
+    glob = tiny_engine.fork(mode="prefix", share_scope="global")
+    glob.chat(conversation(1), tenant="a", max_new_tokens=2)
+    assert glob.chat(conversation(1), tenant="b", max_new_tokens=2).stats.prefix_hit_tokens > 0
+
+
+def test_session_scope(tiny_engine):
+    eng = tiny_engine.fork(mode="prefix", share_scope="session")
+    eng.chat(conversation(1), session="s1", max_new_tokens=2)
+    assert eng.chat(conversation(1), session="s2", max_new_tokens=2).stats.prefix_hit_tokens == 0
+    assert eng.chat(conversation(1), session="s1", max_new_tokens=2).stats.prefix_hit_tokens > 0
+    assert eng.stats(session="s1").calls == 2
+
+
+def test_shadow_fidelity_of_prefix_mode(engines):
+    _, prefix = engines
+    prefix.chat(conversation(1), max_new_tokens=4)
+    r = prefix.chat(conversation(2), max_new_tokens=4, shadow=True)
+    assert r.stats.kl is not None and r.stats.kl < 1e-6
+    assert r.stats.top1_agree and r.stats.greedy_match == 32
+
+
+def test_sampling_is_seeded(engines):
+    full, _ = engines
+    a = full.chat(conversation(1), max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    b = full.chat(conversation(1), max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    assert a.tokens == b.tokens
+
+
+def test_stop_strings_cut_the_text(engines):
+    full, _ = engines
+    base = full.chat(conversation(1), max_new_tokens=12)
+    assert len(base.text) >= 4, "the seeded tiny model must produce some text to cut"
+    stop = base.text[2:4]
+    cut = full.chat(conversation(1), max_new_tokens=12, stop=[stop])
+    assert stop not in cut.text and base.text.startswith(cut.text)
+    assert cut.stats.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        ({"messages": []}, PromptError),
+        ({"messages": [{"role": "robot", "content": "x"}]}, PromptError),
+        ({"messages": [{"role": "user", "content": 3}]}, PromptError),
+        ({"max_new_tokens": 0}, ConfigError),
+        ({"max_new_tokens": 1.5}, ConfigError),
+        ({"temperature": -1}, ConfigError),
+        ({"top_p": 0}, ConfigError),
+        ({"messages": [{"role": "user", "content": "word " * 5000}]}, ContextLengthError),
+    ],
+)
+def test_bad_input_raises_and_leaves_stores_unchanged(engines, kwargs, exc):
+    _, prefix = engines
+    prefix.chat(conversation(1), max_new_tokens=2)
+    before = (prefix.prefix_cache.bytes_used, prefix.segments.bytes_used, len(prefix.calls))
+    call = {"messages": conversation(1), "max_new_tokens": 2, **kwargs}
+    with pytest.raises(exc):
+        prefix.chat(**call)
+    assert (prefix.prefix_cache.bytes_used, prefix.segments.bytes_used, len(prefix.calls)) == before
+
+
+def test_unknown_config_options_are_rejected():
+    with pytest.raises(ConfigError, match="unknown mode"):
+        EngineConfig(mode="turbo")
+    with pytest.raises(ConfigError, match="share_scope"):
+        EngineConfig(share_scope="everyone")
+    with pytest.raises(ConfigError, match="unknown EngineConfig option"):
+        EngineConfig().with_options(colour="red")
+
+
+def test_parallel_callers_get_sequential_results(tiny_engine):
+    convs = [conversation(t) for t in (1, 2, 3, 1, 2, 3)]
+    expected = [tiny_engine.fork(mode="full").chat(c, max_new_tokens=5).tokens for c in convs]
+    eng = tiny_engine.fork(mode="prefix")
+    results: list[list[int] | None] = [None] * len(convs)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            results[i] = eng.chat(convs[i], agent=f"a{i}", max_new_tokens=5).tokens
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(convs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == expected
+    assert len(eng.calls) == len(convs)
+    assert eng.prefix_cache.bytes_used <= eng.prefix_cache.budget_bytes
