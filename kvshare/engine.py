@@ -172,7 +172,9 @@ class Engine:
         if self.config.mode != "prefix":
             return 0, None
         hit, parts = self.prefix_cache.match(scope, prompt.ids[:-1])  # last token is computed
-        return (hit, splice(parts)) if hit else (0, None)
+        if hit == 0 or hit < self.config.min_reuse_share * len(prompt):
+            return 0, None  # a from-scratch prefill is faster than reusing a sliver
+        return hit, splice(parts)
 
     def _prefill(self, prompt: Prompt, hit: int, hit_kv: KV | None) -> tuple[KV, torch.Tensor]:
         dev = self.device

@@ -83,8 +83,13 @@ def _gguf_architecture(path: Path) -> str | None:
 
 
 def _digest(path: Path) -> str:
-    stat = path.stat()
-    h = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    """Content digest (size + first and last MiB): the same file converts once per home."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(1 << 20))
+        fh.seek(max(0, size - (1 << 20)))
+        h.update(fh.read(1 << 20))
     return h.hexdigest()[:12]
 
 

@@ -143,3 +143,15 @@ def test_parallel_callers_get_sequential_results(tiny_engine):
     assert not errors and results == expected
     assert len(eng.calls) == len(convs)
     assert eng.prefix_cache.bytes_used <= eng.prefix_cache.budget_bytes
+
+
+def test_tiny_prefix_hits_are_not_worth_reusing(tiny_engine):
+    a = [{"role": "system", "content": "Shared head. " + "alpha " * 60}]
+    b = [{"role": "system", "content": "Shared head. " + "beta " * 60}]
+    cautious = tiny_engine.fork(mode="prefix")  # default min_reuse_share
+    eager = tiny_engine.fork(mode="prefix", min_reuse_share=0.0)
+    for eng in (cautious, eager):
+        eng.chat(a, max_new_tokens=1)
+    assert cautious.chat(b, max_new_tokens=1).stats.prefix_hit_tokens == 0
+    hit = eager.chat(b, max_new_tokens=1).stats
+    assert 0 < hit.prefix_hit_tokens < 0.15 * hit.prompt_tokens
