@@ -270,7 +270,12 @@ class Engine:
     def _remember(
         self, scope: str, prompt: Prompt, tokens: list[int], kv: KV, agent: str | None
     ) -> None:
-        """Keep what this call computed: radix prefix (prefix mode), segments, reply KV."""
+        """Keep what this call computed: radix prefix (prefix mode), segments, reply KV.
+
+        ``full`` mode is the no-reuse oracle and keeps nothing.
+        """
+        if self.config.mode == "full":
+            return
         n = len(prompt)
         if self.config.mode == "prefix":
             self.prefix_cache.insert(scope, list(prompt.ids) + tokens[:-1], kv)
