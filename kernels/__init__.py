@@ -4,6 +4,7 @@ Shape glossary: B batch, L layers, H kv heads, S tokens, D head dim, N selected,
 """
 
 from kvshare.kernels.kv import KV, gather, scatter, slice_tokens, splice
+from kvshare.kernels.layerwise import probe_layers
 from kvshare.kernels.prefill import PrefillResult, partial_prefill, position_mask
 from kvshare.kernels.rope import shift_kv, shift_rope
 
@@ -13,6 +14,7 @@ __all__ = [
     "gather",
     "partial_prefill",
     "position_mask",
+    "probe_layers",
     "scatter",
     "shift_kv",
     "shift_rope",

@@ -8,7 +8,8 @@ from typing import Any
 from kvshare.errors import ConfigError
 
 MODES = ("full", "prefix", "blend", "anchor", "kvshare")
-IMPLEMENTED_MODES = ("full", "prefix")
+IMPLEMENTED_MODES = ("full", "prefix", "blend")
+RELOCATING_MODES = ("blend", "anchor", "kvshare")
 SHARE_SCOPES = ("session", "tenant", "global")
 
 
@@ -31,6 +32,10 @@ class EngineConfig:
         Any cached past turns the fast causal attention path into an explicit-mask one (about
         +18% forward time at 1k tokens on CPU with SDPA), so a tiny hit costs more than it
         saves; below this share the call is prefilled from scratch (measured, see README).
+    recompute_ratio: ``blend``: share of relocated tokens recomputed by KV deviation.
+    sink_tokens: tokens recomputed at the start of every relocated run (attention sink).
+    check_layers: layers at which deviation is scored; all but the last keep twice the
+        budget (gradual filtering), the last keeps the budget.
     """
 
     mode: str = "prefix"
@@ -40,6 +45,9 @@ class EngineConfig:
     store_segments: bool = True
     masked_prefill_max_ratio: float = 0.9
     min_reuse_share: float = 0.15
+    recompute_ratio: float = 0.15
+    sink_tokens: int = 4
+    check_layers: tuple[int, ...] = (1, 4)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -58,6 +66,18 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_reuse_share <= 1.0:
             raise ConfigError(f"min_reuse_share must be in [0, 1], got {self.min_reuse_share}")
+        if not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ConfigError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
+        if self.sink_tokens < 0:
+            raise ConfigError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if (
+            not self.check_layers
+            or any(c < 0 for c in self.check_layers)
+            or list(self.check_layers) != sorted(self.check_layers)
+        ):
+            raise ConfigError(
+                f"check_layers must be ascending layer indices, got {self.check_layers}"
+            )
         if not 0.0 <= self.masked_prefill_max_ratio <= 1.0:
             raise ConfigError(
                 f"masked_prefill_max_ratio must be in [0, 1], got {self.masked_prefill_max_ratio}"

@@ -12,12 +12,14 @@ from typing import Any
 import torch
 
 from kvshare import model as model_loading
-from kvshare.config import EngineConfig
+from kvshare.config import RELOCATING_MODES, EngineConfig
 from kvshare.decode import SamplingParams, decode, sample
 from kvshare.errors import ConfigError, ContextLengthError
 from kvshare.kernels import KV, partial_prefill, shift_kv, slice_tokens, splice
 from kvshare.prompt import Prompt, render, token_hash
 from kvshare.radix import RadixCache
+from kvshare.relocate import Assembly, assemble, find_runs
+from kvshare.select import sink_mask, top_deviation
 from kvshare.stats import (
     GREEDY_CAP,
     CallStats,
@@ -168,31 +170,47 @@ class Engine:
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cfg.num_hidden_layers, heads, dim
 
-    def _reused_prefix(self, scope: str, prompt: Prompt) -> tuple[int, KV | None]:
-        if self.config.mode != "prefix":
-            return 0, None
+    def _plan(self, scope: str, prompt: Prompt) -> Assembly:
+        """Exact prefix, then (relocating modes) stored runs; tiny reuse is not worth it."""
+        n, mode = len(prompt), self.config.mode
+        none = assemble(n, None, [], self._kv_dims(), self.rotary, self.model.dtype, self.device)
+        if mode == "full":
+            return none
         hit, parts = self.prefix_cache.match(scope, prompt.ids[:-1])  # last token is computed
-        if hit == 0 or hit < self.config.min_reuse_share * len(prompt):
-            return 0, None  # a from-scratch prefill is faster than reusing a sliver
-        return hit, splice(parts)
+        prefix_kv = splice(parts) if hit else None
+        runs = find_runs(prompt, hit, scope, self.segments) if mode in RELOCATING_MODES else []
+        if hit + sum(r.length for r in runs) < max(1, self.config.min_reuse_share * n):
+            return none  # a from-scratch prefill is faster than reusing a sliver
+        return assemble(
+            n, prefix_kv, runs, self._kv_dims(), self.rotary, self.model.dtype, self.device
+        )
 
-    def _prefill(self, prompt: Prompt, hit: int, hit_kv: KV | None) -> tuple[KV, torch.Tensor]:
-        dev = self.device
-        n = len(prompt)
-        layers, heads, dim = self._kv_dims()
-        fill = torch.zeros(layers, heads, n - hit, dim, dtype=self.model.dtype, device=dev)
-        parts = [hit_kv] if hit_kv is not None else []
-        cache = splice([*parts, KV(fill, fill)])
-        ids = torch.tensor(prompt.ids, device=dev)
+    def _select(self, asm: Assembly, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """[N] indices to (re)compute: fresh tokens, the last token, and per mode more."""
+        forced = asm.fresh
+        forced[-1] = True
+        if self.config.mode == "blend" and asm.runs:
+            forced |= sink_mask(asm, self.config.sink_tokens) & asm.relocated
+            budget = round(self.config.recompute_ratio * int(asm.relocated.sum()))
+            top = top_deviation(self.model, asm, ids, pos, forced, budget, self.config.check_layers)
+            forced[top] = True
+        return forced.nonzero().flatten()
+
+    def _prefill(self, asm: Assembly, prompt: Prompt) -> tuple[KV, torch.Tensor, torch.Tensor]:
+        """Returns the prompt KV, the next-token logits [V] and the [S] recomputed mask."""
+        dev, n = self.device, len(prompt)
+        ids, pos = torch.tensor(prompt.ids, device=dev), torch.arange(n, device=dev)
         res = partial_prefill(
             self.model,
-            cache,
+            asm.cache,
             ids,
-            torch.arange(n, device=dev),
-            torch.arange(hit, n, device=dev),
+            pos,
+            self._select(asm, ids, pos),
             max_masked_ratio=self.config.masked_prefill_max_ratio,
         )
-        return res.kv, res.logits[-1]
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        done[res.recomputed] = True
+        return res.kv, res.logits[-1], done
 
     def _call(
         self,
@@ -207,8 +225,8 @@ class Engine:
         tenant: str | None,
     ) -> ChatResult:
         scope = self._scope(tenant, session)
-        hit, hit_kv = self._reused_prefix(scope, prompt)
-        kv, logits = self._prefill(prompt, hit, hit_kv)
+        asm = self._plan(scope, prompt)
+        kv, logits, done = self._prefill(asm, prompt)
         gen = (
             torch.Generator(device="cpu").manual_seed(params.seed)
             if params.seed is not None
@@ -232,13 +250,14 @@ class Engine:
         text = self._text(dec.tokens, stop)
         self._remember(scope, prompt, dec.tokens, dec.kv, agent)
         fidelity = self._shadow(prompt, logits, kv, dec.tokens, params) if shadow else {}
+        relocated = int((asm.relocated & ~done).sum())
         stats = CallStats(
             mode=self.config.mode,
             prompt_tokens=len(prompt),
-            prefix_hit_tokens=hit,
-            relocated_tokens=0,
-            recomputed_tokens=0,
-            computed_tokens=len(prompt) - hit,
+            prefix_hit_tokens=asm.prefix,
+            relocated_tokens=relocated,
+            recomputed_tokens=int((asm.relocated & done).sum()),
+            computed_tokens=len(prompt) - asm.prefix - relocated,
             output_tokens=len(dec.tokens),
             ttft_s=ttft,
             decode_tok_s=(len(dec.tokens) - 1) / decode_s if decode_s > 0 else 0.0,
@@ -323,7 +342,10 @@ class Engine:
         params: SamplingParams,
     ) -> dict[str, Any]:
         """Fidelity of this call vs a full prefill of the same prompt (design.md section 5)."""
-        full_kv, full_logits = self._prefill(prompt, 0, None)
+        none = assemble(
+            len(prompt), None, [], self._kv_dims(), self.rotary, self.model.dtype, self.device
+        )
+        full_kv, full_logits, _ = self._prefill(none, prompt)
         ref = self._greedy(full_kv, full_logits)
         ours = (
             tokens

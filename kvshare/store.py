@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvshare.kernels import KV
 
@@ -42,6 +43,44 @@ class StoredSegment:
         return self.kv.nbytes
 
 
+@dataclass(frozen=True)
+class Match:
+    """Query tokens ``[start, start + length)`` equal segment tokens from ``offset`` on."""
+
+    start: int
+    length: int
+    segment: StoredSegment
+    offset: int
+
+
+MIN_MATCH = 16  # window of the rolling hash: shorter runs are not worth relocating
+
+
+def greedy_matches(query: Sequence[int], candidates: Any, min_len: int) -> list[Match]:
+    """Left-to-right longest verified matches of ``query`` against stored segments.
+
+    candidates(i) yields (segment, offset) pairs that may match ``query[i:i+min_len]``; every
+    candidate is verified token by token and extended as far as it goes.
+    """
+    out: list[Match] = []
+    i, n = 0, len(query)
+    while i + min_len <= n:
+        best: Match | None = None
+        for seg, off in candidates(i):
+            length = 0
+            limit = min(n - i, len(seg.tokens) - off)
+            while length < limit and seg.tokens[off + length] == query[i + length]:
+                length += 1
+            if length >= min_len and (best is None or length > best.length):
+                best = Match(i, length, seg, off)
+        if best is None:
+            i += 1
+        else:
+            out.append(best)
+            i += best.length
+    return out
+
+
 class SegmentStore(ABC):
     """Contract of a segment store.
 
@@ -60,6 +99,11 @@ class SegmentStore(ABC):
 
     @abstractmethod
     def get(self, scope: str, content_hash: str, tokens: Sequence[int]) -> StoredSegment | None: ...
+
+    @abstractmethod
+    def match(self, scope: str, tokens: Sequence[int], min_len: int = MIN_MATCH) -> list[Match]:
+        """Verified runs of ``tokens`` found inside stored segments of ``scope`` (sub-message
+        reuse), left to right, non-overlapping, each at least ``min_len`` tokens."""
 
     @abstractmethod
     def __contains__(self, key: StoreKey) -> bool: ...
@@ -86,6 +130,9 @@ class NullSegmentStore(SegmentStore):
     def get(self, scope: str, content_hash: str, tokens: Sequence[int]) -> StoredSegment | None:
         return None
 
+    def match(self, scope: str, tokens: Sequence[int], min_len: int = MIN_MATCH) -> list[Match]:
+        return []
+
     def __contains__(self, key: StoreKey) -> bool:
         return False
 
@@ -109,6 +156,20 @@ class LRUSegmentStore(SegmentStore):
         self._bytes = 0
         self._lock = threading.Lock()
         self.evictions = 0
+        self._windows: dict[tuple[str, int], list[tuple[StoreKey, int]]] = {}
+
+    def _index(self, seg: StoredSegment, add: bool) -> None:
+        """Rolling-window index: hash of every MIN_MATCH-token window -> (key, offset)."""
+        for off in range(len(seg.tokens) - MIN_MATCH + 1):
+            slot = (seg.scope, hash(seg.tokens[off : off + MIN_MATCH]))
+            if add:
+                self._windows.setdefault(slot, []).append((seg.key, off))
+                continue
+            rest = [e for e in self._windows.get(slot, []) if e[0] != seg.key]
+            if rest:
+                self._windows[slot] = rest
+            else:
+                self._windows.pop(slot, None)
 
     def put(self, segment: StoredSegment) -> bool:
         with self._lock:
@@ -120,9 +181,11 @@ class LRUSegmentStore(SegmentStore):
             while self._bytes + segment.nbytes > self.budget_bytes:
                 _, old = self._items.popitem(last=False)
                 self._bytes -= old.nbytes
+                self._index(old, add=False)
                 self.evictions += 1
             self._items[segment.key] = segment
             self._bytes += segment.nbytes
+            self._index(segment, add=True)
             return True
 
     def get(self, scope: str, content_hash: str, tokens: Sequence[int]) -> StoredSegment | None:
@@ -132,6 +195,21 @@ class LRUSegmentStore(SegmentStore):
                 return None
             self._items.move_to_end(seg.key)
             return seg
+
+    def match(self, scope: str, tokens: Sequence[int], min_len: int = MIN_MATCH) -> list[Match]:
+        if min_len < MIN_MATCH:
+            raise ValueError(f"min_len must be >= {MIN_MATCH} (the indexed window)")
+        query = tuple(tokens)
+        with self._lock:
+
+            def candidates(i: int) -> list[tuple[StoredSegment, int]]:
+                hits = self._windows.get((scope, hash(query[i : i + MIN_MATCH])), [])
+                return [(self._items[k], off) for k, off in hits]
+
+            found = greedy_matches(query, candidates, min_len)
+            for m in found:
+                self._items.move_to_end(m.segment.key)
+            return found
 
     def __contains__(self, key: StoreKey) -> bool:
         with self._lock:
@@ -147,4 +225,5 @@ class LRUSegmentStore(SegmentStore):
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._windows.clear()
             self._bytes = 0

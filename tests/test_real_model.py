@@ -58,3 +58,16 @@ def test_partial_prefill_is_exact_on_the_real_model(real_engine):
     assert res.masked
     assert (res.kv.keys - kv.keys).abs().max() <= 1e-3
     assert (res.kv.values - kv.values).abs().max() <= 1e-3
+
+
+def test_reply_quoted_inside_a_longer_message_is_relocated(real_engine):
+    eng = real_engine.fork(mode="blend")
+    first = eng.chat(turns([]), agent="answerer", max_new_tokens=40)
+    msgs = [
+        {"role": "system", "content": "You check answers. Be brief."},
+        {"role": "user", "content": f"Another agent answered: {first.text} Is that right?"},
+    ]
+    r = eng.chat(msgs, agent="checker", max_new_tokens=8, shadow=True)
+    reply_tokens = first.stats.output_tokens - 1
+    assert r.stats.relocated_tokens + r.stats.recomputed_tokens >= reply_tokens - 4
+    assert r.stats.top1_agree

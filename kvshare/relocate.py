@@ -1,0 +1,88 @@
+"""Relocation: find stored KV for prompt tokens outside the exact prefix and move it in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from kvshare.kernels import KV, shift_kv, slice_tokens
+from kvshare.prompt import Prompt
+from kvshare.store import SegmentStore, StoredSegment
+
+
+@dataclass(frozen=True)
+class Run:
+    """Prompt tokens ``[start, end)`` reuse ``segment`` tokens from ``offset`` on."""
+
+    start: int
+    end: int
+    segment: StoredSegment
+    offset: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """The prompt's cache before the prefill.
+
+    cache: KV [L, H, S, D]: exact prefix ``[0, prefix)``, relocated runs in place, zeros in the
+    slots that must be computed. relocated: [S] bool, True on relocated slots.
+    """
+
+    cache: KV
+    prefix: int
+    runs: tuple[Run, ...]
+    relocated: Tensor
+
+    @property
+    def fresh(self) -> Tensor:
+        """[S] bool: tokens that have no KV at all (never seen) and must be computed."""
+        mask = ~self.relocated.clone()
+        mask[: self.prefix] = False
+        return mask
+
+
+def find_runs(prompt: Prompt, prefix: int, scope: str, store: SegmentStore) -> list[Run]:
+    """Verified stored runs for the tokens after the exact prefix, before the generation tail."""
+    stop = prompt.tail.start
+    if stop <= prefix:
+        return []
+    found = store.match(scope, prompt.ids[prefix:stop])
+    return [Run(prefix + m.start, prefix + m.start + m.length, m.segment, m.offset) for m in found]
+
+
+def relocated_kv(run: Run, rotary: nn.Module) -> KV:
+    """The run's stored KV moved from canonical positions to ``[start, end)``: [L, H, n, D]."""
+    part = slice_tokens(run.segment.kv, run.offset, run.offset + run.length)
+    return shift_kv(part, run.start - run.offset, rotary)
+
+
+def assemble(
+    n: int,
+    prefix_kv: KV | None,
+    runs: list[Run],
+    dims: tuple[int, int, int],
+    rotary: nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Assembly:
+    """Build the [L, H, n, D] cache of a prompt of n tokens from a prefix and relocated runs."""
+    layers, heads, dim = dims
+    keys = torch.zeros(layers, heads, n, dim, dtype=dtype, device=device)
+    values = torch.zeros_like(keys)
+    prefix = prefix_kv.length if prefix_kv is not None else 0
+    if prefix_kv is not None:
+        keys[:, :, :prefix] = prefix_kv.keys
+        values[:, :, :prefix] = prefix_kv.values
+    relocated = torch.zeros(n, dtype=torch.bool, device=device)
+    for run in runs:
+        kv = relocated_kv(run, rotary)
+        keys[:, :, run.start : run.end] = kv.keys.to(device=device, dtype=dtype)
+        values[:, :, run.start : run.end] = kv.values.to(device=device, dtype=dtype)
+        relocated[run.start : run.end] = True
+    return Assembly(KV(keys, values), prefix, tuple(runs), relocated)

@@ -1,0 +1,66 @@
+"""Choosing which tokens to recompute (CacheBlend-style deviation scoring, done right)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kvshare.kernels import KV, probe_layers
+from kvshare.relocate import Assembly
+
+
+def sink_mask(asm: Assembly, k: int) -> Tensor:
+    """[S] bool: the first ``k`` tokens of every relocated run (attention-sink outliers)."""
+    mask = torch.zeros_like(asm.relocated)
+    for run in asm.runs:
+        mask[run.start : run.start + k] = True
+    return mask
+
+
+def score_deviation(fresh: KV, reused: KV) -> Tensor:
+    """Per-token relative deviation of reused KV from fresh KV at one layer.
+
+    fresh, reused: KV [1, H, N, D] (one layer). Returns [N]: ‖ΔK‖/‖K‖ + ‖ΔV‖/‖V‖.
+    """
+
+    def rel(a: Tensor, b: Tensor) -> Tensor:
+        diff = (a - b).pow(2).sum(dim=(0, 1, 3)).sqrt()
+        return diff / a.pow(2).sum(dim=(0, 1, 3)).sqrt().clamp_min(1e-6)
+
+    return rel(fresh.keys, reused.keys) + rel(fresh.values, reused.values)
+
+
+def _layer(kv: KV, layer: int, index: Tensor) -> KV:
+    return KV(kv.keys[layer : layer + 1, :, index], kv.values[layer : layer + 1, :, index])
+
+
+def top_deviation(
+    model: nn.Module,
+    asm: Assembly,
+    ids: Tensor,
+    positions: Tensor,
+    forced: Tensor,
+    budget: int,
+    check_layers: tuple[int, ...],
+) -> Tensor:
+    """Indices [<= budget] of relocated, not forced tokens with the largest KV deviation.
+
+    Gradual filtering: every check layer but the last keeps twice the budget; each probe is a
+    masked forward of (forced + candidates) through the layers up to that check layer against
+    the reused cache, with an exact causal mask by true positions.
+    """
+    n_layers = asm.cache.keys.shape[0]
+    check_layers = tuple(sorted({min(c, n_layers - 1) for c in check_layers}))
+    cand = (asm.relocated & ~forced).nonzero().flatten()
+    if budget <= 0 or cand.numel() == 0:
+        return cand[:0]
+    for i, layer in enumerate(check_layers):
+        keep = budget if i == len(check_layers) - 1 else 2 * budget
+        if cand.numel() <= keep and i < len(check_layers) - 1:
+            continue
+        sel = torch.unique(torch.cat([forced.nonzero().flatten(), cand]))
+        fresh = probe_layers(model, asm.cache, ids, positions, sel, layer + 1)
+        where = torch.searchsorted(sel, cand)
+        dev = score_deviation(_layer(fresh, layer, where), _layer(asm.cache, layer, cand))
+        cand = cand[dev.topk(min(keep, cand.numel())).indices.sort().values]
+    return cand
