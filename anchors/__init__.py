@@ -1,1 +1,13 @@
-"""kvshare.anchors: see the README module map."""
+"""kvshare.anchors: the online pool of position-free KV deviations (anchors)."""
+
+from kvshare.anchors.features import at_positions, position_free, token_features
+from kvshare.anchors.pool import AnchorConfig, AnchorPool, Estimate
+
+__all__ = [
+    "AnchorConfig",
+    "AnchorPool",
+    "Estimate",
+    "at_positions",
+    "position_free",
+    "token_features",
+]

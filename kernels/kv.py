@@ -60,6 +60,14 @@ class KV:
         z = torch.empty(n_layers, heads, 0, dim, dtype=dtype, device=device)
         return KV(z, z.clone())
 
+    def padded(self, n: int) -> KV:
+        """This KV followed by zeros up to n tokens: [L, H, n, D]."""
+        if n < self.length:
+            raise ValueError(f"padded: {n} < {self.length} tokens")
+        layers, heads, _, dim = self.keys.shape
+        z = self.keys.new_zeros(layers, heads, n - self.length, dim)
+        return KV(torch.cat([self.keys, z], 2), torch.cat([self.values, z], 2))
+
     def to_cache(self) -> DynamicCache:
         """A transformers ``DynamicCache`` holding this KV (batch 1, full-attention layers)."""
         cache = DynamicCache()

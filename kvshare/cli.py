@@ -36,9 +36,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from kvshare.bench import report
-    from kvshare.bench.corpus import long_text
     from kvshare.bench.harness import run_bench
-    from kvshare.bench.workloads import SyntheticWorkload
 
     engine = _engine(args)
     if args.workload == "crossover":
@@ -54,7 +52,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise KVShareError(
             f"unknown or unimplemented mode(s) {bad}; choose from {IMPLEMENTED_MODES}"
         )
-    workload = SyntheticWorkload(
+    workload = _workload(args, engine)
+    out = Path(args.out)
+    if args.pareto:
+        import json
+
+        from kvshare.bench.pareto import plot, sweep
+
+        points = sweep(engine, workload)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{workload.name}-pareto.json").write_text(
+            json.dumps([p.model_dump() for p in points], indent=1)
+        )
+        plot(points, out / f"{workload.name}-pareto.png", f"{workload.name}: reuse vs KL")
+        print("| mode | setting | token reuse | mean KL | top-1 | task score |")
+        print("|---|---|---|---|---|---|")
+        for p in points:
+            print(
+                f"| {p.mode} | {p.setting} | {p.token_reuse:.1%} | {p.mean_kl or 0:.4f} | "
+                f"{p.top1_agree or 0:.1%} | {p.task_score or 0:.1f} |"
+            )
+        return 0
+    rep = run_bench(engine, workload, modes, repeats=args.repeats, shadow=not args.no_shadow)
+    paths = report.write(rep, out)
+    print(report.markdown(rep))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _workload(args: argparse.Namespace, engine):
+    from kvshare.bench.corpus import NARRATIVEQA, long_text, qa_items
+    from kvshare.bench.workloads import QAWorkload, SyntheticWorkload
+
+    if args.workload == "qa":
+        items = qa_items(NARRATIVEQA)[args.item_offset : args.item_offset + args.items]
+        return QAWorkload(items, n_agents=min(args.agents, 4), output_len=args.output)
+    return SyntheticWorkload(
         engine.tokenizer,
         long_text(),
         n_agents=args.agents,
@@ -62,11 +95,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         input_len=args.input,
         output_len=args.output,
     )
-    rep = run_bench(engine, workload, modes, repeats=args.repeats, shadow=not args.no_shadow)
-    paths = report.write(rep, Path(args.out))
-    print(report.markdown(rep))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -98,10 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--workload",
         default="synthetic",
-        choices=["synthetic", "crossover"],
-        help="synthetic N-agent workflow, or the partial-prefill crossover",
+        choices=["synthetic", "qa", "crossover"],
+        help="synthetic N-agent workflow, real-text QA team, or the partial-prefill crossover",
     )
-    bench.add_argument("--modes", default="full,prefix", help="comma-separated modes")
+    bench.add_argument("--modes", default=",".join(IMPLEMENTED_MODES), help="comma-separated")
+    bench.add_argument("--items", type=int, default=12, help="qa: questions per pass")
+    bench.add_argument("--item-offset", type=int, default=0, help="qa: first question")
+    bench.add_argument(
+        "--pareto", action="store_true", help="sweep recompute budgets / entropy gates"
+    )
     bench.add_argument("--agents", type=int, default=5)
     bench.add_argument("--prefix", type=int, default=256, help="tokens of each agent's prefix")
     bench.add_argument("--input", type=int, default=512, help="tokens of the shared input")

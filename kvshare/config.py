@@ -8,8 +8,9 @@ from typing import Any
 from kvshare.errors import ConfigError
 
 MODES = ("full", "prefix", "blend", "anchor", "kvshare")
-IMPLEMENTED_MODES = ("full", "prefix", "blend")
+IMPLEMENTED_MODES = MODES
 RELOCATING_MODES = ("blend", "anchor", "kvshare")
+ANCHORED_MODES = ("anchor", "kvshare")
 SHARE_SCOPES = ("session", "tenant", "global")
 
 
@@ -17,9 +18,10 @@ SHARE_SCOPES = ("session", "tenant", "global")
 class EngineConfig:
     """How an :class:`~kvshare.Engine` reuses KV.
 
-    mode: ``full`` (prefill everything, the oracle) or ``prefix`` (exact longest-prefix reuse,
-        what vLLM/SGLang do). ``blend``, ``anchor`` and ``kvshare`` are reserved for relocated
-        reuse and are refused until implemented.
+    mode: ``full`` (prefill everything, the oracle), ``prefix`` (exact longest-prefix reuse,
+        what vLLM/SGLang do), ``blend`` (relocation + deviation-selected recompute), ``anchor``
+        (relocation + anchor offsets, KVCOMM's all-or-nothing fallback) or ``kvshare``
+        (relocation + anchor offsets + sink and deviation recompute, adaptive budget).
     share_scope: who may reuse whose KV: ``session``, ``tenant`` (default) or ``global``.
         KV never crosses tenants unless ``global`` is chosen explicitly.
     prefix_cache_bytes: byte budget of the token-level radix tree (``prefix`` mode).
@@ -36,6 +38,14 @@ class EngineConfig:
     sink_tokens: tokens recomputed at the start of every relocated run (attention sink).
     check_layers: layers at which deviation is scored; all but the last keep twice the
         budget (gradual filtering), the last keeps the budget.
+    target_kl, max_recompute_ratio: ``kvshare`` starts at ``recompute_ratio`` and, after every
+        shadowed call, moves its ratio toward the first-token KL target, never above the cap.
+    anchor_gamma: ``anchor`` mode's KVCOMM entropy threshold (dense prefill above
+        gamma·log(neighbours)). neighbours: k of the anchor k-NN estimate.
+    feature_layer: layer of the base KV whose un-rotated keys/values are the matching feature.
+    anchor_max_distance: offsets are applied only to tokens whose nearest anchor lies within
+        this many τ (the key's median anchor spacing); farther estimates are not trusted.
+    anchor_budget_bytes, anchor_storage: the anchor pool's byte cap and Δ storage dtype.
     """
 
     mode: str = "prefix"
@@ -48,6 +58,15 @@ class EngineConfig:
     recompute_ratio: float = 0.15
     sink_tokens: int = 4
     check_layers: tuple[int, ...] = (1, 4)
+    target_kl: float = 0.02
+    adaptive: bool = True
+    max_recompute_ratio: float = 0.5
+    anchor_gamma: float = 0.3
+    neighbours: int = 8
+    feature_layer: int = 1
+    anchor_max_distance: float = 4.0
+    anchor_budget_bytes: int = 256 << 20
+    anchor_storage: str = "float16"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -78,6 +97,10 @@ class EngineConfig:
             raise ConfigError(
                 f"check_layers must be ascending layer indices, got {self.check_layers}"
             )
+        if not self.target_kl > 0.0 or not 0.0 <= self.max_recompute_ratio <= 1.0:
+            raise ConfigError("target_kl must be > 0 and max_recompute_ratio in [0, 1]")
+        if self.neighbours < 1 or self.feature_layer < 0 or self.anchor_max_distance <= 0:
+            raise ConfigError("neighbours >= 1, feature_layer >= 0, anchor_max_distance > 0")
         if not 0.0 <= self.masked_prefill_max_ratio <= 1.0:
             raise ConfigError(
                 f"masked_prefill_max_ratio must be in [0, 1], got {self.masked_prefill_max_ratio}"

@@ -6,20 +6,22 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import torch
 
 from kvshare import model as model_loading
-from kvshare.config import RELOCATING_MODES, EngineConfig
+from kvshare.anchors import AnchorConfig, AnchorPool
+from kvshare.config import ANCHORED_MODES, RELOCATING_MODES, EngineConfig
+from kvshare.correct import RunEstimate, apply_estimates, estimate_runs, learn
 from kvshare.decode import SamplingParams, decode, sample
 from kvshare.errors import ConfigError, ContextLengthError
 from kvshare.kernels import KV, partial_prefill, shift_kv, slice_tokens, splice
 from kvshare.prompt import Prompt, render, token_hash
 from kvshare.radix import RadixCache
 from kvshare.relocate import Assembly, assemble, find_runs
-from kvshare.select import sink_mask, top_deviation
+from kvshare.select import choose
 from kvshare.stats import (
     GREEDY_CAP,
     CallStats,
@@ -29,6 +31,14 @@ from kvshare.stats import (
     kl_divergence,
 )
 from kvshare.store import LRUSegmentStore, NullSegmentStore, SegmentStore, StoredSegment
+
+
+class _Prefilled(NamedTuple):
+    kv: KV
+    logits: torch.Tensor
+    done: torch.Tensor
+    asm: Assembly
+    estimates: list[RunEstimate]
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,16 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self._calls: list[CallStats] = []
         self._lock = threading.Lock()
+        self._ratio = self.config.recompute_ratio
+        self.anchors: AnchorPool | None = None
+        if self.config.mode in ANCHORED_MODES:
+            self.anchors = AnchorPool(
+                AnchorConfig(
+                    neighbours=self.config.neighbours,
+                    budget_bytes=self.config.anchor_budget_bytes,
+                    storage=self.config.anchor_storage,
+                )
+            )
 
     @classmethod
     def from_pretrained(
@@ -153,6 +173,9 @@ class Engine:
         with self._lock:
             self.prefix_cache.clear()
             self.segments.clear()
+            if self.anchors is not None:
+                self.anchors = AnchorPool(self.anchors.config)
+            self._ratio = self.config.recompute_ratio
             self._calls.clear()
 
     # ---------------------------------------------------------------- pipeline
@@ -185,32 +208,44 @@ class Engine:
             n, prefix_kv, runs, self._kv_dims(), self.rotary, self.model.dtype, self.device
         )
 
-    def _select(self, asm: Assembly, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """[N] indices to (re)compute: fresh tokens, the last token, and per mode more."""
-        forced = asm.fresh
-        forced[-1] = True
-        if self.config.mode == "blend" and asm.runs:
-            forced |= sink_mask(asm, self.config.sink_tokens) & asm.relocated
-            budget = round(self.config.recompute_ratio * int(asm.relocated.sum()))
-            top = top_deviation(self.model, asm, ids, pos, forced, budget, self.config.check_layers)
-            forced[top] = True
-        return forced.nonzero().flatten()
-
-    def _prefill(self, asm: Assembly, prompt: Prompt) -> tuple[KV, torch.Tensor, torch.Tensor]:
-        """Returns the prompt KV, the next-token logits [V] and the [S] recomputed mask."""
+    def _prefill(self, asm: Assembly, prompt: Prompt, agent: str | None) -> _Prefilled:
+        """Anchor offsets (anchor/kvshare), token choice, one partial prefill, learning."""
         dev, n = self.device, len(prompt)
         ids, pos = torch.tensor(prompt.ids, device=dev), torch.arange(n, device=dev)
+        ests: list[RunEstimate] = []
+        used = asm
+        if self.anchors is not None and asm.runs:
+            ests = estimate_runs(
+                self.anchors, asm, prompt, agent, self.rotary, self.config.feature_layer
+            )
+            anchored = apply_estimates(asm, ests, self.rotary, self.config.anchor_max_distance)
+            used = replace(asm, cache=anchored)
+        recompute = choose(self.config, self.model, used, ids, pos, ests, self._ratio)
         res = partial_prefill(
             self.model,
-            asm.cache,
+            used.cache,
             ids,
             pos,
-            self._select(asm, ids, pos),
+            recompute,
             max_masked_ratio=self.config.masked_prefill_max_ratio,
         )
         done = torch.zeros(n, dtype=torch.bool, device=dev)
         done[res.recomputed] = True
-        return res.kv, res.logits[-1], done
+        if self.anchors is not None and ests:
+            learn(self.anchors, ests, asm, res.kv, done & asm.relocated, self.rotary)
+        return _Prefilled(res.kv, res.logits[-1], done, asm, ests)
+
+    def _full_prefill(self, prompt: Prompt) -> tuple[KV, torch.Tensor]:
+        dev, n = self.device, len(prompt)
+        ids, pos = torch.tensor(prompt.ids, device=dev), torch.arange(n, device=dev)
+        res = partial_prefill(
+            self.model,
+            KV.empty(shape=self._kv_dims(), dtype=self.model.dtype, device=dev).padded(n),
+            ids,
+            pos,
+            pos,
+        )
+        return res.kv, res.logits[-1]
 
     def _call(
         self,
@@ -225,8 +260,8 @@ class Engine:
         tenant: str | None,
     ) -> ChatResult:
         scope = self._scope(tenant, session)
-        asm = self._plan(scope, prompt)
-        kv, logits, done = self._prefill(asm, prompt)
+        pre = self._prefill(self._plan(scope, prompt), prompt, agent)
+        kv, logits, done, asm = pre.kv, pre.logits, pre.done, pre.asm
         gen = (
             torch.Generator(device="cpu").manual_seed(params.seed)
             if params.seed is not None
@@ -249,7 +284,7 @@ class Engine:
         decode_s = time.perf_counter() - t1
         text = self._text(dec.tokens, stop)
         self._remember(scope, prompt, dec.tokens, dec.kv, agent)
-        fidelity = self._shadow(prompt, logits, kv, dec.tokens, params) if shadow else {}
+        fidelity = self._shadow(prompt, pre, dec.tokens, params) if shadow else {}
         relocated = int((asm.relocated & ~done).sum())
         stats = CallStats(
             mode=self.config.mode,
@@ -311,10 +346,11 @@ class Engine:
                     "prompt",
                     seg.role,
                     agent,
+                    f"m{seg.index}",
                 )
         reply = tuple(tokens[:-1])  # the last generated token was never fed back: no KV
         if reply:
-            self._put(scope, token_hash(reply), reply, kv, n, "reply", "assistant", agent)
+            self._put(scope, token_hash(reply), reply, kv, n, "reply", "assistant", agent, "reply")
 
     def _put(
         self,
@@ -326,35 +362,37 @@ class Engine:
         kind: str,
         role: str,
         agent: str | None,
+        slot: str,
     ) -> None:
         part = slice_tokens(kv, start, start + len(tokens))
         canonical = shift_kv(KV(part.keys.clone(), part.values.clone()), -start, self.rotary)
         self.segments.put(
-            StoredSegment(scope, chash, tuple(tokens), canonical, kind, role, agent, start)
+            StoredSegment(scope, chash, tuple(tokens), canonical, kind, role, agent, start, slot)
         )
 
     def _shadow(
-        self,
-        prompt: Prompt,
-        logits: torch.Tensor,
-        kv: KV,
-        tokens: list[int],
-        params: SamplingParams,
+        self, prompt: Prompt, pre: _Prefilled, tokens: list[int], params: SamplingParams
     ) -> dict[str, Any]:
-        """Fidelity of this call vs a full prefill of the same prompt (design.md section 5)."""
-        none = assemble(
-            len(prompt), None, [], self._kv_dims(), self.rotary, self.model.dtype, self.device
-        )
-        full_kv, full_logits, _ = self._prefill(none, prompt)
+        """Fidelity of this call vs a full prefill of the same prompt (design.md section 5).
+
+        The full prefill's KV also teaches the anchor pool every relocated token's true
+        deviation, and steers ``kvshare``'s recompute ratio toward ``target_kl``.
+        """
+        full_kv, full_logits = self._full_prefill(prompt)
         ref = self._greedy(full_kv, full_logits)
+        greedy_done = len(tokens) >= GREEDY_CAP or tokens[-1] in self.eos_ids
         ours = (
-            tokens
-            if params.temperature == 0 and (len(tokens) >= GREEDY_CAP or tokens[-1] in self.eos_ids)
-            else self._greedy(kv, logits)
+            tokens if params.temperature == 0 and greedy_done else self._greedy(pre.kv, pre.logits)
         )
+        kl = kl_divergence(full_logits, pre.logits)
+        if self.anchors is not None and pre.estimates:
+            learn(self.anchors, pre.estimates, pre.asm, full_kv, pre.asm.relocated, self.rotary)
+        if self.config.mode == "kvshare" and self.config.adaptive and pre.asm.runs:
+            step = min(2.0, max(0.5, (kl / self.config.target_kl) ** 0.5))
+            self._ratio = min(self.config.max_recompute_ratio, max(0.01, self._ratio * step))
         return {
-            "kl": kl_divergence(full_logits, logits),
-            "top1_agree": bool(int(full_logits.argmax()) == int(logits.argmax())),
+            "kl": kl,
+            "top1_agree": bool(int(full_logits.argmax()) == int(pre.logits.argmax())),
             "greedy_match": greedy_match(ref, ours, self.eos_ids),
         }
 

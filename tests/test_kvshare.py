@@ -1,0 +1,78 @@
+"""Modes anchor and kvshare on a tiny model: learned offsets, recompute, adaptation."""
+
+from __future__ import annotations
+
+from tests.test_relocation import team
+
+
+def test_kvshare_with_ratio_one_equals_full(tiny_engine):
+    eng = tiny_engine.fork(mode="kvshare", recompute_ratio=1.0, adaptive=False)
+    eng.chat(team("planner"), agent="planner", max_new_tokens=4)
+    r = eng.chat(team("critic"), agent="critic", max_new_tokens=6, shadow=True)
+    ref = tiny_engine.fork(mode="full").chat(team("critic"), max_new_tokens=6)
+    assert r.stats.relocated_tokens == 0 and r.stats.recomputed_tokens > 0
+    assert r.stats.kl is not None and r.stats.kl < 1e-8 and r.tokens == ref.tokens
+
+
+def _learned_then_reused(tiny_engine, mode: str):
+    """planner reads DOC; critic reads it (shadow teaches Δ); critic again reuses it."""
+    eng = tiny_engine.fork(
+        mode=mode,
+        recompute_ratio=0.0,
+        sink_tokens=0,
+        adaptive=False,
+        neighbours=1,
+        anchor_storage="float32",
+    )
+    eng.chat(team("planner"), agent="planner", max_new_tokens=3)
+    first = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True)
+    eng.prefix_cache.clear()
+    again = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True)
+    return eng, first, again
+
+
+def test_a_learned_offset_restores_the_full_prefill_kv(tiny_engine):
+    eng, first, again = _learned_then_reused(tiny_engine, "kvshare")
+    assert first.stats.relocated_tokens > 0 and first.stats.kl is not None
+    assert eng.anchors is not None and len(eng.anchors) >= first.stats.relocated_tokens
+    s = again.stats
+    assert s.relocated_tokens >= first.stats.relocated_tokens and s.recomputed_tokens == 0
+    assert s.kl is not None and s.kl < 1e-9 < first.stats.kl
+    assert s.greedy_match == 32
+
+
+def test_anchor_mode_falls_back_to_dense_prefill_without_anchors(tiny_engine):
+    eng, first, again = _learned_then_reused(tiny_engine, "anchor")
+    assert first.stats.relocated_tokens == 0 and first.stats.kl is not None
+    assert first.stats.kl < 1e-8  # nothing known: KVCOMM's rule prefills densely
+    # the dense prefill taught the pool; runs whose key has anchors are reused next time
+    assert eng.anchors is not None and len(eng.anchors) > 0
+
+
+def test_kvshare_adapts_its_ratio_toward_the_target(tiny_engine):
+    eng = tiny_engine.fork(mode="kvshare", target_kl=1e-12, recompute_ratio=0.1)
+    eng.chat(team("planner"), agent="planner", max_new_tokens=2)
+    r = eng.chat(team("critic"), agent="critic", max_new_tokens=2, shadow=True)
+    assert r.stats.kl is not None and r.stats.kl > 1e-12
+    assert eng._ratio > 0.1  # too much error: recompute more next time
+    loose = tiny_engine.fork(mode="kvshare", target_kl=10.0, recompute_ratio=0.1)
+    loose.chat(team("planner"), agent="planner", max_new_tokens=2)
+    loose.chat(team("critic"), agent="critic", max_new_tokens=2, shadow=True)
+    assert loose._ratio < 0.1
+    loose.reset()
+    assert loose._ratio == 0.1 and loose.anchors is not None and len(loose.anchors) == 0
+
+
+def test_kvshare_recomputes_sinks_plus_its_ratio(tiny_engine):
+    eng = tiny_engine.fork(mode="kvshare", adaptive=False, recompute_ratio=0.2)
+    eng.chat(team("planner"), agent="planner", max_new_tokens=2)
+    from kvshare.prompt import render
+
+    prompt = render(eng.tokenizer, team("critic"))
+    asm = eng._plan("t:", prompt)
+    s = eng.chat(team("critic"), agent="critic", max_new_tokens=2).stats
+    reusable = int(asm.relocated.sum())
+    sinks = sum(min(eng.config.sink_tokens, r.length) for r in asm.runs)
+    assert asm.runs and s.relocated_tokens + s.recomputed_tokens == reusable
+    assert s.recomputed_tokens == sinks + round(0.2 * reusable)
+    assert s.prefix_hit_tokens + s.relocated_tokens + s.computed_tokens == s.prompt_tokens
