@@ -17,7 +17,7 @@ def _engine(args: argparse.Namespace):
         args.model,
         device=args.device,
         dtype=args.dtype,
-        config=EngineConfig(mode=getattr(args, "mode", "prefix")),
+        config=EngineConfig(mode=getattr(args, "mode", "kvshare")),
     )
 
 
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     chat.add_argument("prompt")
     chat.add_argument("--system", default=None)
-    chat.add_argument("--mode", default="prefix", choices=IMPLEMENTED_MODES)
+    chat.add_argument("--mode", default="kvshare", choices=IMPLEMENTED_MODES)
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument("--temperature", type=float, default=0.0)
     chat.set_defaults(func=cmd_chat)

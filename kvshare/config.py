@@ -48,7 +48,7 @@ class EngineConfig:
     anchor_budget_bytes, anchor_storage: the anchor pool's byte cap and Δ storage dtype.
     """
 
-    mode: str = "prefix"
+    mode: str = "kvshare"
     share_scope: str = "tenant"
     prefix_cache_bytes: int = 2 << 30
     segment_store_bytes: int = 1 << 30

@@ -24,7 +24,7 @@ TEAM = (
     ),
     ("judge", "You are the judge. Give the final answer, in a few words, to: {q}"),
 )
-BEST_MODE = "prefix"
+BEST_MODE = "kvshare"
 
 
 def team_messages(item: QAItem, answers: list[str], instruction: str) -> list[dict[str, str]]:

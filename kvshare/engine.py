@@ -324,14 +324,14 @@ class Engine:
     def _remember(
         self, scope: str, prompt: Prompt, tokens: list[int], kv: KV, agent: str | None
     ) -> None:
-        """Keep what this call computed: radix prefix (prefix mode), segments, reply KV.
+        """Keep what this call computed: radix prefix, segments, reply KV.
 
         ``full`` mode is the no-reuse oracle and keeps nothing.
         """
         if self.config.mode == "full":
             return
         n = len(prompt)
-        if self.config.mode == "prefix":
+        if self.config.mode in ("prefix", *RELOCATING_MODES):
             self.prefix_cache.insert(scope, list(prompt.ids) + tokens[:-1], kv)
         if not self.config.store_segments:
             return
@@ -388,13 +388,22 @@ class Engine:
         if self.anchors is not None and pre.estimates:
             learn(self.anchors, pre.estimates, pre.asm, full_kv, pre.asm.relocated, self.rotary)
         if self.config.mode == "kvshare" and self.config.adaptive and pre.asm.runs:
-            step = min(2.0, max(0.5, (kl / self.config.target_kl) ** 0.5))
-            self._ratio = min(self.config.max_recompute_ratio, max(0.01, self._ratio * step))
+            self._adapt(kl)
         return {
             "kl": kl,
             "top1_agree": bool(int(full_logits.argmax()) == int(pre.logits.argmax())),
             "greedy_match": greedy_match(ref, ours, self.eos_ids),
         }
+
+    def _adapt(self, kl: float) -> None:
+        """Move the recompute ratio toward ``target_kl``: up fast (x2 at most), down slowly.
+
+        First-token KL is heavy-tailed, so a symmetric step would steer its geometric mean,
+        not the mean we report, to the target; the slow way down keeps the mean in check.
+        """
+        step = (kl / self.config.target_kl) ** 0.5
+        step = min(2.0, step) if step > 1 else max(0.85, step)
+        self._ratio = min(self.config.max_recompute_ratio, max(0.01, self._ratio * step))
 
     def _greedy(self, kv: KV, logits: torch.Tensor) -> list[int]:
         return decode(

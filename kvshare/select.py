@@ -45,12 +45,16 @@ def top_deviation(
     forced: Tensor,
     budget: int,
     check_layers: tuple[int, ...],
+    uncertain: Tensor | None = None,
 ) -> Tensor:
     """Indices [<= budget] of relocated, not forced tokens with the largest KV deviation.
 
     Gradual filtering: every check layer but the last keeps twice the budget; each probe is a
     masked forward of (forced + candidates) through the layers up to that check layer against
-    the reused cache, with an exact causal mask by true positions.
+    the reused cache, with an exact causal mask by true positions. ``uncertain`` ([M] indices,
+    most uncertain first) joins the shortlist of the last check layer: an early layer misses
+    deviations that only build up deeper (text quoted twice, say), the anchors' uncertainty
+    does not.
     """
     n_layers = asm.cache.keys.shape[0]
     check_layers = tuple(sorted({min(c, n_layers - 1) for c in check_layers}))
@@ -58,8 +62,12 @@ def top_deviation(
     if budget <= 0 or cand.numel() == 0:
         return cand[:0]
     for i, layer in enumerate(check_layers):
-        keep = budget if i == len(check_layers) - 1 else 2 * budget
-        if cand.numel() <= keep and i < len(check_layers) - 1:
+        last = i == len(check_layers) - 1
+        keep = budget if last else 2 * budget
+        if last and uncertain is not None and len(check_layers) > 1:
+            extra = uncertain[~forced[uncertain] & asm.relocated[uncertain]][:budget]
+            cand = torch.unique(torch.cat([cand, extra]))
+        if cand.numel() <= keep and not last:
             continue
         sel = torch.unique(torch.cat([forced.nonzero().flatten(), cand]))
         fresh = probe_layers(model, asm.cache, ids, positions, sel, layer + 1)
@@ -67,6 +75,19 @@ def top_deviation(
         dev = score_deviation(_layer(fresh, layer, where), _layer(asm.cache, layer, cand))
         cand = cand[dev.topk(min(keep, cand.numel())).indices.sort().values]
     return cand
+
+
+def uncertainty_order(estimates: list) -> Tensor:
+    """Positions [M] of every run token, most uncertain anchor estimate first.
+
+    Uncertainty: nearest-anchor distance in τ (infinite for a context never seen), ties
+    broken toward later positions, which weigh most on the next token.
+    """
+    pos = torch.cat([e.positions for e in estimates])
+    dist = torch.cat([e.estimate.distance.to(pos.device) for e in estimates])
+    late = pos.argsort(descending=True, stable=True)
+    by_dist = dist[late].nan_to_num(posinf=1e6).argsort(descending=True, stable=True)
+    return pos[late][by_dist]
 
 
 def anchor_fallback(estimates: list, gamma: float, neighbours: int) -> bool:
@@ -104,6 +125,8 @@ def choose(
     elif mode in ("blend", "kvshare") and asm.runs:
         forced |= sink_mask(asm, config.sink_tokens) & asm.relocated
         budget = round(ratio * int(asm.relocated.sum()))
-        forced[top_deviation(model, asm, ids, pos, forced, budget, config.check_layers)] = True
+        unc = uncertainty_order(estimates) if mode == "kvshare" and estimates else None
+        top = top_deviation(model, asm, ids, pos, forced, budget, config.check_layers, unc)
+        forced[top] = True
     forced[: asm.prefix] = False
     return forced.nonzero().flatten()

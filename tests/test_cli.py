@@ -94,3 +94,34 @@ def test_demo_prints_a_row_per_agent(tiny_engine):
     for name, _ in TEAM:
         assert f"| {name:<9} |" in text and f"[{name}]" in text
     assert "Reverend Josiah Crawley" in text
+
+
+def test_token_f1_and_qa_workload_layout():
+    from kvshare.bench.workloads import QAWorkload, token_f1
+
+    assert token_f1("The Reverend Josiah Crawley.", "Reverend Josiah Crawley") == 1.0
+    assert token_f1("nobody", "Reverend Josiah Crawley") == 0.0
+    assert 0 < token_f1("Josiah", "Reverend Josiah Crawley") < 1
+    items = qa_items()[:2]
+    w = QAWorkload(items, n_agents=3, output_len=4)
+    msgs = w.messages(2, ["a quote", "an answer"], item=1)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "assistant"]
+    assert items[1].question in msgs[1]["content"] and items[1].context in msgs[1]["content"]
+    assert msgs[0]["content"] != w.messages(0, [], item=1)[0]["content"]  # role comes first
+    assert w.score(1, ["x", "y", items[1].answers[0]]) == 1.0
+
+
+def test_qa_bench_and_pareto_cli(tiny_dirs, tmp_path, capsys):
+    common = ["--model", str(tiny_dirs["llama"]), "--workload", "qa", "--items", "1"]
+    common += ["--agents", "2", "--output", "2", "--repeats", "1", "--out", str(tmp_path)]
+    assert main(["bench", *common, "--modes", "kvshare"]) == 0
+    rep = BenchReport.model_validate(json.loads((tmp_path / "qa.json").read_text()))
+    kv = rep.modes[-1]
+    assert kv.mode == "kvshare" and kv.task_score is not None and kv.anchor_pool_bytes > 0
+    assert main(["bench", *common, "--pareto"]) == 0
+    points = json.loads((tmp_path / "qa-pareto.json").read_text())
+    assert {p["mode"] for p in points} == {"blend", "anchor", "kvshare"}
+    assert (tmp_path / "qa-pareto.png").read_bytes()[:4] == b"\x89PNG"
+    reuse = {p["setting"]: p["token_reuse"] for p in points if p["mode"] == "blend"}
+    assert reuse["ratio=0.0"] > reuse["ratio=0.5"]  # more recompute, less reuse
+    assert "| kvshare | ratio=0.15 |" in capsys.readouterr().out

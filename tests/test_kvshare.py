@@ -76,3 +76,19 @@ def test_kvshare_recomputes_sinks_plus_its_ratio(tiny_engine):
     assert asm.runs and s.relocated_tokens + s.recomputed_tokens == reusable
     assert s.recomputed_tokens == sinks + round(0.2 * reusable)
     assert s.prefix_hit_tokens + s.relocated_tokens + s.computed_tokens == s.prompt_tokens
+
+
+def test_uncertainty_order_puts_unknown_contexts_and_later_tokens_first():
+    import torch
+    from kvshare.anchors import Estimate
+
+    from kvshare.correct import RunEstimate
+    from kvshare.select import uncertainty_order
+
+    def est(pos: list[int], dist: list[float]) -> RunEstimate:
+        n = len(pos)
+        e = Estimate(torch.zeros(1), torch.tensor(dist), torch.zeros(n), torch.zeros(n))
+        return RunEstimate(None, "k", torch.zeros(n, 2), torch.tensor(pos), e)  # type: ignore[arg-type]
+
+    order = uncertainty_order([est([3, 4, 5], [0.1, 2.0, 0.5]), est([9, 10], [float("inf")] * 2)])
+    assert order.tolist() == [10, 9, 4, 5, 3]
