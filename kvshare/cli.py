@@ -73,7 +73,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 f"{p.top1_agree or 0:.1%} | {p.task_score or 0:.1f} |"
             )
         return 0
-    rep = run_bench(engine, workload, modes, repeats=args.repeats, shadow=not args.no_shadow)
+    pool = {"anchor_budget_bytes": int(args.anchor_budget_mib * 2**20)}
+    rep = run_bench(
+        engine,
+        workload,
+        modes,
+        repeats=args.repeats,
+        shadow=not args.no_shadow,
+        options={"anchor": pool, "kvshare": pool},
+    )
     paths = report.write(rep, out)
     print(report.markdown(rep))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -85,7 +93,8 @@ def _workload(args: argparse.Namespace, engine):
     from kvshare.bench.workloads import QAWorkload, SyntheticWorkload
 
     if args.workload == "qa":
-        items = qa_items(NARRATIVEQA)[args.item_offset : args.item_offset + args.items]
+        n = args.items or 12
+        items = qa_items(NARRATIVEQA)[args.item_offset : args.item_offset + n]
         return QAWorkload(items, n_agents=min(args.agents, 4), output_len=args.output)
     return SyntheticWorkload(
         engine.tokenizer,
@@ -94,6 +103,7 @@ def _workload(args: argparse.Namespace, engine):
         prefix_len=args.prefix,
         input_len=args.input,
         output_len=args.output,
+        n_items=args.items or 1,
     )
 
 
@@ -130,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthetic N-agent workflow, real-text QA team, or the partial-prefill crossover",
     )
     bench.add_argument("--modes", default=",".join(IMPLEMENTED_MODES), help="comma-separated")
-    bench.add_argument("--items", type=int, default=12, help="qa: questions per pass")
+    bench.add_argument(
+        "--items",
+        type=int,
+        default=None,
+        help="workflows per pass (qa: questions, default 12; synthetic: shared inputs, default 1)",
+    )
     bench.add_argument("--item-offset", type=int, default=0, help="qa: first question")
     bench.add_argument(
         "--pareto", action="store_true", help="sweep recompute budgets / entropy gates"
@@ -141,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", type=int, default=64, help="max tokens per agent output")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--no-shadow", action="store_true", help="skip fidelity measurement")
+    bench.add_argument(
+        "--anchor-budget-mib", type=float, default=256, help="anchor pool byte budget (MiB)"
+    )
     bench.add_argument("--out", default="bench-out", help="directory for JSON/markdown/PNG")
     bench.set_defaults(func=cmd_bench)
 

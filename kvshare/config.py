@@ -36,10 +36,14 @@ class EngineConfig:
         saves; below this share the call is prefilled from scratch (measured, see README).
     recompute_ratio: ``blend``: share of relocated tokens recomputed by KV deviation.
     sink_tokens: tokens recomputed at the start of every relocated run (attention sink).
+    recent_tokens: ``kvshare`` recomputes the last this many relocated tokens, the ones the
+        first generated token attends to most (0: off).
     check_layers: layers at which deviation is scored; all but the last keep twice the
         budget (gradual filtering), the last keeps the budget.
     target_kl, max_recompute_ratio: ``kvshare`` starts at ``recompute_ratio`` and, after every
         shadowed call, moves its ratio toward the first-token KL target, never above the cap.
+    deviation_threshold: ``kvshare`` also recomputes every short-listed token whose deviation
+        at the last check layer exceeds this (None: the budget alone decides).
     anchor_gamma: ``anchor`` mode's KVCOMM entropy threshold (dense prefill above
         gamma·log(neighbours)). neighbours: k of the anchor k-NN estimate.
     feature_layer: layer of the base KV whose un-rotated keys/values are the matching feature.
@@ -57,10 +61,12 @@ class EngineConfig:
     min_reuse_share: float = 0.15
     recompute_ratio: float = 0.15
     sink_tokens: int = 4
+    recent_tokens: int = 32
     check_layers: tuple[int, ...] = (1, 4)
     target_kl: float = 0.02
     adaptive: bool = True
     max_recompute_ratio: float = 0.5
+    deviation_threshold: float | None = 0.1
     anchor_gamma: float = 0.3
     neighbours: int = 8
     feature_layer: int = 1
@@ -87,8 +93,8 @@ class EngineConfig:
             raise ConfigError(f"min_reuse_share must be in [0, 1], got {self.min_reuse_share}")
         if not 0.0 <= self.recompute_ratio <= 1.0:
             raise ConfigError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
-        if self.sink_tokens < 0:
-            raise ConfigError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.sink_tokens < 0 or self.recent_tokens < 0:
+            raise ConfigError("sink_tokens and recent_tokens must be >= 0")
         if (
             not self.check_layers
             or any(c < 0 for c in self.check_layers)
@@ -99,6 +105,8 @@ class EngineConfig:
             )
         if not self.target_kl > 0.0 or not 0.0 <= self.max_recompute_ratio <= 1.0:
             raise ConfigError("target_kl must be > 0 and max_recompute_ratio in [0, 1]")
+        if self.deviation_threshold is not None and self.deviation_threshold < 0:
+            raise ConfigError(f"deviation_threshold must be >= 0, got {self.deviation_threshold}")
         if self.neighbours < 1 or self.feature_layer < 0 or self.anchor_max_distance <= 0:
             raise ConfigError("neighbours >= 1, feature_layer >= 0, anchor_max_distance > 0")
         if not 0.0 <= self.masked_prefill_max_ratio <= 1.0:

@@ -209,7 +209,7 @@ class Engine:
         )
 
     def _prefill(self, asm: Assembly, prompt: Prompt, agent: str | None) -> _Prefilled:
-        """Anchor offsets (anchor/kvshare), token choice, one partial prefill, learning."""
+        """Anchor offsets (anchor/kvshare), token choice, one partial prefill."""
         dev, n = self.device, len(prompt)
         ids, pos = torch.tensor(prompt.ids, device=dev), torch.arange(n, device=dev)
         ests: list[RunEstimate] = []
@@ -231,8 +231,6 @@ class Engine:
         )
         done = torch.zeros(n, dtype=torch.bool, device=dev)
         done[res.recomputed] = True
-        if self.anchors is not None and ests:
-            learn(self.anchors, ests, asm, res.kv, done & asm.relocated, self.rotary)
         return _Prefilled(res.kv, res.logits[-1], done, asm, ests)
 
     def _full_prefill(self, prompt: Prompt) -> tuple[KV, torch.Tensor]:
@@ -269,6 +267,8 @@ class Engine:
         )
         first = sample(logits.cpu(), params, gen)
         ttft = time.perf_counter() - t0
+        if self.anchors is not None and pre.estimates:  # off the first-token path
+            learn(self.anchors, pre.estimates, asm, kv, done & asm.relocated, self.rotary)
         t1 = time.perf_counter()
         dec = decode(
             self.model,

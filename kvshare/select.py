@@ -20,6 +20,13 @@ def sink_mask(asm: Assembly, k: int) -> Tensor:
     return mask
 
 
+def recent_mask(asm: Assembly, k: int) -> Tensor:
+    """[S] bool: the last ``k`` relocated tokens (the next token attends to them most)."""
+    mask = torch.zeros_like(asm.relocated)
+    mask[asm.relocated.nonzero().flatten()[-k:]] = True
+    return mask
+
+
 def score_deviation(fresh: KV, reused: KV) -> Tensor:
     """Per-token relative deviation of reused KV from fresh KV at one layer.
 
@@ -46,6 +53,7 @@ def top_deviation(
     budget: int,
     check_layers: tuple[int, ...],
     uncertain: Tensor | None = None,
+    threshold: float | None = None,
 ) -> Tensor:
     """Indices [<= budget] of relocated, not forced tokens with the largest KV deviation.
 
@@ -54,16 +62,19 @@ def top_deviation(
     the reused cache, with an exact causal mask by true positions. ``uncertain`` ([M] indices,
     most uncertain first) joins the shortlist of the last check layer: an early layer misses
     deviations that only build up deeper (text quoted twice, say), the anchors' uncertainty
-    does not.
+    does not. With ``threshold``, every token of the last shortlist whose deviation exceeds it
+    is kept too (the budget grows where the reused KV is visibly wrong); earlier layers then
+    keep at least a fifth of the candidates, so the last one has something to choose from.
     """
     n_layers = asm.cache.keys.shape[0]
     check_layers = tuple(sorted({min(c, n_layers - 1) for c in check_layers}))
     cand = (asm.relocated & ~forced).nonzero().flatten()
     if budget <= 0 or cand.numel() == 0:
         return cand[:0]
+    wide = 2 * budget if threshold is None else max(2 * budget, round(0.2 * cand.numel()))
     for i, layer in enumerate(check_layers):
         last = i == len(check_layers) - 1
-        keep = budget if last else 2 * budget
+        keep = budget if last else wide
         if last and uncertain is not None and len(check_layers) > 1:
             extra = uncertain[~forced[uncertain] & asm.relocated[uncertain]][:budget]
             cand = torch.unique(torch.cat([cand, extra]))
@@ -73,6 +84,8 @@ def top_deviation(
         fresh = probe_layers(model, asm.cache, ids, positions, sel, layer + 1)
         where = torch.searchsorted(sel, cand)
         dev = score_deviation(_layer(fresh, layer, where), _layer(asm.cache, layer, cand))
+        if last and threshold is not None:
+            keep = max(keep, int((dev > threshold).sum()))
         cand = cand[dev.topk(min(keep, cand.numel())).indices.sort().values]
     return cand
 
@@ -124,9 +137,12 @@ def choose(
         forced[:] = True
     elif mode in ("blend", "kvshare") and asm.runs:
         forced |= sink_mask(asm, config.sink_tokens) & asm.relocated
+        if mode == "kvshare" and config.recent_tokens:
+            forced |= recent_mask(asm, config.recent_tokens)
         budget = round(ratio * int(asm.relocated.sum()))
         unc = uncertainty_order(estimates) if mode == "kvshare" and estimates else None
-        top = top_deviation(model, asm, ids, pos, forced, budget, config.check_layers, unc)
+        thr = config.deviation_threshold if mode == "kvshare" else None
+        top = top_deviation(model, asm, ids, pos, forced, budget, config.check_layers, unc, thr)
         forced[top] = True
     forced[: asm.prefix] = False
     return forced.nonzero().flatten()

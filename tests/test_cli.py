@@ -31,6 +31,16 @@ def test_synthetic_workload_shape(tokenizer):
     assert abs(n_prefix - 40) <= 3
 
 
+def test_synthetic_items_change_the_input_not_the_prefixes(tokenizer):
+    w = SyntheticWorkload(
+        tokenizer, long_text(), n_agents=2, prefix_len=20, input_len=30, output_len=2, n_items=3
+    )
+    first, third = w.messages(1, ["x"], item=0), w.messages(1, ["x"], item=2)
+    assert first[0] == third[0] and first[1] != third[1]
+    assert len({w.messages(0, [], item=k)[1]["content"] for k in range(3)}) == 3
+    assert w.describe()["n_items"] == 3
+
+
 def test_run_bench_compares_modes_side_by_side(tiny_engine, tokenizer):
     w = SyntheticWorkload(
         tokenizer, long_text(), n_agents=3, prefix_len=24, input_len=48, output_len=4

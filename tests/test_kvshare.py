@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from kvshare.errors import ConfigError
 from tests.test_relocation import team
 
 
@@ -20,6 +23,7 @@ def _learned_then_reused(tiny_engine, mode: str):
         mode=mode,
         recompute_ratio=0.0,
         sink_tokens=0,
+        recent_tokens=0,
         adaptive=False,
         neighbours=1,
         anchor_storage="float32",
@@ -64,7 +68,13 @@ def test_kvshare_adapts_its_ratio_toward_the_target(tiny_engine):
 
 
 def test_kvshare_recomputes_sinks_plus_its_ratio(tiny_engine):
-    eng = tiny_engine.fork(mode="kvshare", adaptive=False, recompute_ratio=0.2)
+    eng = tiny_engine.fork(
+        mode="kvshare",
+        adaptive=False,
+        recompute_ratio=0.2,
+        deviation_threshold=None,
+        recent_tokens=0,
+    )
     eng.chat(team("planner"), agent="planner", max_new_tokens=2)
     from kvshare.prompt import render
 
@@ -92,3 +102,31 @@ def test_uncertainty_order_puts_unknown_contexts_and_later_tokens_first():
 
     order = uncertainty_order([est([3, 4, 5], [0.1, 2.0, 0.5]), est([9, 10], [float("inf")] * 2)])
     assert order.tolist() == [10, 9, 4, 5, 3]
+
+
+def test_deviation_threshold_grows_the_budget_where_kv_is_wrong(tiny_engine):
+    def recomputed(threshold: float | None) -> int:
+        eng = tiny_engine.fork(
+            mode="kvshare", adaptive=False, recompute_ratio=0.05, deviation_threshold=threshold
+        )
+        eng.chat(team("planner"), agent="planner", max_new_tokens=2)
+        return eng.chat(team("critic"), agent="critic", max_new_tokens=2).stats.recomputed_tokens
+
+    assert recomputed(0.0) > recomputed(None) == recomputed(1e9)
+    with pytest.raises(ConfigError):
+        tiny_engine.fork(mode="kvshare", deviation_threshold=-1.0)
+
+
+def test_recent_tokens_are_always_recomputed(tiny_engine):
+    from kvshare.prompt import render
+    from kvshare.select import recent_mask
+
+    eng = tiny_engine.fork(mode="kvshare", adaptive=False, recompute_ratio=0.0, recent_tokens=8)
+    eng.chat(team("planner"), agent="planner", max_new_tokens=2)
+    asm = eng._plan("t:", render(eng.tokenizer, team("critic")))
+    mask = recent_mask(asm, 8)
+    last = asm.relocated.nonzero().flatten()[-8:]
+    assert int(mask.sum()) == 8 and mask[last].all()
+    s = eng.chat(team("critic"), agent="critic", max_new_tokens=2).stats
+    sinks = sum(min(eng.config.sink_tokens, r.length) for r in asm.runs)
+    assert sinks < s.recomputed_tokens <= sinks + 8

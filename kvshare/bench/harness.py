@@ -18,7 +18,7 @@ from kvshare.stats import CallStats, aggregate
 
 
 class ModeResult(BaseModel):
-    """Figures of one mode (medians over repeats per agent position)."""
+    """Figures of one mode; TTFT: median per agent position over items and repeats."""
 
     mode: str
     ttft_s: list[float]

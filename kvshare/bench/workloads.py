@@ -55,7 +55,9 @@ class SyntheticWorkload(Workload):
 
     Agent i sees its own system prefix (``prefix_len`` tokens), the shared input
     (``input_len`` tokens of real text) and the outputs of agents < i, one assistant message
-    each; it answers with up to ``output_len`` tokens.
+    each; it answers with up to ``output_len`` tokens. ``n_items`` workflows run in turn, each
+    on a different shared input behind the same agent prefixes (KVCOMM's many-queries setting:
+    from the second item on, an agent's own prefix is an exact-prefix hit).
     """
 
     tokenizer: Any
@@ -64,15 +66,23 @@ class SyntheticWorkload(Workload):
     prefix_len: int = 256
     input_len: int = 512
     output_len: int = 64
+    n_items: int = 1
     name: str = "synthetic"
 
     def __post_init__(self) -> None:
-        for field_name in ("n_agents", "prefix_len", "input_len", "output_len"):
+        for field_name in ("n_agents", "prefix_len", "input_len", "output_len", "n_items"):
             if getattr(self, field_name) < 1:
                 raise ConfigError(f"{field_name} must be >= 1")
         self.max_new_tokens = self.output_len
-        self.shared_input = take_tokens(self.tokenizer, self.corpus, self.input_len)
         self.prefixes = [self._prefix(i) for i in range(self.n_agents)]
+        after = self.input_len + self.n_agents * self.prefix_len  # past every agent's notes
+        self.inputs = [self.shared_input_text(0)] + [
+            self.shared_input_text(after + (k - 1) * self.input_len) for k in range(1, self.n_items)
+        ]
+        self.shared_input = self.inputs[0]
+
+    def shared_input_text(self, offset: int) -> str:
+        return take_tokens(self.tokenizer, self.corpus, self.input_len, offset)
 
     def _prefix(self, i: int) -> str:
         role = ROLES[i % len(ROLES)]
@@ -85,7 +95,7 @@ class SyntheticWorkload(Workload):
     def messages(self, i: int, outputs: Sequence[str], item: int = 0) -> Messages:
         msgs = [
             {"role": "system", "content": self.prefixes[i]},
-            {"role": "user", "content": self.shared_input},
+            {"role": "user", "content": self.inputs[item]},
         ]
         msgs += [{"role": "assistant", "content": out} for out in outputs[:i]]
         return msgs
@@ -99,6 +109,7 @@ class SyntheticWorkload(Workload):
             "prefix_len": self.prefix_len,
             "input_len": self.input_len,
             "output_len": self.output_len,
+            "n_items": self.n_items,
         }
 
 
