@@ -71,3 +71,21 @@ def test_reply_quoted_inside_a_longer_message_is_relocated(real_engine):
     reply_tokens = first.stats.output_tokens - 1
     assert r.stats.relocated_tokens + r.stats.recomputed_tokens >= reply_tokens - 4
     assert r.stats.top1_agree
+
+
+def test_kvshare_team_relocates_within_fidelity_targets(real_engine):
+    """A fixed small case: one NarrativeQA question through the 4-agent role-first team."""
+    import statistics
+
+    from kvshare.bench.corpus import NARRATIVEQA, qa_items
+    from kvshare.bench.harness import run_workflow
+    from kvshare.bench.workloads import QAWorkload
+
+    eng = real_engine.fork(mode="kvshare")
+    w = QAWorkload(qa_items(NARRATIVEQA)[:1], n_agents=4, output_len=32)
+    calls = run_workflow(eng, w, True, "t", 0)[0]
+    assert calls[-1].relocated_tokens > 0 and calls[-1].prefix_hit_tokens < 30
+    assert statistics.fmean(c.kl or 0.0 for c in calls) <= 0.02
+    assert all(c.top1_agree for c in calls)
+    assert statistics.median(c.greedy_match or 0 for c in calls) == 32
+    assert eng.anchors is not None and len(eng.anchors) > 0
