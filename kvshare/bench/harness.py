@@ -156,7 +156,7 @@ def run_bench(
                     for i, s in enumerate(stats)
                 ]
                 bar.update(len(stats))
-            pools[mode] = max(pools[mode], eng.anchors.bytes_used if eng.anchors else 0)
+                pools[mode] = max(pools[mode], eng.anchors.bytes_used if eng.anchors else 0)
     bar.close()
     full = _mode_result("full", runs["full"], peaks["full"], None, scores["full"], 0)
     results = [full] + [
