@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from kvshare.kernels.kv import KV, gather
 from kvshare.kernels.prefill import position_mask
+from kvshare.kernels.slots import SlotCache
 from torch import Tensor, nn
-from transformers import DynamicCache
 
 
 @torch.inference_mode()
@@ -22,15 +22,10 @@ def probe_layers(
     token selected the result is the exact prefill KV of those layers.
     """
     inner: Any = model.model  # LlamaModel / Qwen2Model / MistralModel
-    keep = torch.ones(ids.numel(), dtype=torch.bool, device=ids.device)
-    keep[sel] = False
-    ctx = keep.nonzero().flatten()
-    past_kv = gather(cache, ctx)
-    past = DynamicCache()
-    for layer in range(upto):
-        past.update(past_kv.keys[layer][None], past_kv.values[layer][None], layer)
+    head = KV(cache.keys[:upto].clone(), cache.values[:upto].clone())  # the probe's scratch
     q_pos = positions[sel]
-    mask = position_mask(q_pos, torch.cat([positions[ctx], q_pos]), cache.keys.dtype)
+    mask = position_mask(q_pos, positions, cache.keys.dtype)
+    past = SlotCache(head, sel)
     hidden = inner.embed_tokens(ids[sel][None])
     pos_emb = inner.rotary_emb(hidden, q_pos[None])
     for layer in inner.layers[:upto]:
@@ -42,4 +37,4 @@ def probe_layers(
             past_key_values=past,
             use_cache=True,
         )
-    return KV.from_cache(past, ctx.numel())
+    return gather(head, sel)

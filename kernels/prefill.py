@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from kvshare.kernels.kv import KV, gather, scatter, slice_tokens, splice
+from kvshare.kernels.kv import KV, slice_tokens, splice
+from kvshare.kernels.slots import SlotCache
 from torch import Tensor, nn
 
 
@@ -62,23 +63,19 @@ def _causal_tail(
 def _masked(
     model: nn.Module, cache: KV, ids: Tensor, positions: Tensor, sel: Tensor, all_logits: bool
 ) -> PrefillResult:
-    """One forward over the selected tokens [N]; the others [C] serve as the past."""
-    keep = torch.ones(ids.numel(), dtype=torch.bool, device=ids.device)
-    keep[sel] = False
-    ctx = keep.nonzero().flatten()
-    q_pos, k_pos = positions[sel], torch.cat([positions[ctx], positions[sel]])
-    mask = position_mask(q_pos, k_pos, cache.keys.dtype)
+    """One forward over the selected tokens [N], writing their KV into ``cache`` in place."""
+    q_pos = positions[sel]
+    mask = position_mask(q_pos, positions, cache.keys.dtype)
     last = q_pos.argmax().reshape(1)
     out = model(
         input_ids=ids[sel][None],
         position_ids=q_pos[None],
         attention_mask=mask,
-        past_key_values=gather(cache, ctx).to_cache(),
+        past_key_values=SlotCache(cache, sel),
         use_cache=True,
         logits_to_keep=0 if all_logits else last,
     )
-    new = KV.from_cache(out.past_key_values, ctx.numel())
-    return PrefillResult(scatter(cache, sel, new), out.logits[0].float(), sel, True)
+    return PrefillResult(cache, out.logits[0].float(), sel, True)
 
 
 @torch.inference_mode()
@@ -91,6 +88,7 @@ def partial_prefill(
     *,
     max_masked_ratio: float = 0.9,
     all_logits: bool = False,
+    inplace: bool = False,
 ) -> PrefillResult:
     """Recompute the KV of the ``recompute`` tokens exactly, against the rest of ``cache``.
 
@@ -103,6 +101,8 @@ def partial_prefill(
     sequence and the selection covers more than ``max_masked_ratio`` of the span from the first
     selected token to the end, an ordinary causal prefill of that span runs instead (custom
     masks lose the fast causal attention path); it recomputes a superset of the request.
+    The masked path writes into a copy of ``cache``, or into ``cache`` itself with
+    ``inplace=True`` (the caller owns it and no longer needs the replaced slots).
     """
     if ids.shape != positions.shape or ids.dim() != 1 or ids.numel() != cache.length:
         raise ValueError(
@@ -118,4 +118,6 @@ def partial_prefill(
     ratio = sel.numel() / (ids.numel() - first)
     if _is_increasing(positions) and ratio > max_masked_ratio:
         return _causal_tail(model, cache, ids, positions, first, all_logits)
+    if not inplace:
+        cache = KV(cache.keys.clone(), cache.values.clone())
     return _masked(model, cache, ids, positions, sel, all_logits)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from kvshare.anchors import AnchorPool, Estimate, at_positions, position_free, token_features
 from kvshare.kernels import KV, slice_tokens
 from kvshare.prompt import Prompt
-from kvshare.relocate import Assembly, Run
+from kvshare.relocate import Assembly, Run, relocated_kv
 
 
 @dataclass(frozen=True)
@@ -57,46 +57,46 @@ def estimate_runs(
 
 
 def apply_estimates(
-    asm: Assembly, estimates: list[RunEstimate], rotary: nn.Module, max_distance: float
-) -> KV:
-    """The assembled cache plus every run's offsets, keys re-rotated to the target positions.
+    cache: KV, estimates: list[RunEstimate], rotary: nn.Module, max_distance: float
+) -> None:
+    """Add every run's offsets to ``cache`` [L, H, S, D] in place, keys re-rotated to the
+    target positions.
 
     Tokens whose nearest anchor is farther than ``max_distance`` (in τ) keep their plain
     relocated KV: an estimate that far away is not trusted.
     """
-    keys, values = asm.cache.keys.clone(), asm.cache.values.clone()
     for e in estimates:
-        trusted = (e.estimate.distance <= max_distance).to(keys.device)
+        trusted = (e.estimate.distance <= max_distance).to(cache.keys.device)
         if not trusted.any():
             continue
-        d = e.estimate.delta.to(keys.dtype).to(keys.device) * trusted[:, None]  # [L,2,H,n,D]
-        moved = at_positions(KV(d[:, 0], d[:, 1]), e.positions, rotary)
-        keys[:, :, e.run.start : e.run.end] += moved.keys
-        values[:, :, e.run.start : e.run.end] += moved.values
-    return KV(keys, values)
+        d = e.estimate.delta.to(cache.keys.dtype).to(cache.keys.device) * trusted[:, None]
+        moved = at_positions(KV(d[:, 0], d[:, 1]), e.positions, rotary)  # [L, H, n, D]
+        cache.keys[:, :, e.run.start : e.run.end] += moved.keys
+        cache.values[:, :, e.run.start : e.run.end] += moved.values
 
 
 def learn(
     pool: AnchorPool,
     estimates: list[RunEstimate],
-    asm: Assembly,
     true_kv: KV,
     known: Tensor,
     rotary: nn.Module,
 ) -> int:
     """Admit Δ = true − relocated for run tokens whose true KV is ``known`` ([S] bool).
 
-    Returns the number of anchor tokens admitted.
+    The relocated KV is rebuilt from the stored segment (the call's own cache was corrected
+    and overwritten in place). Returns the number of anchor tokens admitted.
     """
     added = 0
     for e in estimates:
         local = known[e.run.start : e.run.end].nonzero().flatten()
         if local.numel() == 0:
             continue
+        base = relocated_kv(e.run, rotary)
         idx = local + e.run.start
         delta = KV(
-            true_kv.keys[:, :, idx] - asm.cache.keys[:, :, idx],
-            true_kv.values[:, :, idx] - asm.cache.values[:, :, idx],
+            true_kv.keys[:, :, idx] - base.keys[:, :, local].to(true_kv.keys),
+            true_kv.values[:, :, idx] - base.values[:, :, local].to(true_kv.values),
         )
         free = position_free(delta, e.positions[local], rotary)
         added += pool.add(e.key, e.feats[local], torch.stack([free.keys, free.values], 1))

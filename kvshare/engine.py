@@ -6,7 +6,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -196,38 +196,38 @@ class Engine:
     def _plan(self, scope: str, prompt: Prompt) -> Assembly:
         """Exact prefix, then (relocating modes) stored runs; tiny reuse is not worth it."""
         n, mode = len(prompt), self.config.mode
-        none = assemble(n, None, [], self._kv_dims(), self.rotary, self.model.dtype, self.device)
+        dims, dtype, dev = self._kv_dims(), self.model.dtype, self.device
         if mode == "full":
-            return none
+            return assemble(n, None, [], dims, self.rotary, dtype, dev)
         hit, parts = self.prefix_cache.match(scope, prompt.ids[:-1])  # last token is computed
-        prefix_kv = splice(parts) if hit else None
         runs = find_runs(prompt, hit, scope, self.segments) if mode in RELOCATING_MODES else []
         if hit + sum(r.length for r in runs) < max(1, self.config.min_reuse_share * n):
-            return none  # a from-scratch prefill is faster than reusing a sliver
-        return assemble(
-            n, prefix_kv, runs, self._kv_dims(), self.rotary, self.model.dtype, self.device
-        )
+            return assemble(n, None, [], dims, self.rotary, dtype, dev)  # a sliver: recompute
+        prefix_kv = splice(parts) if hit else None
+        return assemble(n, prefix_kv, runs, dims, self.rotary, dtype, dev)
 
     def _prefill(self, asm: Assembly, prompt: Prompt, agent: str | None) -> _Prefilled:
-        """Anchor offsets (anchor/kvshare), token choice, one partial prefill."""
+        """Anchor offsets (anchor/kvshare), token choice, one partial prefill.
+
+        The assembly's cache is this call's own: offsets and recomputed KV go in in place.
+        """
         dev, n = self.device, len(prompt)
         ids, pos = torch.tensor(prompt.ids, device=dev), torch.arange(n, device=dev)
         ests: list[RunEstimate] = []
-        used = asm
         if self.anchors is not None and asm.runs:
             ests = estimate_runs(
                 self.anchors, asm, prompt, agent, self.rotary, self.config.feature_layer
             )
-            anchored = apply_estimates(asm, ests, self.rotary, self.config.anchor_max_distance)
-            used = replace(asm, cache=anchored)
-        recompute = choose(self.config, self.model, used, ids, pos, ests, self._ratio)
+            apply_estimates(asm.cache, ests, self.rotary, self.config.anchor_max_distance)
+        recompute = choose(self.config, self.model, asm, ids, pos, ests, self._ratio)
         res = partial_prefill(
             self.model,
-            used.cache,
+            asm.cache,
             ids,
             pos,
             recompute,
             max_masked_ratio=self.config.masked_prefill_max_ratio,
+            inplace=True,
         )
         done = torch.zeros(n, dtype=torch.bool, device=dev)
         done[res.recomputed] = True
@@ -268,7 +268,7 @@ class Engine:
         first = sample(logits.cpu(), params, gen)
         ttft = time.perf_counter() - t0
         if self.anchors is not None and pre.estimates:  # off the first-token path
-            learn(self.anchors, pre.estimates, asm, kv, done & asm.relocated, self.rotary)
+            learn(self.anchors, pre.estimates, kv, done & asm.relocated, self.rotary)
         t1 = time.perf_counter()
         dec = decode(
             self.model,
@@ -386,7 +386,7 @@ class Engine:
         )
         kl = kl_divergence(full_logits, pre.logits)
         if self.anchors is not None and pre.estimates:
-            learn(self.anchors, pre.estimates, pre.asm, full_kv, pre.asm.relocated, self.rotary)
+            learn(self.anchors, pre.estimates, full_kv, pre.asm.relocated, self.rotary)
         if self.config.mode == "kvshare" and self.config.adaptive and pre.asm.runs:
             self._adapt(kl)
         return {

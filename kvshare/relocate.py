@@ -73,8 +73,8 @@ def assemble(
 ) -> Assembly:
     """Build the [L, H, n, D] cache of a prompt of n tokens from a prefix and relocated runs."""
     layers, heads, dim = dims
-    keys = torch.zeros(layers, heads, n, dim, dtype=dtype, device=device)
-    values = torch.zeros_like(keys)
+    keys = torch.empty(layers, heads, n, dim, dtype=dtype, device=device)
+    values = torch.empty_like(keys)
     prefix = prefix_kv.length if prefix_kv is not None else 0
     if prefix_kv is not None:
         keys[:, :, :prefix] = prefix_kv.keys
@@ -85,4 +85,9 @@ def assemble(
         keys[:, :, run.start : run.end] = kv.keys.to(device=device, dtype=dtype)
         values[:, :, run.start : run.end] = kv.values.to(device=device, dtype=dtype)
         relocated[run.start : run.end] = True
+    fresh = ~relocated
+    fresh[:prefix] = False
+    if fresh.any():  # zeros, not garbage, in the slots that will be computed
+        keys[:, :, fresh] = 0
+        values[:, :, fresh] = 0
     return Assembly(KV(keys, values), prefix, tuple(runs), relocated)

@@ -197,3 +197,22 @@ def test_partial_prefill_rejects_bad_input():
         partial_prefill(model, kv, ids_of(4), torch.arange(4), torch.tensor([4]))
     with pytest.raises(ValueError, match="nothing selected"):
         partial_prefill(model, kv, ids_of(4), torch.arange(4), torch.tensor([], dtype=torch.long))
+
+
+def test_masked_path_copies_unless_inplace(model):
+    """The masked path leaves the caller's cache alone, or writes into it with inplace=True."""
+    ids = ids_of(S)
+    kv, _ = full_prefill(model, ids)
+    stale = KV(kv.keys + 1.0, kv.values + 1.0)
+    before = stale.keys.clone()
+    sel = torch.tensor([3, 7, S - 1])
+    copy = partial_prefill(model, stale, ids, torch.arange(S), sel, max_masked_ratio=1.0)
+    assert torch.equal(stale.keys, before) and copy.kv.keys.data_ptr() != stale.keys.data_ptr()
+    own = partial_prefill(
+        model, stale, ids, torch.arange(S), sel, max_masked_ratio=1.0, inplace=True
+    )
+    assert own.kv.keys.data_ptr() == stale.keys.data_ptr()
+    assert torch.equal(own.kv.keys, copy.kv.keys) and torch.equal(own.kv.values, copy.kv.values)
+    untouched = torch.ones(S, dtype=torch.bool)
+    untouched[sel] = False
+    assert torch.equal(own.kv.keys[:, :, untouched], before[:, :, untouched])

@@ -1,0 +1,38 @@
+"""A transformers-compatible cache that writes recomputed tokens into their own slots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvshare.kernels.kv import KV
+from torch import Tensor
+
+
+class SlotCache:
+    """The KV [L, H, S, D] of a whole sequence as the model's ``past_key_values``.
+
+    ``update`` writes the fresh KV of the tokens being computed (batch 1, [1, H, N, D]) into
+    their slots ``slots`` [N] of layer ``layer_idx`` *in place* and returns that whole layer
+    ([1, H, S, D]); attention then sees every token exactly once — fresh KV for the computed
+    tokens, cached KV for the rest — so the caller's mask must be over all S slots by true
+    positions. Compared with a ``DynamicCache`` holding the unselected tokens, this saves a
+    gather of the past, a concatenation per layer and a scatter of the result (three copies
+    of the cache per call). Only layers the forward runs through are written.
+    """
+
+    is_compileable = False
+
+    def __init__(self, kv: KV, slots: Tensor):
+        self.kv = kv
+        self.slots = slots
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
+        keys.index_copy_(1, self.slots, key_states[0].to(keys.dtype))
+        values.index_copy_(1, self.slots, value_states[0].to(values.dtype))
+        return keys[None], values[None]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv.length
