@@ -4,17 +4,18 @@ Shape glossary: B batch, L layers, H kv heads, S tokens, D head dim, N selected,
 """
 
 from kvshare.kernels.kv import KV, gather, scatter, slice_tokens, splice
-from kvshare.kernels.layerwise import probe_layers
+from kvshare.kernels.layerwise import Narrow, gradual_prefill
 from kvshare.kernels.prefill import PrefillResult, partial_prefill, position_mask
 from kvshare.kernels.rope import shift_kv, shift_rope
 
 __all__ = [
     "KV",
+    "Narrow",
     "PrefillResult",
     "gather",
+    "gradual_prefill",
     "partial_prefill",
     "position_mask",
-    "probe_layers",
     "scatter",
     "shift_kv",
     "shift_rope",

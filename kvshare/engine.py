@@ -17,7 +17,7 @@ from kvshare.config import ANCHORED_MODES, RELOCATING_MODES, EngineConfig
 from kvshare.correct import RunEstimate, apply_estimates, estimate_runs, learn
 from kvshare.decode import SamplingParams, decode, sample
 from kvshare.errors import ConfigError, ContextLengthError
-from kvshare.kernels import KV, partial_prefill, shift_kv, slice_tokens, splice
+from kvshare.kernels import KV, gradual_prefill, partial_prefill, shift_kv, slice_tokens, splice
 from kvshare.prompt import Prompt, render, token_hash
 from kvshare.radix import RadixCache
 from kvshare.relocate import Assembly, assemble, find_runs
@@ -219,16 +219,21 @@ class Engine:
                 self.anchors, asm, prompt, agent, self.rotary, self.config.feature_layer
             )
             apply_estimates(asm.cache, ests, self.rotary, self.config.anchor_max_distance)
-        recompute = choose(self.config, self.model, asm, ids, pos, ests, self._ratio)
-        res = partial_prefill(
-            self.model,
-            asm.cache,
-            ids,
-            pos,
-            recompute,
-            max_masked_ratio=self.config.masked_prefill_max_ratio,
-            inplace=True,
-        )
+        plan = choose(self.config, asm, ests, self._ratio)
+        if plan.narrow is not None:
+            res = gradual_prefill(
+                self.model, asm.cache, ids, pos, plan.sel, plan.checks, plan.narrow
+            )
+        else:
+            res = partial_prefill(
+                self.model,
+                asm.cache,
+                ids,
+                pos,
+                plan.sel,
+                max_masked_ratio=self.config.masked_prefill_max_ratio,
+                inplace=True,
+            )
         done = torch.zeros(n, dtype=torch.bool, device=dev)
         done[res.recomputed] = True
         return _Prefilled(res.kv, res.logits[-1], done, asm, ests)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from kvshare.config import EngineConfig
-from kvshare.kernels import KV, probe_layers
+from kvshare.kernels import KV
 from kvshare.relocate import Assembly
 
 
@@ -40,54 +42,71 @@ def score_deviation(fresh: KV, reused: KV) -> Tensor:
     return rel(fresh.keys, reused.keys) + rel(fresh.values, reused.values)
 
 
-def _layer(kv: KV, layer: int, index: Tensor) -> KV:
-    return KV(kv.keys[layer : layer + 1, :, index], kv.values[layer : layer + 1, :, index])
+def _tokens(kv: KV, index: Tensor) -> KV:
+    return KV(kv.keys[:, :, index], kv.values[:, :, index])
 
 
-def top_deviation(
-    model: nn.Module,
+@dataclass(frozen=True)
+class DeviationFilter:
+    """The narrowing rule of a gradual prefill (``kernels.gradual_prefill``).
+
+    At every check layer but the last: keep ``forced`` tokens, ``protect``-ed tokens and the
+    ``wide`` candidates with the largest deviation (fresh vs reused KV of that layer). At the
+    last check layer: ``forced`` plus the ``budget`` largest, or with ``threshold`` every
+    candidate whose deviation exceeds it if there are more. forced, protect: [S] bool.
+
+    ``protect`` carries the anchors' most uncertain tokens to the last check: an early layer
+    misses deviations that only build up deeper (text quoted twice, say), the anchors'
+    uncertainty does not.
+    """
+
+    forced: Tensor
+    protect: Tensor
+    budget: int
+    wide: int
+    last_layer: int
+    threshold: float | None = None
+
+    def __call__(self, layer: int, sel: Tensor, fresh: KV, before: KV) -> Tensor:
+        last = layer >= self.last_layer
+        keep = self.forced[sel].clone()
+        cand = (~keep).nonzero().flatten()
+        if not last:
+            keep |= self.protect[sel]
+        if cand.numel() == 0:
+            return keep
+        dev = score_deviation(_tokens(fresh, cand), _tokens(before, cand))
+        n = self.budget if last else self.wide
+        if last and self.threshold is not None:
+            n = max(n, int((dev > self.threshold).sum()))
+        keep[cand[dev.topk(min(n, cand.numel())).indices]] = True
+        return keep
+
+
+def deviation_filter(
     asm: Assembly,
-    ids: Tensor,
-    positions: Tensor,
     forced: Tensor,
     budget: int,
     check_layers: tuple[int, ...],
     uncertain: Tensor | None = None,
     threshold: float | None = None,
-) -> Tensor:
-    """Indices [<= budget] of relocated, not forced tokens with the largest KV deviation.
+) -> tuple[tuple[int, ...], DeviationFilter]:
+    """Check layers (clamped below the last model layer) and the filter for a gradual prefill.
 
-    Gradual filtering: every check layer but the last keeps twice the budget; each probe is a
-    masked forward of (forced + candidates) through the layers up to that check layer against
-    the reused cache, with an exact causal mask by true positions. ``uncertain`` ([M] indices,
-    most uncertain first) joins the shortlist of the last check layer: an early layer misses
-    deviations that only build up deeper (text quoted twice, say), the anchors' uncertainty
-    does not. With ``threshold``, every token of the last shortlist whose deviation exceeds it
-    is kept too (the budget grows where the reused KV is visibly wrong); earlier layers then
-    keep at least a fifth of the candidates, so the last one has something to choose from.
+    Every check layer but the last keeps twice the budget; with ``threshold`` at least a fifth
+    of the candidates, so the last one has something to choose from. ``uncertain`` ([M]
+    indices, most uncertain first): its first ``budget`` relocated, not forced tokens are
+    protected up to the last check layer.
     """
-    n_layers = asm.cache.keys.shape[0]
-    check_layers = tuple(sorted({min(c, n_layers - 1) for c in check_layers}))
-    cand = (asm.relocated & ~forced).nonzero().flatten()
-    if budget <= 0 or cand.numel() == 0:
-        return cand[:0]
-    wide = 2 * budget if threshold is None else max(2 * budget, round(0.2 * cand.numel()))
-    for i, layer in enumerate(check_layers):
-        last = i == len(check_layers) - 1
-        keep = budget if last else wide
-        if last and uncertain is not None and len(check_layers) > 1:
-            extra = uncertain[~forced[uncertain] & asm.relocated[uncertain]][:budget]
-            cand = torch.unique(torch.cat([cand, extra]))
-        if cand.numel() <= keep and not last:
-            continue
-        sel = torch.unique(torch.cat([forced.nonzero().flatten(), cand]))
-        fresh = probe_layers(model, asm.cache, ids, positions, sel, layer + 1)
-        where = torch.searchsorted(sel, cand)
-        dev = score_deviation(_layer(fresh, layer, where), _layer(asm.cache, layer, cand))
-        if last and threshold is not None:
-            keep = max(keep, int((dev > threshold).sum()))
-        cand = cand[dev.topk(min(keep, cand.numel())).indices.sort().values]
-    return cand
+    top = max(0, asm.cache.keys.shape[0] - 2)
+    checks = tuple(sorted({min(c, top) for c in check_layers}))
+    n_cand = int((asm.relocated & ~forced).sum())
+    wide = 2 * budget if threshold is None else max(2 * budget, round(0.2 * n_cand))
+    protect = torch.zeros_like(forced)
+    if uncertain is not None and len(checks) > 1:
+        extra = uncertain[~forced[uncertain] & asm.relocated[uncertain]][:budget]
+        protect[extra] = True
+    return checks, DeviationFilter(forced, protect, budget, wide, checks[-1], threshold)
 
 
 def uncertainty_order(estimates: list) -> Tensor:
@@ -114,21 +133,22 @@ def anchor_fallback(estimates: list, gamma: float, neighbours: int) -> bool:
     return False
 
 
-def choose(
-    config: EngineConfig,
-    model: nn.Module,
-    asm: Assembly,
-    ids: Tensor,
-    pos: Tensor,
-    estimates: list,
-    ratio: float,
-) -> Tensor:
-    """[N] indices to (re)compute for ``config.mode``.
+class Plan(NamedTuple):
+    """Tokens to compute [N] and, for a gradual prefill, its check layers and filter."""
+
+    sel: Tensor
+    checks: tuple[int, ...] = ()
+    narrow: DeviationFilter | None = None
+
+
+def choose(config: EngineConfig, asm: Assembly, estimates: list, ratio: float) -> Plan:
+    """What to (re)compute for ``config.mode``.
 
     Always: tokens never seen and the last prompt token. ``blend``/``kvshare``: plus the first
-    ``sink_tokens`` of every run and the top ``ratio`` of relocated tokens by check-layer
-    deviation (measured on ``asm.cache``, i.e. after anchor offsets in ``kvshare``).
-    ``anchor``: everything when KVCOMM's entropy rule says the anchors are not trusted.
+    ``sink_tokens`` of every run, and a gradual prefill over every relocated token that keeps
+    the top ``ratio`` of them by check-layer deviation (measured against ``asm.cache``, i.e.
+    after anchor offsets in ``kvshare``). ``anchor``: everything when KVCOMM's entropy rule
+    says the anchors are not trusted.
     """
     forced = asm.fresh
     forced[-1] = True
@@ -139,10 +159,12 @@ def choose(
         forced |= sink_mask(asm, config.sink_tokens) & asm.relocated
         if mode == "kvshare" and config.recent_tokens:
             forced |= recent_mask(asm, config.recent_tokens)
+        forced[: asm.prefix] = False
         budget = round(ratio * int(asm.relocated.sum()))
-        unc = uncertainty_order(estimates) if mode == "kvshare" and estimates else None
-        thr = config.deviation_threshold if mode == "kvshare" else None
-        top = top_deviation(model, asm, ids, pos, forced, budget, config.check_layers, unc, thr)
-        forced[top] = True
+        if budget > 0 and bool((asm.relocated & ~forced).any()):
+            unc = uncertainty_order(estimates) if mode == "kvshare" and estimates else None
+            thr = config.deviation_threshold if mode == "kvshare" else None
+            checks, narrow = deviation_filter(asm, forced, budget, config.check_layers, unc, thr)
+            return Plan((forced | asm.relocated).nonzero().flatten(), checks, narrow)
     forced[: asm.prefix] = False
-    return forced.nonzero().flatten()
+    return Plan(forced.nonzero().flatten())

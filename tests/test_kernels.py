@@ -6,7 +6,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kvshare.kernels import KV, gather, partial_prefill, scatter, shift_kv, slice_tokens, splice
+from kvshare.kernels import (
+    KV,
+    gather,
+    gradual_prefill,
+    partial_prefill,
+    scatter,
+    shift_kv,
+    slice_tokens,
+    splice,
+)
 
 from tests.conftest import FAMILIES, tiny_model
 
@@ -216,3 +225,52 @@ def test_masked_path_copies_unless_inplace(model):
     untouched = torch.ones(S, dtype=torch.bool)
     untouched[sel] = False
     assert torch.equal(own.kv.keys[:, :, untouched], before[:, :, untouched])
+
+
+def _keep_all(layer, sel, fresh, before):
+    return torch.ones(sel.numel(), dtype=torch.bool)
+
+
+def test_gradual_prefill_without_narrowing_equals_full_prefill(model):
+    ids = ids_of(S)
+    kv, logits = full_prefill(model, ids)
+    zeros = KV(torch.zeros_like(kv.keys), torch.zeros_like(kv.values))
+    pos = torch.arange(S)
+    res = gradual_prefill(model, zeros, ids, pos, pos, (0,), _keep_all)
+    assert torch.equal(res.recomputed, pos)
+    assert (res.logits[-1] - logits[-1]).abs().max() <= 1e-4
+    assert (res.kv.keys - kv.keys).abs().max() <= 1e-4
+    assert (res.kv.values - kv.values).abs().max() <= 1e-4
+
+
+def test_gradual_prefill_dropped_tokens_keep_fresh_kv_below_the_check(model):
+    """Dropped after layer c: layers <= c as a partial prefill of the whole set, stale above."""
+    ids, pos = ids_of(S), torch.arange(S)
+    kv, _ = full_prefill(model, ids)
+    stale = KV(kv.keys + 0.5, kv.values - 0.5)
+    sel = torch.arange(8, S)
+    seen: list[int] = []
+
+    def only_last(layer, s, fresh, before):
+        seen.append(layer)
+        assert (
+            fresh.keys.shape
+            == before.keys.shape
+            == (1, kv.keys.shape[1], s.numel(), kv.keys.shape[3])
+        )
+        return torch.zeros(s.numel(), dtype=torch.bool)  # the kernel keeps the last token
+
+    c = 0
+    ref = partial_prefill(model, stale, ids, pos, sel, max_masked_ratio=1.0)
+    res = gradual_prefill(
+        model, KV(stale.keys.clone(), stale.values.clone()), ids, pos, sel, (c,), only_last
+    )
+    assert seen == [c] and res.recomputed.tolist() == [S - 1]
+    dropped = sel[:-1]
+    for got, want, old in (
+        (res.kv.keys, ref.kv.keys, stale.keys),
+        (res.kv.values, ref.kv.values, stale.values),
+    ):
+        assert (got[: c + 1, :, dropped] - want[: c + 1, :, dropped]).abs().max() <= 1e-5
+        assert torch.equal(got[c + 1 :, :, dropped], old[c + 1 :, :, dropped])
+        assert torch.equal(got[:, :, :8], old[:, :, :8])
