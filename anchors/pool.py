@@ -262,18 +262,28 @@ class AnchorPool:
             d = torch.from_numpy(dist) / entry.tau
             w = torch.softmax(-d, dim=1)  # [N, k]
             index = torch.from_numpy(idx)
-            delta = torch.zeros(n, layers * two * heads * dim)
-            for j in range(index.shape[1]):  # one neighbour rank at a time: no [N, k, F] copy
-                col = index[:, j]
-                delta += w[:, j : j + 1] * self._decode(
-                    entry.deltas[col], entry.scales[col]
-                ).flatten(1)
+            delta = self._weighted(entry, index, w)
             norms = torch.from_numpy(entry.norms)[index]  # [N, k]
             mean = (w * norms).sum(1)
             spread = (w * (norms - mean[:, None]) ** 2).sum(1).sqrt() / mean.clamp_min(1e-8)
             entropy = -(w * w.clamp_min(1e-12).log()).sum(1)
             delta = delta.view(n, layers, two, heads, dim).permute(1, 2, 3, 0, 4).contiguous()
             return Estimate(delta, d[:, 0], entropy, spread)
+
+    def _weighted(self, entry: _Key, index: Tensor, w: Tensor, chunk: int = 16) -> Tensor:
+        """Σ_j w[:, j]·Δ[index[:, j]] as [N, F]; index, w: [N, k].
+
+        A few rows at a time: their [rows, k, F] neighbours are decoded once and reduced with
+        one batched matmul while still in cache (a loop over neighbour ranks would stream the
+        whole [N, F] accumulator k times).
+        """
+        n, k = index.shape
+        out = torch.empty(n, entry.deltas[0].numel())
+        for s in range(0, n, chunk):
+            rows = index[s : s + chunk].flatten()
+            nb = self._decode(entry.deltas[rows], entry.scales[rows]).view(-1, k, out.shape[1])
+            out[s : s + chunk] = torch.bmm(w[s : s + chunk, None, :], nb)[:, 0]
+        return out
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:

@@ -73,7 +73,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 f"{p.top1_agree or 0:.1%} | {p.task_score or 0:.1f} |"
             )
         return 0
-    pool = {"anchor_budget_bytes": int(args.anchor_budget_mib * 2**20)}
+    pool = {
+        "anchor_budget_bytes": int(args.anchor_budget_mib * 2**20),
+        "anchor_storage": args.anchor_storage,
+    }
     rep = run_bench(
         engine,
         workload,
@@ -158,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-shadow", action="store_true", help="skip fidelity measurement")
     bench.add_argument(
         "--anchor-budget-mib", type=float, default=256, help="anchor pool byte budget (MiB)"
+    )
+    bench.add_argument(
+        "--anchor-storage",
+        default="float16",
+        choices=["float32", "float16", "int8"],
+        help="dtype the anchor pool stores deviations in",
     )
     bench.add_argument("--out", default="bench-out", help="directory for JSON/markdown/PNG")
     bench.set_defaults(func=cmd_bench)

@@ -128,6 +128,9 @@ def test_qa_bench_and_pareto_cli(tiny_dirs, tmp_path, capsys):
     rep = BenchReport.model_validate(json.loads((tmp_path / "qa.json").read_text()))
     kv = rep.modes[-1]
     assert kv.mode == "kvshare" and kv.task_score is not None and kv.anchor_pool_bytes > 0
+    assert main(["bench", *common, "--modes", "kvshare", "--anchor-storage", "int8"]) == 0
+    rep8 = BenchReport.model_validate(json.loads((tmp_path / "qa.json").read_text()))
+    assert 0 < rep8.modes[-1].anchor_pool_bytes < kv.anchor_pool_bytes  # float16 -> int8
     assert main(["bench", *common, "--pareto"]) == 0
     points = json.loads((tmp_path / "qa-pareto.json").read_text())
     assert {p["mode"] for p in points} == {"blend", "anchor", "kvshare"}
