@@ -3,8 +3,16 @@
 Shape glossary: B batch, L layers, H kv heads, S tokens, D head dim, N selected, V vocabulary.
 """
 
-from kvshare.kernels.kv import KV, gather, scatter, slice_tokens, splice
-from kvshare.kernels.layerwise import Narrow, gradual_prefill
+from kvshare.kernels.kv import (
+    KV,
+    cache_kwargs,
+    gather,
+    output_cache,
+    scatter,
+    slice_tokens,
+    splice,
+)
+from kvshare.kernels.layerwise import Narrow, gradual_prefill, layer_kv
 from kvshare.kernels.prefill import PrefillResult, partial_prefill, position_mask
 from kvshare.kernels.rope import shift_kv, shift_rope
 
@@ -12,8 +20,11 @@ __all__ = [
     "KV",
     "Narrow",
     "PrefillResult",
+    "cache_kwargs",
     "gather",
     "gradual_prefill",
+    "layer_kv",
+    "output_cache",
     "partial_prefill",
     "position_mask",
     "scatter",

@@ -6,12 +6,32 @@ D head dim, N selected tokens, V vocabulary.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+
+
+@cache
+def _cache_name(forward: Any) -> str:
+    params = inspect.signature(forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(module: Any, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for ``module``'s forward: ``cache`` in transformers >= 5.2x (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    return {_cache_name(type(module).forward): cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The cache a model forward returned (``cache``, formerly ``past_key_values``)."""
+    found = getattr(out, "cache", None)
+    return found if found is not None else out.past_key_values
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from kvshare.kernels.kv import KV, slice_tokens, splice
+from kvshare.kernels.kv import KV, cache_kwargs, output_cache, slice_tokens, splice
 from kvshare.kernels.slots import SlotCache
 from torch import Tensor, nn
 
@@ -51,11 +51,11 @@ def _causal_tail(
     out = model(
         input_ids=ids[None, first:],
         position_ids=positions[None, first:],
-        past_key_values=past,
         use_cache=True,
+        **cache_kwargs(model, past),
         logits_to_keep=0 if all_logits else 1,
     )
-    kv = splice([slice_tokens(cache, 0, first), KV.from_cache(out.past_key_values, first)])
+    kv = splice([slice_tokens(cache, 0, first), KV.from_cache(output_cache(out), first)])
     recomputed = torch.arange(first, ids.numel(), device=ids.device)
     return PrefillResult(kv, out.logits[0].float(), recomputed, False)
 
@@ -71,8 +71,8 @@ def _masked(
         input_ids=ids[sel][None],
         position_ids=q_pos[None],
         attention_mask=mask,
-        past_key_values=SlotCache(cache, sel),
         use_cache=True,
+        **cache_kwargs(model, SlotCache(cache, sel)),
         logits_to_keep=0 if all_logits else last,
     )
     return PrefillResult(cache, out.logits[0].float(), sel, True)

@@ -26,13 +26,17 @@ class SlotCache:
         self.kv = kv
         self.slots = slots
 
+    def write(self, layer: int, slots: Tensor, fresh: KV) -> None:
+        """Write ``fresh`` [1, H, N, D] into ``slots`` [N] of ``layer``, in place."""
+        keys, values = self.kv.keys[layer], self.kv.values[layer]
+        keys.index_copy_(1, slots, fresh.keys[0].to(keys.dtype))
+        values.index_copy_(1, slots, fresh.values[0].to(values.dtype))
+
     def update(
         self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
-        keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
-        keys.index_copy_(1, self.slots, key_states[0].to(keys.dtype))
-        values.index_copy_(1, self.slots, value_states[0].to(values.dtype))
-        return keys[None], values[None]
+        self.write(layer_idx, self.slots, KV(key_states, value_states))
+        return self.kv.keys[layer_idx][None], self.kv.values[layer_idx][None]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.kv.length

@@ -27,7 +27,7 @@ class RunEstimate:
 def context_key(run: Run, prompt: Prompt, agent: str | None) -> str:
     """``source agent:slot -> target agent:slot`` (the deviation depends on both ends)."""
     slot = next((f"m{s.index}" for s in prompt.segments if s.start <= run.start < s.end), "tail")
-    return f"{run.segment.agent}:{run.segment.slot}->{agent}:{slot}"
+    return f"{run.segment.agent}:{run.segment.slot_at(run.offset)}->{agent}:{slot}"
 
 
 def _features(run: Run, rotary: nn.Module, layer: int) -> Tensor:

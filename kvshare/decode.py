@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kvshare.kernels import KV
+from kvshare.kernels import KV, cache_kwargs, output_cache
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,10 @@ def decode(
         out = model(
             input_ids=torch.tensor([[tokens[-1]]], device=device),
             position_ids=torch.tensor([[pos]], device=device),
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(model, cache),
         )
-        cache = out.past_key_values
+        cache = output_cache(out)
         pos += 1
         tokens.append(sample(out.logits[0, -1], params, generator))
     return DecodeResult(tokens, KV.from_cache(cache), reason)

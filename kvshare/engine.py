@@ -17,7 +17,7 @@ from kvshare.config import ANCHORED_MODES, RELOCATING_MODES, EngineConfig
 from kvshare.correct import RunEstimate, apply_estimates, estimate_runs, learn
 from kvshare.decode import SamplingParams, decode, sample
 from kvshare.errors import ConfigError, ContextLengthError
-from kvshare.kernels import KV, gradual_prefill, partial_prefill, shift_kv, slice_tokens, splice
+from kvshare.kernels import KV, gradual_prefill, partial_prefill, splice
 from kvshare.prompt import Prompt, render, token_hash
 from kvshare.radix import RadixCache
 from kvshare.relocate import Assembly, assemble, find_runs
@@ -329,51 +329,23 @@ class Engine:
     def _remember(
         self, scope: str, prompt: Prompt, tokens: list[int], kv: KV, agent: str | None
     ) -> None:
-        """Keep what this call computed: radix prefix, segments, reply KV.
+        """Keep what this call computed: radix prefix and the call's trace.
 
-        ``full`` mode is the no-reuse oracle and keeps nothing.
+        kv: KV [L, H, S + R - 1, D] of the prompt and the reply's fed tokens, owned by this call
+        (the trace keeps it without a copy). ``full`` mode is the no-reuse oracle and keeps
+        nothing.
         """
         if self.config.mode == "full":
             return
-        n = len(prompt)
+        ids = tuple(prompt.ids) + tuple(tokens[:-1])  # the last token was never fed: no KV
         if self.config.mode in ("prefix", *RELOCATING_MODES):
-            self.prefix_cache.insert(scope, list(prompt.ids) + tokens[:-1], kv)
-        if not self.config.store_segments:
+            self.prefix_cache.insert(scope, ids, kv)
+        if not self.config.store_segments or (scope, token_hash(ids)) in self.segments:
             return
-        for seg in prompt.segments:
-            if (scope, seg.content_hash) not in self.segments:
-                self._put(
-                    scope,
-                    seg.content_hash,
-                    prompt.ids[seg.start : seg.end],
-                    kv,
-                    seg.start,
-                    "prompt",
-                    seg.role,
-                    agent,
-                    f"m{seg.index}",
-                )
-        reply = tuple(tokens[:-1])  # the last generated token was never fed back: no KV
-        if reply:
-            self._put(scope, token_hash(reply), reply, kv, n, "reply", "assistant", agent, "reply")
-
-    def _put(
-        self,
-        scope: str,
-        chash: str,
-        tokens: Sequence[int],
-        kv: KV,
-        start: int,
-        kind: str,
-        role: str,
-        agent: str | None,
-        slot: str,
-    ) -> None:
-        part = slice_tokens(kv, start, start + len(tokens))
-        canonical = shift_kv(KV(part.keys.clone(), part.values.clone()), -start, self.rotary)
-        self.segments.put(
-            StoredSegment(scope, chash, tuple(tokens), canonical, kind, role, agent, start, slot)
-        )
+        bounds = tuple((s.start, f"m{s.index}") for s in prompt.segments)
+        bounds += ((prompt.tail.start, "reply"),)
+        trace = StoredSegment(scope, token_hash(ids), ids, kv, "trace", "", agent, 0, "m0", bounds)
+        self.segments.put(trace)
 
     def _shadow(
         self, prompt: Prompt, pre: _Prefilled, tokens: list[int], params: SamplingParams

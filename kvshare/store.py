@@ -1,4 +1,10 @@
-"""Content-addressed store of message and reply KV segments at canonical positions."""
+"""Content-addressed store of computed KV (every call's whole sequence) at canonical positions.
+
+Every call leaves one *trace*: its prompt and its reply's decode-phase KV, in the context it
+was computed in. Any stretch of any trace can be relocated into a later prompt; matching
+prefers the longest verified run, i.e. the source whose own context agrees with the target's
+over the most tokens (the deviation of reused KV grows with the context that differs).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ class StoredSegment:
     kind: ``prompt`` (computed in a prefill) or ``reply`` (decode-phase KV of a generated reply).
     agent, source_start: who computed it and at which position it started there.
     slot: where it sat in its source: ``m<i>`` for message i of a prompt, ``reply`` for a reply.
+    bounds: for a segment spanning several slots (a trace), ``(offset, slot)`` where each slot
+        begins, ascending; empty when the whole segment is ``slot``.
     """
 
     scope: str
@@ -35,6 +43,16 @@ class StoredSegment:
     agent: str | None
     source_start: int
     slot: str = ""
+    bounds: tuple[tuple[int, str], ...] = ()
+
+    def slot_at(self, offset: int) -> str:
+        """The slot of the source that token ``offset`` of this segment sat in."""
+        found = self.slot
+        for start, name in self.bounds:
+            if start > offset:
+                break
+            found = name
+        return found
 
     @property
     def key(self) -> StoreKey:

@@ -8,6 +8,7 @@ import pytest
 
 from kvshare import EngineConfig
 from kvshare.errors import ConfigError, ContextLengthError, PromptError
+from kvshare.prompt import render, token_hash
 
 SYSTEM = {"role": "system", "content": "You are a careful planner. " * 8}
 
@@ -39,12 +40,19 @@ def test_prefix_equals_full_and_reuses(engines):
     assert full.stats().reuse_rate == 0.0 and prefix.stats().reuse_rate > 0.3
 
 
-def test_segments_and_replies_are_stored(engines):
+def test_every_call_leaves_one_trace_with_its_reply(engines):
     _, prefix = engines
+    before = len(prefix.segments)
     r = prefix.chat(conversation(2), max_new_tokens=5, agent="planner")
-    kinds = sorted({s.kind for s in prefix.segments._items.values()})  # noqa: SLF001
-    assert kinds == (["prompt", "reply"] if r.stats.output_tokens > 1 else ["prompt"])
-    assert len(prefix.segments) >= 3
+    prompt = render(prefix.tokenizer, conversation(2))
+    ids = tuple(prompt.ids) + tuple(r.tokens[:-1])
+    trace = prefix.segments.get("t:", token_hash(ids), ids)
+    assert trace is not None and trace.kind == "trace" and trace.agent == "planner"
+    assert trace.kv.length == len(ids) and len(prefix.segments) == before + 1
+    assert trace.slot_at(0) == "m0" and trace.slot_at(len(ids) - 1) == "reply"
+    assert trace.slot_at(prompt.segments[1].start) == "m1"
+    prefix.chat(conversation(2), max_new_tokens=5, agent="planner")  # same call: no new trace
+    assert len(prefix.segments) == before + 1
 
 
 def test_tenants_never_share(tiny_engine):

@@ -8,8 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvshare.kernels import (
     KV,
+    cache_kwargs,
     gather,
     gradual_prefill,
+    output_cache,
     partial_prefill,
     scatter,
     shift_kv,
@@ -35,7 +37,7 @@ def ids_of(n: int, seed: int = 0) -> torch.Tensor:
 def full_prefill(model, ids: torch.Tensor, start: int = 0):
     pos = torch.arange(start, start + ids.numel())
     out = model(input_ids=ids[None], position_ids=pos[None], use_cache=True)
-    return KV.from_cache(out.past_key_values), out.logits[0]
+    return KV.from_cache(output_cache(out)), out.logits[0]
 
 
 def test_all_selected_equals_full_prefill(model):
@@ -84,10 +86,10 @@ def sequential_oracle(model, cache: KV, ids, positions, sel: list[int]) -> KV:
         res = model(
             input_ids=ids[i].reshape(1, 1),
             position_ids=positions[i].reshape(1, 1),
-            past_key_values=past,
             use_cache=True,
+            **cache_kwargs(model, past),
         )
-        new = KV.from_cache(res.past_key_values, len(visible))
+        new = KV.from_cache(output_cache(res), len(visible))
         out = scatter(out, torch.tensor([i]), new)
     return out
 
@@ -274,3 +276,29 @@ def test_gradual_prefill_dropped_tokens_keep_fresh_kv_below_the_check(model):
         assert (got[: c + 1, :, dropped] - want[: c + 1, :, dropped]).abs().max() <= 1e-5
         assert torch.equal(got[c + 1 :, :, dropped], old[c + 1 :, :, dropped])
         assert torch.equal(got[:, :, :8], old[:, :, :8])
+
+
+def test_gradual_prefill_kept_tokens_equal_partial_prefill_over_fresh_lower_layers(model):
+    """Narrowed inside check layer 0: the kept tokens are computed as a partial prefill of
+    themselves over a cache whose layer-0 KV of the whole set is fresh (and stale above)."""
+    ids, pos = ids_of(S), torch.arange(S)
+    kv, _ = full_prefill(model, ids)
+    stale = KV(kv.keys * 0.9 + 0.1, kv.values * 1.1 - 0.1)
+    sel = torch.arange(4, S)
+    kept = torch.tensor([5, 9, 12, S - 1])
+
+    def keep_some(layer, s, fresh, before):
+        return torch.isin(s, kept)
+
+    res = gradual_prefill(
+        model, KV(stale.keys.clone(), stale.values.clone()), ids, pos, sel, (0,), keep_some
+    )
+    assert torch.equal(res.recomputed, kept)
+    lower = partial_prefill(model, stale, ids, pos, sel, max_masked_ratio=1.0)
+    mixed = KV(stale.keys.clone(), stale.values.clone())
+    mixed.keys[0], mixed.values[0] = lower.kv.keys[0], lower.kv.values[0]
+    ref = partial_prefill(model, mixed, ids, pos, kept, max_masked_ratio=1.0)
+    assert (res.logits[-1] - ref.logits[-1]).abs().max() <= 1e-4
+    assert (res.kv.keys - ref.kv.keys).abs().max() <= 1e-5
+    assert (res.kv.values - ref.kv.values).abs().max() <= 1e-5
+    assert not torch.allclose(res.kv.keys[1:, :, kept], stale.keys[1:, :, kept])

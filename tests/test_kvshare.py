@@ -18,7 +18,8 @@ def test_kvshare_with_ratio_one_equals_full(tiny_engine):
 
 
 def _learned_then_reused(tiny_engine, mode: str):
-    """planner reads DOC; critic reads it (shadow teaches Δ); critic again reuses it."""
+    """planner reads DOC; critic reads it (shadow teaches Δ); critic again reuses it from a
+    fresh planner trace (its own trace, which would be a closer source, is dropped)."""
     eng = tiny_engine.fork(
         mode=mode,
         recompute_ratio=0.0,
@@ -31,6 +32,8 @@ def _learned_then_reused(tiny_engine, mode: str):
     eng.chat(team("planner"), agent="planner", max_new_tokens=3)
     first = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True)
     eng.prefix_cache.clear()
+    eng.segments.clear()
+    eng.chat(team("planner"), agent="planner", max_new_tokens=3)
     again = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True)
     return eng, first, again
 
@@ -104,9 +107,21 @@ def test_uncertainty_order_puts_unknown_contexts_and_later_tokens_first():
     assert order.tolist() == [10, 9, 4, 5, 3]
 
 
-def test_deviation_threshold_grows_the_budget_where_kv_is_wrong(tiny_engine):
+@pytest.fixture(scope="module")
+def deep_engine(tmp_path_factory, tokenizer):
+    """A 4-layer tiny Llama: check layer 1 sees real deviation (layer 0's is exactly zero)."""
+    from kvshare import Engine, EngineConfig
+    from tests.conftest import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-deep")
+    tiny_model("llama", num_hidden_layers=4).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return Engine.from_pretrained(str(path), config=EngineConfig(check_layers=(1,)))
+
+
+def test_deviation_threshold_grows_the_budget_where_kv_is_wrong(deep_engine):
     def recomputed(threshold: float | None) -> int:
-        eng = tiny_engine.fork(
+        eng = deep_engine.fork(
             mode="kvshare", adaptive=False, recompute_ratio=0.05, deviation_threshold=threshold
         )
         eng.chat(team("planner"), agent="planner", max_new_tokens=2)
@@ -114,7 +129,7 @@ def test_deviation_threshold_grows_the_budget_where_kv_is_wrong(tiny_engine):
 
     assert recomputed(0.0) > recomputed(None) == recomputed(1e9)
     with pytest.raises(ConfigError):
-        tiny_engine.fork(mode="kvshare", deviation_threshold=-1.0)
+        deep_engine.fork(mode="kvshare", deviation_threshold=-1.0)
 
 
 def test_recent_tokens_are_always_recomputed(tiny_engine):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvshare.kernels import partial_prefill
+from kvshare.kernels import KV, output_cache, partial_prefill
 
 pytestmark = pytest.mark.model
 
@@ -47,9 +47,8 @@ def test_partial_prefill_is_exact_on_the_real_model(real_engine):
     pos = torch.arange(n)
     with torch.inference_mode():
         out = model(input_ids=ids[None], position_ids=pos[None], use_cache=True)
-    from kvshare.kernels import KV
 
-    kv = KV.from_cache(out.past_key_values)
+    kv = KV.from_cache(output_cache(out))
     zero = KV(torch.zeros_like(kv.keys), torch.zeros_like(kv.values))
     res = partial_prefill(model, zero, ids, pos, pos, max_masked_ratio=1.0, all_logits=True)
     assert res.masked and (res.logits - out.logits[0]).abs().max() <= 1e-4

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from kvshare.engine import Engine
-from kvshare.kernels import KV, partial_prefill
+from kvshare.kernels import KV, output_cache, partial_prefill
 
 
 def _time(fn, repeats: int) -> float:
@@ -34,7 +34,7 @@ def measure(
     pos = torch.arange(length, device=dev)
     with torch.inference_mode():
         out = engine.model(input_ids=ids[None], position_ids=pos[None], use_cache=True)
-    kv = KV.from_cache(out.past_key_values)
+    kv = KV.from_cache(output_cache(out))
     causal = _time(
         lambda: partial_prefill(engine.model, kv, ids, pos, pos, max_masked_ratio=0.0), repeats
     )
