@@ -99,6 +99,7 @@ class AnchorPool:
         self._tick = 0
         self._lock = threading.Lock()
         self.evicted = 0
+        self._gains: dict[str, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -114,6 +115,22 @@ class AnchorPool:
     def size(self, key: str) -> int:
         entry = self._keys.get(key)
         return 0 if entry is None else len(entry.feats)
+
+    # ------------------------------------------------------------------ validated gain
+    def gain(self, key: str) -> tuple[float, float]:
+        """(K, V) share of this key's estimates that calls found worth applying: a running
+        mean of the gains fitted against fresh KV at check layers; (1, 1) before any fit."""
+        with self._lock:
+            return self._gains.get(key, (1.0, 1.0))
+
+    def record_gain(self, key: str, gain_k: float, gain_v: float, rate: float = 0.3) -> None:
+        """Fold one call's fitted gains (each in [0, 1]) into the key's running mean."""
+        with self._lock:
+            old_k, old_v = self._gains.get(key, (gain_k, gain_v))
+            self._gains[key] = (
+                (1 - rate) * old_k + rate * gain_k,
+                (1 - rate) * old_v + rate * gain_v,
+            )
 
     # ------------------------------------------------------------------ storage codec
     def _encode(self, delta: Tensor) -> tuple[Tensor, Tensor]:
@@ -292,6 +309,7 @@ class AnchorPool:
             state = {
                 "config": self.config.__dict__,
                 "tick": self._tick,
+                "gains": dict(self._gains),
                 "keys": {
                     k: {
                         "feats": torch.from_numpy(e.feats),
@@ -313,6 +331,7 @@ class AnchorPool:
         state = torch.load(path, weights_only=True)
         pool = cls(AnchorConfig(**state["config"]))
         pool._tick = int(state["tick"])
+        pool._gains = {k: (float(g[0]), float(g[1])) for k, g in state.get("gains", {}).items()}
         for k, e in state["keys"].items():
             pool._keys[k] = _Key(
                 e["feats"].numpy(),

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from kvshare.anchors import AnchorPool, Estimate, at_positions, position_free, token_features
-from kvshare.kernels import KV, slice_tokens
+from kvshare.config import EngineConfig
+from kvshare.kernels import KV, Narrow, slice_tokens
 from kvshare.prompt import Prompt
 from kvshare.relocate import Assembly, Run, relocated_kv
+from kvshare.select import Plan
 
 
 @dataclass(frozen=True)
@@ -56,23 +59,45 @@ def estimate_runs(
     return out
 
 
+def run_offsets(
+    e: RunEstimate, layers: slice, rotary: nn.Module, max_distance: float, like: Tensor
+) -> KV | None:
+    """The run's offsets for ``layers`` at its target positions: KV [L', H, n, D] (dtype and
+    device of ``like``), or None when no token's estimate is trusted.
+
+    Tokens whose nearest anchor is farther than ``max_distance`` (in τ) get no offset: an
+    estimate that far away is not trusted.
+    """
+    trusted = (e.estimate.distance <= max_distance).to(like.device)
+    if not trusted.any():
+        return None
+    d = e.estimate.delta[layers].to(like.device, like.dtype) * trusted[:, None]
+    return at_positions(KV(d[:, 0], d[:, 1]), e.positions.to(like.device), rotary)
+
+
 def apply_estimates(
-    cache: KV, estimates: list[RunEstimate], rotary: nn.Module, max_distance: float
+    cache: KV,
+    estimates: list[RunEstimate],
+    rotary: nn.Module,
+    max_distance: float,
+    gains: list[tuple[float, float]] | None = None,
 ) -> None:
     """Add every run's offsets to ``cache`` [L, H, S, D] in place, keys re-rotated to the
-    target positions.
-
-    Tokens whose nearest anchor is farther than ``max_distance`` (in τ) keep their plain
-    relocated KV: an estimate that far away is not trusted.
-    """
-    for e in estimates:
-        trusted = (e.estimate.distance <= max_distance).to(cache.keys.device)
-        if not trusted.any():
+    target positions, scaled by the run's (K, V) ``gains`` (default 1)."""
+    for i, e in enumerate(estimates):
+        moved = run_offsets(e, slice(None), rotary, max_distance, cache.keys)
+        if moved is None:
             continue
-        d = e.estimate.delta.to(cache.keys.dtype).to(cache.keys.device) * trusted[:, None]
-        moved = at_positions(KV(d[:, 0], d[:, 1]), e.positions, rotary)  # [L, H, n, D]
-        cache.keys[:, :, e.run.start : e.run.end] += moved.keys
-        cache.values[:, :, e.run.start : e.run.end] += moved.values
+        gk, gv = gains[i] if gains is not None else (1.0, 1.0)
+        cache.keys[:, :, e.run.start : e.run.end] += gk * moved.keys
+        cache.values[:, :, e.run.start : e.run.end] += gv * moved.values
+
+
+def fit_gain(true: Tensor, estimate: Tensor) -> float:
+    """The scale g in [0, 1] that brings ``g·estimate`` closest (L2) to ``true`` (same shape):
+    1 when the estimate is right, 0 when it points nowhere useful."""
+    den = float(estimate.pow(2).sum())
+    return 0.0 if den == 0.0 else min(1.0, max(0.0, float((true * estimate).sum()) / den))
 
 
 def learn(
@@ -101,3 +126,83 @@ def learn(
         free = position_free(delta, e.positions[local], rotary)
         added += pool.add(e.key, e.feats[local], torch.stack([free.keys, free.values], 1))
     return added
+
+
+@dataclass
+class ValidatedOffsets:
+    """A gradual-prefill ``Narrow`` that applies anchor offsets only as far as they hold up.
+
+    At the first check layer c every relocated token has just been computed fresh, so the
+    anchors' estimate for layer c can be checked against the truth before it touches any
+    layer the prefill will not recompute. Per run, the (K, V) gains in [0, 1] that bring the
+    estimate closest to the fresh KV (``fit_gain``) scale the offsets of layer c (so that
+    ``inner`` scores the deviation left after them) and of every layer above c in ``cache``
+    [L, H, S, D] (the KV that dropped tokens keep), in place. ``record(key, gk, gv)`` gets the
+    fitted gains. KVCOMM trusts an estimate when its anchor weights are peaked; this trusts
+    it when it measurably moves the KV toward the truth.
+    """
+
+    inner: Narrow
+    estimates: list[RunEstimate]
+    cache: KV
+    rotary: nn.Module
+    max_distance: float
+    first: int
+    record: Callable[[str, float, float], None] | None = None
+
+    def __call__(self, layer: int, sel: Tensor, fresh: KV, before: KV) -> Tensor:
+        if layer == self.first:
+            before = self._fit(layer, sel, fresh, before)
+        return self.inner(layer, sel, fresh, before)
+
+    def _fit(self, layer: int, sel: Tensor, fresh: KV, before: KV) -> KV:
+        """fresh, before: KV [1, H, N, D] of ``sel`` [N]; returns ``before`` plus offsets."""
+        keys, values = before.keys.clone(), before.values.clone()
+        for e in self.estimates:
+            inside = (sel >= e.run.start) & (sel < e.run.end)
+            moved = run_offsets(e, slice(layer, None), self.rotary, self.max_distance, keys)
+            if moved is None or not bool(inside.any()):
+                continue
+            local = sel[inside] - e.run.start
+            est = KV(moved.keys[:1, :, local], moved.values[:1, :, local])
+            gk = fit_gain(fresh.keys[:, :, inside] - keys[:, :, inside], est.keys)
+            gv = fit_gain(fresh.values[:, :, inside] - values[:, :, inside], est.values)
+            keys[:, :, inside] += gk * est.keys
+            values[:, :, inside] += gv * est.values
+            span = slice(e.run.start, e.run.end)
+            self.cache.keys[layer + 1 :, :, span] += gk * moved.keys[1:]
+            self.cache.values[layer + 1 :, :, span] += gv * moved.values[1:]
+            if self.record is not None:
+                self.record(e.key, gk, gv)
+        return KV(keys, values)
+
+
+def put_offsets(
+    config: EngineConfig,
+    pool: AnchorPool | None,
+    asm: Assembly,
+    estimates: list[RunEstimate],
+    plan: Plan,
+    rotary: nn.Module,
+) -> Narrow | None:
+    """Put the anchor offsets into ``asm.cache``; returns the gradual prefill's rule, if any.
+
+    ``kvshare`` validates them at the first check layer of its gradual prefill (the rule
+    returned wraps ``plan.narrow`` in :class:`ValidatedOffsets`); without a check layer above
+    0 it applies them scaled by the gains earlier calls fitted for their keys. ``anchor``
+    applies them whole, as KVCOMM does.
+    """
+    max_d = config.anchor_max_distance
+    if pool is None or not estimates:
+        return plan.narrow
+    if config.mode != "kvshare":
+        apply_estimates(asm.cache, estimates, rotary, max_d)
+        return plan.narrow
+    if plan.narrow is None or plan.checks[0] == 0:  # layer-0 offsets are 0: nothing to fit
+        gains = [pool.gain(e.key) for e in estimates]
+        apply_estimates(asm.cache, estimates, rotary, max_d, gains)
+        return plan.narrow
+    first = plan.checks[0]
+    return ValidatedOffsets(
+        plan.narrow, estimates, asm.cache, rotary, max_d, first, pool.record_gain
+    )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from kvshare.errors import ConfigError
 from kvshare.kernels import KV, cache_kwargs, output_cache
 
 
@@ -85,3 +87,38 @@ def decode(
         pos += 1
         tokens.append(sample(out.logits[0, -1], params, generator))
     return DecodeResult(tokens, KV.from_cache(cache), reason)
+
+
+def check_sampling_args(max_new_tokens: Any, temperature: Any, top_p: Any, stop: Any) -> None:
+    """Raise ConfigError for a bad max_new_tokens, temperature, top_p or stop list."""
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
+        raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ConfigError(f"temperature must be a number >= 0, got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
+    if stop is not None and not all(isinstance(s, str) and s for s in stop):
+        raise ConfigError(f"stop must be a list of non-empty strings, got {stop!r}")
+
+
+def stop_checker(tokenizer: Any, stop: Sequence[str]) -> Callable[[list[int]], bool] | None:
+    """A ``should_stop`` for ``decode`` that watches the decoded tail for any stop string."""
+    if not stop:
+        return None
+    longest = max(len(s) for s in stop)
+
+    def should_stop(tokens: list[int]) -> bool:
+        tail = tokenizer.decode(tokens[-(longest + 8) :], skip_special_tokens=True)
+        return any(s in tail for s in stop)
+
+    return should_stop
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first stop string it contains."""
+    cuts = [text.find(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else text

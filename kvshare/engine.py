@@ -14,9 +14,16 @@ import torch
 from kvshare import model as model_loading
 from kvshare.anchors import AnchorConfig, AnchorPool
 from kvshare.config import ANCHORED_MODES, RELOCATING_MODES, EngineConfig
-from kvshare.correct import RunEstimate, apply_estimates, estimate_runs, learn
-from kvshare.decode import SamplingParams, decode, sample
-from kvshare.errors import ConfigError, ContextLengthError
+from kvshare.correct import RunEstimate, estimate_runs, learn, put_offsets
+from kvshare.decode import (
+    SamplingParams,
+    check_sampling_args,
+    cut_at_stop,
+    decode,
+    sample,
+    stop_checker,
+)
+from kvshare.errors import ContextLengthError
 from kvshare.kernels import KV, gradual_prefill, partial_prefill, splice
 from kvshare.prompt import Prompt, render, token_hash
 from kvshare.radix import RadixCache
@@ -48,21 +55,6 @@ class ChatResult:
     text: str
     tokens: list[int]
     stats: CallStats
-
-
-def _check_call_args(max_new_tokens: Any, temperature: Any, top_p: Any, stop: Any) -> None:
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
-        or max_new_tokens < 1
-    ):
-        raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ConfigError(f"temperature must be a number >= 0, got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
-    if stop is not None and not all(isinstance(s, str) and s for s in stop):
-        raise ConfigError(f"stop must be a list of non-empty strings, got {stop!r}")
 
 
 class Engine:
@@ -142,7 +134,7 @@ class Engine:
         Raises PromptError, ConfigError or ContextLengthError before touching any store.
         """
         t0 = time.perf_counter()
-        _check_call_args(max_new_tokens, temperature, top_p, stop)
+        check_sampling_args(max_new_tokens, temperature, top_p, stop)
         prompt = render(self.tokenizer, messages)
         if len(prompt) >= self.loaded.context_length:
             raise ContextLengthError(
@@ -218,12 +210,10 @@ class Engine:
             ests = estimate_runs(
                 self.anchors, asm, prompt, agent, self.rotary, self.config.feature_layer
             )
-            apply_estimates(asm.cache, ests, self.rotary, self.config.anchor_max_distance)
         plan = choose(self.config, asm, ests, self._ratio)
-        if plan.narrow is not None:
-            res = gradual_prefill(
-                self.model, asm.cache, ids, pos, plan.sel, plan.checks, plan.narrow
-            )
+        narrow = put_offsets(self.config, self.anchors, asm, ests, plan, self.rotary)
+        if narrow is not None:
+            res = gradual_prefill(self.model, asm.cache, ids, pos, plan.sel, plan.checks, narrow)
         else:
             res = partial_prefill(
                 self.model,
@@ -284,10 +274,10 @@ class Engine:
             eos_ids=self.eos_ids,
             context_length=self.loaded.context_length,
             generator=gen,
-            should_stop=self._stop_checker(stop),
+            should_stop=stop_checker(self.tokenizer, stop),
         )
         decode_s = time.perf_counter() - t1
-        text = self._text(dec.tokens, stop)
+        text = cut_at_stop(str(self.tokenizer.decode(dec.tokens, skip_special_tokens=True)), stop)
         self._remember(scope, prompt, dec.tokens, dec.kv, agent)
         fidelity = self._shadow(prompt, pre, dec.tokens, params) if shadow else {}
         relocated = int((asm.relocated & ~done).sum())
@@ -309,22 +299,6 @@ class Engine:
         )
         self._calls.append(stats)
         return ChatResult(text, dec.tokens, stats)
-
-    def _stop_checker(self, stop: list[str]) -> Any:
-        if not stop:
-            return None
-        longest = max(len(s) for s in stop)
-
-        def should_stop(tokens: list[int]) -> bool:
-            tail = self.tokenizer.decode(tokens[-(longest + 8) :], skip_special_tokens=True)
-            return any(s in tail for s in stop)
-
-        return should_stop
-
-    def _text(self, tokens: list[int], stop: list[str]) -> str:
-        text = str(self.tokenizer.decode(tokens, skip_special_tokens=True))
-        cuts = [text.find(s) for s in stop if s in text]
-        return text[: min(cuts)] if cuts else text
 
     def _remember(
         self, scope: str, prompt: Prompt, tokens: list[int], kv: KV, agent: str | None

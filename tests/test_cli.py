@@ -134,6 +134,10 @@ def test_qa_bench_and_pareto_cli(tiny_dirs, tmp_path, capsys):
     assert main(["bench", *common, "--pareto"]) == 0
     points = json.loads((tmp_path / "qa-pareto.json").read_text())
     assert {p["mode"] for p in points} == {"blend", "anchor", "kvshare"}
+    matched = [p for p in points if p["setting"].startswith("match=")]
+    gates = [p for p in points if p["mode"] == "anchor"]
+    assert len(matched) == len(gates) and all(p["mode"] == "kvshare" for p in matched)
+    assert all(0.0 <= p["realized_ratio"] <= 1.0 for p in points)
     assert (tmp_path / "qa-pareto.png").read_bytes()[:4] == b"\x89PNG"
     reuse = {p["setting"]: p["token_reuse"] for p in points if p["mode"] == "blend"}
     assert reuse["ratio=0.0"] > reuse["ratio=0.5"]  # more recompute, less reuse

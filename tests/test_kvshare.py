@@ -145,3 +145,30 @@ def test_recent_tokens_are_always_recomputed(tiny_engine):
     s = eng.chat(team("critic"), agent="critic", max_new_tokens=2).stats
     sinks = sum(min(eng.config.sink_tokens, r.length) for r in asm.runs)
     assert sinks < s.recomputed_tokens <= sinks + 8
+
+
+def test_offsets_that_hold_up_at_the_check_layer_are_kept(deep_engine):
+    """A Δ learned in the same contexts is right: the fitted gains are ~1 and the reused
+    call is close to the full prefill (recomputing only a tenth of its tokens)."""
+    eng = deep_engine.fork(
+        mode="kvshare",
+        recompute_ratio=0.1,
+        sink_tokens=0,
+        recent_tokens=0,
+        adaptive=False,
+        neighbours=1,
+        anchor_storage="float32",
+        deviation_threshold=None,
+    )
+    eng.chat(team("planner"), agent="planner", max_new_tokens=3)
+    first = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True)
+    eng.prefix_cache.clear()
+    eng.segments.clear()
+    eng.chat(team("planner"), agent="planner", max_new_tokens=3)
+    again = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True)
+    assert eng.anchors is not None
+    (key,) = eng.anchors.context_keys()
+    gk, gv = eng.anchors.gain(key)
+    assert gk > 0.95 and gv > 0.95
+    assert again.stats.relocated_tokens > 0 and again.stats.kl is not None
+    assert first.stats.kl is not None and again.stats.kl < 1e-3 * first.stats.kl

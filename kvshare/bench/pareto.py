@@ -19,9 +19,18 @@ GAMMAS = (0.3, 0.6, 0.9, 1.2)
 
 
 class ParetoPoint(BaseModel):
+    """One cold pass under one setting.
+
+    recompute_ratio: the nominal setting (``blend``/``kvshare`` budget; 0 for ``anchor``).
+    realized_ratio: recomputed / (relocated + recomputed) tokens over the pass: the share of
+        the reusable tokens that were computed after all (sinks, recent tokens, threshold
+        extras and ``anchor``'s dense fallbacks included), comparable across modes.
+    """
+
     mode: str
     setting: str
     recompute_ratio: float
+    realized_ratio: float
     token_reuse: float
     mean_kl: float | None
     top1_agree: float | None
@@ -42,10 +51,12 @@ def _point(
         if score is not None:
             scores.append(score)
     agg = aggregate(calls)
+    reusable = sum(c.relocated_tokens + c.recomputed_tokens for c in calls)
     return ParetoPoint(
         mode=mode,
         setting=setting,
         recompute_ratio=ratio,
+        realized_ratio=sum(c.recomputed_tokens for c in calls) / reusable if reusable else 0.0,
         token_reuse=agg.reuse_rate,
         mean_kl=agg.mean_kl,
         top1_agree=agg.top1_agree_rate,
@@ -53,10 +64,20 @@ def _point(
     )
 
 
+def matched_ratio(target: float, floor: float) -> float:
+    """The nominal ``kvshare`` ratio whose realized ratio is about ``target``, given the
+    realized ratio ``floor`` of its forced tokens alone (nominal ratio 0): the budget is a
+    share of the relocated tokens that are not forced."""
+    return 0.0 if target <= floor else min(1.0, (target - floor) / (1.0 - floor))
+
+
 def sweep(base: Engine, workload: Workload, progress: bool = True) -> list[ParetoPoint]:
     """One cold pass per (mode, setting); ``kvshare`` runs with a fixed ratio here.
 
-    No ``full`` pass is needed: every call's fidelity comes from its own shadow prefill.
+    ``anchor`` has no ratio: for every entropy gate, ``kvshare`` also runs at the nominal
+    ratio that matches that pass's realized ratio (setting ``match=gamma``), so that the two
+    are compared at equal recompute. No ``full`` pass is needed: every call's fidelity comes
+    from its own shadow prefill.
     """
     grid: list[tuple[str, str, float, dict[str, Any]]] = []
     for r in RATIOS:
@@ -64,8 +85,18 @@ def sweep(base: Engine, workload: Workload, progress: bool = True) -> list[Paret
         grid.append(("kvshare", f"ratio={r}", r, {"recompute_ratio": r, "adaptive": False}))
     grid += [("anchor", f"gamma={g}", 0.0, {"anchor_gamma": g}) for g in GAMMAS]
     points = []
-    for mode, setting, ratio, opts in tqdm(grid, desc="pareto", disable=not progress):
+    bar = tqdm(total=len(grid) + len(GAMMAS), desc="pareto", disable=not progress)
+    for mode, setting, ratio, opts in grid:
         points.append(_point(base, workload, mode, setting, ratio, opts))
+        bar.update()
+    floor = next(p.realized_ratio for p in points if p.mode == "kvshare")  # nominal ratio 0
+    for p in [p for p in points if p.mode == "anchor"]:
+        r = matched_ratio(p.realized_ratio, floor)
+        opts = {"recompute_ratio": r, "adaptive": False}
+        gamma = p.setting.split("=")[1]
+        points.append(_point(base, workload, "kvshare", f"match={gamma}", r, opts))
+        bar.update()
+    bar.close()
     return points
 
 
@@ -78,7 +109,11 @@ def plot(points: list[ParetoPoint], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for mode, marker in (("blend", "s"), ("anchor", "^"), ("kvshare", "o")):
         pts = sorted(
-            (p for p in points if p.mode == mode and p.mean_kl is not None),
+            (
+                p
+                for p in points
+                if p.mode == mode and p.mean_kl is not None and "match" not in p.setting
+            ),
             key=lambda p: p.token_reuse,
         )
         kls: list[float] = [p.mean_kl or 0.0 for p in pts]
