@@ -17,17 +17,18 @@ def test_kvshare_with_ratio_one_equals_full(tiny_engine):
     assert r.stats.kl is not None and r.stats.kl < 1e-8 and r.tokens == ref.tokens
 
 
-def _learned_then_reused(tiny_engine, mode: str):
+def _learned_then_reused(engine, mode: str, recompute_ratio: float = 0.0, **options):
     """planner reads DOC; critic reads it (shadow teaches Δ); critic again reuses it from a
     fresh planner trace (its own trace, which would be a closer source, is dropped)."""
-    eng = tiny_engine.fork(
+    eng = engine.fork(
         mode=mode,
-        recompute_ratio=0.0,
+        recompute_ratio=recompute_ratio,
         sink_tokens=0,
         recent_tokens=0,
         adaptive=False,
         neighbours=1,
         anchor_storage="float32",
+        **options,
     )
     eng.chat(team("planner"), agent="planner", max_new_tokens=3)
     first = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True)
@@ -150,22 +151,9 @@ def test_recent_tokens_are_always_recomputed(tiny_engine):
 def test_offsets_that_hold_up_at_the_check_layer_are_kept(deep_engine):
     """A Δ learned in the same contexts is right: the fitted gains are ~1 and the reused
     call is close to the full prefill (recomputing only a tenth of its tokens)."""
-    eng = deep_engine.fork(
-        mode="kvshare",
-        recompute_ratio=0.1,
-        sink_tokens=0,
-        recent_tokens=0,
-        adaptive=False,
-        neighbours=1,
-        anchor_storage="float32",
-        deviation_threshold=None,
+    eng, first, again = _learned_then_reused(
+        deep_engine, "kvshare", recompute_ratio=0.1, deviation_threshold=None
     )
-    eng.chat(team("planner"), agent="planner", max_new_tokens=3)
-    first = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True)
-    eng.prefix_cache.clear()
-    eng.segments.clear()
-    eng.chat(team("planner"), agent="planner", max_new_tokens=3)
-    again = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True)
     assert eng.anchors is not None
     (key,) = eng.anchors.context_keys()
     gk, gv = eng.anchors.gain(key)
