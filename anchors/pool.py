@@ -32,7 +32,7 @@ class AnchorConfig:
     counters). storage: dtype of stored Δ (int8: per-token
     absmax scale). age_weight: usefulness = (hits + 1) / (1 + age_weight · age)."""
 
-    neighbours: int = 8
+    neighbours: int = 4
     merge_distance: float = 0.002
     budget_bytes: int = 256 << 20
     storage: str = "float16"
