@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from kvshare.anchors.pool import AnchorConfig
 from kvshare.errors import ConfigError
 
 MODES = ("full", "prefix", "blend", "anchor", "kvshare")
@@ -54,6 +55,7 @@ class EngineConfig:
     anchor_max_distance: offsets are applied only to tokens whose nearest anchor lies within
         this many τ (the key's median anchor spacing); farther estimates are not trusted.
     anchor_budget_bytes, anchor_storage: the anchor pool's byte cap and Δ storage dtype.
+    neighbours, anchor_budget_bytes and anchor_storage default to ``AnchorConfig``'s values.
     """
 
     mode: str = "kvshare"
@@ -72,11 +74,11 @@ class EngineConfig:
     max_recompute_ratio: float = 0.5
     deviation_threshold: float | None = 0.1
     anchor_gamma: float = 0.3
-    neighbours: int = 4
+    neighbours: int = AnchorConfig.neighbours
     feature_layer: int = 1
     anchor_max_distance: float = 4.0
-    anchor_budget_bytes: int = 256 << 20
-    anchor_storage: str = "float16"
+    anchor_budget_bytes: int = AnchorConfig.budget_bytes
+    anchor_storage: str = AnchorConfig.storage
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
