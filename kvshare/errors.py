@@ -34,3 +34,20 @@ class PromptError(KVShareError, ValueError):
 
 class ContextLengthError(KVShareError, ValueError):
     """The prompt does not fit in the model's context window."""
+
+
+class ScopeError(KVShareError, TypeError):
+    """A tenant or session id is not a str (or None): ids are never stringified."""
+
+
+class StateFileError(KVShareError, ValueError):
+    """A persisted file (anchor pool, converted model cache) is corrupt, truncated, of an
+    unknown format version, or fails its checksum; nothing was loaded from it."""
+
+
+class ModelMismatchError(StateFileError):
+    """A persisted file was written for another model (architecture, layers, heads, head dim)."""
+
+
+class NonFiniteError(KVShareError, FloatingPointError):
+    """A computation produced NaN or infinite values; nothing from it was stored."""
