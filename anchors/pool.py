@@ -10,6 +10,7 @@ of features, τ: the key's median nearest-neighbour distance, recalibrated on ev
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +18,19 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from kvshare.anchors.persist import (
+    STORAGE,
+    KeyTensors,
+    ModelIdentity,
+    PoolState,
+    build_config,
+    read_state,
+    write_state,
+)
 from torch import Tensor
 
-from kvshare.errors import ConfigError
-
-STORAGE = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
+from kvshare.errors import StateFileError
+from kvshare.validate import check_choice, check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -40,24 +49,27 @@ class AnchorConfig:
     max_per_key: int = 4096
 
     def __post_init__(self) -> None:
-        if self.neighbours < 1:
-            raise ConfigError("neighbours must be >= 1")
-        if self.storage not in STORAGE:
-            raise ConfigError(f"storage must be one of {sorted(STORAGE)}, got {self.storage!r}")
-        if self.budget_bytes < 0 or self.merge_distance < 0 or self.max_per_key < 1:
-            raise ConfigError("budget_bytes, merge_distance must be >= 0; max_per_key >= 1")
+        """Types, finiteness and ranges of every field (ConfigError naming the field)."""
+        check_int("neighbours", self.neighbours, 1, 1024)
+        check_float("merge_distance", self.merge_distance, 0.0, 4.0)
+        check_int("budget_bytes", self.budget_bytes, 0, 1 << 50)
+        check_choice("storage", self.storage, tuple(STORAGE))
+        check_float("age_weight", self.age_weight, 0.0, 1e6)
+        check_int("max_per_key", self.max_per_key, 1, 1 << 30)
 
 
 class Estimate(NamedTuple):
     """delta: [L, 2, H, N, D] float32 position-free offsets (zeros where nothing matched).
     distance: [N] nearest-anchor distance / τ (inf when the key has no anchors).
     entropy: [N] entropy of the softmax weights over the neighbours.
-    spread: [N] weighted std of the neighbours' Δ norms, relative to their mean."""
+    spread: [N] weighted std of the neighbours' Δ norms, relative to their mean.
+    anchor_ids: [N, k] long: the anchors used (``count_hits`` takes it; [N, 0] if none)."""
 
     delta: Tensor
     distance: Tensor
     entropy: Tensor
     spread: Tensor
+    anchor_ids: Tensor = torch.zeros(0, 0, dtype=torch.long)
 
 
 @dataclass
@@ -99,6 +111,7 @@ class AnchorPool:
         self._tick = 0
         self._lock = threading.Lock()
         self.evicted = 0
+        self.rejected_nonfinite = 0  # tokens refused by add(): NaN/inf feature or Δ
         self._gains: dict[str, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ accounting
@@ -111,6 +124,19 @@ class AnchorPool:
 
     def context_keys(self) -> list[str]:
         return list(self._keys)
+
+    def token_bytes(self, layers: int, heads: int, dim: int) -> int:
+        """Bytes one anchor token takes for a model of this KV shape (what ``add`` admits)."""
+        delta = layers * 2 * heads * dim * STORAGE[self.config.storage].itemsize
+        return 2 * (2 * dim) * 4 + delta + 4 + 3 * 8  # features twice, Δ, scale, counters
+
+    def fingerprint(self) -> tuple:
+        """Everything that steers an estimate, summarised: tokens, bytes, keys, hit total,
+        gains, tick (equal fingerprints: no learning happened in between)."""
+        with self._lock:
+            hits = sum(float(e.hits.sum()) for e in self._keys.values())
+            gains = tuple(sorted(self._gains.items()))
+            return (len(self), self.bytes_used, tuple(sorted(self._keys)), hits, gains, self._tick)
 
     def size(self, key: str) -> int:
         entry = self._keys.get(key)
@@ -151,15 +177,21 @@ class AnchorPool:
     def add(self, key: str, feats: Tensor, delta: Tensor) -> int:
         """Admit observed deviations. feats: [N, F]; delta: [L, 2, H, N, D] position-free.
 
+        Tokens whose features or Δ are not finite (or whose Δ overflows the storage dtype) are
+        dropped and counted in ``rejected_nonfinite``: the pool never holds NaN or inf.
         Near-duplicates of an existing anchor are merged (count-weighted mean); the rest are
         appended. Returns the number of new anchor tokens; evicts to stay within budget.
         """
-        n = feats.shape[0]
-        if n == 0:
+        if feats.shape[0] == 0:
             return 0
         d = delta.permute(3, 0, 1, 2, 4).to("cpu", torch.float32, copy=True)  # [N, L, 2, H, D]
         f = feats.float().cpu().numpy().astype(np.float32)
+        ok = self._admissible(f, d)
         with self._lock:
+            self.rejected_nonfinite += int((~ok).sum())
+            if not ok.any():
+                return 0
+            f, d = f[ok], d[torch.from_numpy(ok)]
             self._tick += 1
             entry = self._keys.get(key)
             if entry is not None and len(entry.feats):
@@ -168,17 +200,42 @@ class AnchorPool:
                 for i in np.nonzero(dup)[0]:
                     self._merge(entry, int(idx[i, 0]), d[i])
                 f, d = f[~dup], d[torch.from_numpy(~dup)]
-            added = len(f)
-            if added:
+            f, d = self._room_for(f, d)
+            if len(f):
                 self._append(key, f, d)
-            self._evict_locked()
-            return added
+            self._evict_locked(self.config.budget_bytes)
+            return len(f)
+
+    def _room_for(self, f: np.ndarray, d: Tensor) -> tuple[np.ndarray, Tensor]:
+        """Make room for new anchors *before* they are admitted (the budget holds at every
+        instant); of more than the whole budget holds, only the first ones are kept."""
+        layers, _, heads, dim = d.shape[1:]
+        per = self.token_bytes(layers, heads, dim)
+        fit = min(len(f), self.config.budget_bytes // per)
+        self._evict_locked(self.config.budget_bytes - fit * per)
+        return f[:fit], d[:fit]
+
+    def shrink(self, target_bytes: int) -> None:
+        """Evict the least useful anchors until the pool holds at most ``target_bytes``."""
+        with self._lock:
+            self._evict_locked(max(0, int(target_bytes)))
+
+    def _admissible(self, f: np.ndarray, d: Tensor) -> np.ndarray:
+        """[N] bool: finite features and a Δ that the storage dtype holds without overflow.
+
+        f: [N, F]; d: [N, L, 2, H, D] float32. (NaN fails every comparison, inf the range.)
+        """
+        dtype = STORAGE[self.config.storage]
+        limit = torch.finfo(dtype if dtype.is_floating_point else torch.float32).max
+        fits = (d.flatten(1).abs().amax(1) <= limit).numpy()
+        return np.isfinite(f).all(1) & fits
 
     def _merge(self, entry: _Key, j: int, delta: Tensor) -> None:
+        """Fold ``delta`` [L, 2, H, D] into anchor j's running mean (in float64: the sum of
+        admissible values cannot overflow, so the mean stays finite in the storage dtype)."""
         c = float(entry.counts[j])
-        mean = (self._decode(entry.deltas[j : j + 1], entry.scales[j : j + 1])[0] * c + delta) / (
-            c + 1
-        )
+        old = self._decode(entry.deltas[j : j + 1], entry.scales[j : j + 1])[0]
+        mean = ((old.double() * c + delta.double()) / (c + 1)).float()
         stored, scale = self._encode(mean[None])
         entry.deltas[j], entry.scales[j] = stored[0], scale[0]
         entry.counts[j] += 1
@@ -217,8 +274,8 @@ class AnchorPool:
             e.feats[keep], e.deltas[sel], e.scales[sel], e.counts[keep], e.hits[keep], e.born[keep]
         )
 
-    def _evict_locked(self) -> None:
-        """Per-key cap, then the global byte budget, dropping the least useful anchors first."""
+    def _evict_locked(self, target: int) -> None:
+        """Per-key cap, then ``target`` bytes, dropping the least useful anchors first."""
         for key in list(self._keys):
             e = self._keys[key]
             if len(e.feats) > self.config.max_per_key:
@@ -226,9 +283,9 @@ class AnchorPool:
                 keep = np.zeros(len(e.feats), dtype=bool)
                 keep[order[: self.config.max_per_key]] = True
                 self._keep(key, keep)
-        while self._keys and self.bytes_used > self.config.budget_bytes:
+        while self._keys and self.bytes_used > target:
             per_token = {k: e.nbytes / len(e.feats) for k, e in self._keys.items()}
-            excess = self.bytes_used - self.config.budget_bytes
+            excess = self.bytes_used - target
             scored = [
                 (u, k, i) for k, e in self._keys.items() for i, u in enumerate(self._usefulness(e))
             ]
@@ -261,21 +318,36 @@ class AnchorPool:
         dist, idx = entry.index.search(f, k)
         return dist, idx
 
-    def estimate(self, key: str, feats: Tensor, shape: tuple[int, ...]) -> Estimate:
-        """Offsets for N tokens of context ``key``. feats: [N, F]; shape: (L, 2, H, D)."""
+    def count_hits(self, key: str, index: Tensor) -> None:
+        """Count the anchors an estimate used (``Estimate.anchor_ids``, [N, k]) as hits."""
+        with self._lock:
+            entry = self._keys.get(key)
+            if entry is None or index.numel() == 0 or int(index.max()) >= len(entry.hits):
+                return
+            np.add.at(entry.hits, index.flatten().numpy(), 1)
+
+    def estimate(
+        self, key: str, feats: Tensor, shape: tuple[int, ...], count_hits: bool = True
+    ) -> Estimate:
+        """Offsets for N tokens of context ``key``. feats: [N, F]; shape: (L, 2, H, D).
+
+        count_hits: count the anchors used as hits now; a caller that must leave the pool
+        unchanged until its call succeeds passes False and calls :meth:`count_hits` later.
+        """
         n = feats.shape[0]
         layers, two, heads, dim = shape
         with self._lock:
             entry = self._keys.get(key)
             if entry is None or n == 0:
                 inf = torch.full((n,), float("inf"))
-                return Estimate(
-                    torch.zeros(layers, two, heads, n, dim), inf, inf.clone(), torch.zeros(n)
-                )
+                none = torch.zeros(n, 0, dtype=torch.long)
+                zeros = torch.zeros(layers, two, heads, n, dim)
+                return Estimate(zeros, inf, inf.clone(), torch.zeros(n), none)
             dist, idx = self._search(
                 entry, feats.float().cpu().numpy().astype(np.float32), self.config.neighbours
             )
-            np.add.at(entry.hits, idx.flatten(), 1)
+            if count_hits:
+                np.add.at(entry.hits, idx.flatten(), 1)
             d = torch.from_numpy(dist) / entry.tau
             w = torch.softmax(-d, dim=1)  # [N, k]
             index = torch.from_numpy(idx)
@@ -285,7 +357,7 @@ class AnchorPool:
             spread = (w * (norms - mean[:, None]) ** 2).sum(1).sqrt() / mean.clamp_min(1e-8)
             entropy = -(w * w.clamp_min(1e-12).log()).sum(1)
             delta = delta.view(n, layers, two, heads, dim).permute(1, 2, 3, 0, 4).contiguous()
-            return Estimate(delta, d[:, 0], entropy, spread)
+            return Estimate(delta, d[:, 0], entropy, spread, index)
 
     def _weighted(self, entry: _Key, index: Tensor, w: Tensor, chunk: int = 16) -> Tensor:
         """Σ_j w[:, j]·Δ[index[:, j]] as [N, F]; index, w: [N, k].
@@ -303,42 +375,67 @@ class AnchorPool:
         return out
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> None:
-        """Write the pool to ``path`` (a torch file; loads with :meth:`load`)."""
+    def save(self, path: str | Path, identity: ModelIdentity | None = None) -> None:
+        """Write the pool to ``path`` atomically (format: :mod:`kvshare.anchors.persist`).
+
+        identity: the model the anchors were observed on (``ModelIdentity.of(model)``);
+        recorded so that :meth:`load` can refuse the file for another model.
+        Raises StateFileError; on failure an existing file at ``path`` is untouched.
+        """
         with self._lock:
-            state = {
-                "config": self.config.__dict__,
-                "tick": self._tick,
-                "gains": dict(self._gains),
-                "keys": {
-                    k: {
-                        "feats": torch.from_numpy(e.feats),
-                        "deltas": e.deltas,
-                        "scales": e.scales,
-                        "counts": torch.from_numpy(e.counts),
-                        "hits": torch.from_numpy(e.hits),
-                        "born": torch.from_numpy(e.born),
-                    }
-                    for k, e in self._keys.items()
-                },
-            }
-        tmp = Path(str(path) + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+            state = self._snapshot(identity)
+        write_state(path, state)
+
+    def _snapshot(self, identity: ModelIdentity | None) -> PoolState:
+        """A copy of the pool's state (call with the lock held; merges mutate Δ in place)."""
+        keys = {
+            k: KeyTensors(
+                torch.from_numpy(e.feats.copy()),
+                e.deltas.clone(),
+                e.scales.clone(),
+                torch.from_numpy(e.counts.astype(np.float64)),
+                torch.from_numpy(e.hits.astype(np.float64)),
+                torch.from_numpy(e.born.astype(np.int64)),
+            )
+            for k, e in self._keys.items()
+        }
+        config = dataclasses.asdict(self.config)
+        return PoolState(config, self.config.storage, self._tick, dict(self._gains), keys, identity)
 
     @classmethod
-    def load(cls, path: str | Path) -> AnchorPool:
-        state = torch.load(path, weights_only=True)
-        pool = cls(AnchorConfig(**state["config"]))
-        pool._tick = int(state["tick"])
-        pool._gains = {k: (float(g[0]), float(g[1])) for k, g in state.get("gains", {}).items()}
-        for k, e in state["keys"].items():
-            pool._keys[k] = _Key(
-                e["feats"].numpy(),
-                e["deltas"],
-                e["scales"],
-                e["counts"].numpy(),
-                e["hits"].numpy(),
-                e["born"].numpy(),
+    def load(cls, path: str | Path, identity: ModelIdentity | None = None) -> AnchorPool:
+        """Read a pool written by :meth:`save`, verifying everything before using any of it.
+
+        identity: the model the pool will serve; a file written for another model raises
+        ModelMismatchError. Any corrupt, truncated or inconsistent file raises StateFileError.
+        """
+        state = read_state(path, identity)
+        config = build_config(AnchorConfig, state.config, str(path))
+        if config.storage != state.storage:
+            raise StateFileError(
+                f"anchor pool file {path} is unusable: its config says storage "
+                f"{config.storage!r} but its Δ are {state.storage}; delete it (the pool relearns)"
             )
+        pool = cls(config)
+        pool._tick = state.tick
+        pool._gains = dict(state.gains)
+        for k, t in state.keys.items():
+            pool._keys[k] = _Key(
+                t.feats.numpy(),
+                t.deltas,
+                t.scales,
+                t.counts.numpy(),
+                t.hits.numpy(),
+                t.born.numpy(),
+            )
+        pool._check_limits(str(path))
         return pool
+
+    def _check_limits(self, where: str) -> None:
+        """A loaded pool must respect its own per-key cap and byte budget."""
+        too_many = any(len(e.feats) > self.config.max_per_key for e in self._keys.values())
+        if too_many or self.bytes_used > self.config.budget_bytes:
+            raise StateFileError(
+                f"anchor pool file {where} is unusable: it holds more anchors than its config "
+                f"allows (max_per_key, budget_bytes); delete it (the pool relearns)"
+            )

@@ -7,12 +7,21 @@ from typing import Any
 
 from kvshare.anchors.pool import AnchorConfig
 from kvshare.errors import ConfigError
+from kvshare.prompt import ROLES
+from kvshare.validate import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_str_tuple,
+)
 
 MODES = ("full", "prefix", "blend", "anchor", "kvshare")
 IMPLEMENTED_MODES = MODES
 RELOCATING_MODES = ("blend", "anchor", "kvshare")
 ANCHORED_MODES = ("anchor", "kvshare")
 SHARE_SCOPES = ("session", "tenant", "global")
+STORAGES = ("float32", "float16", "int8")
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,16 @@ class EngineConfig:
         this many τ (the key's median anchor spacing); farther estimates are not trusted.
     anchor_budget_bytes, anchor_storage: the anchor pool's byte cap and Δ storage dtype.
     neighbours, anchor_budget_bytes and anchor_storage default to ``AnchorConfig``'s values.
+        The anchor budget is one cap over the pools of every sharing scope.
+    max_new_tokens_cap: the most tokens one call may ask for (``max_new_tokens`` above it is
+        a ConfigError).
+    decode_slice: fairness: a call decodes this many tokens per turn, then the engine serves
+        the next waiting call (arrival order), so one long reply cannot hold every tenant.
+    call_log_size: ``Engine.calls`` keeps the last this many CallStats; ``Engine.stats``
+        totals stay exact over every call, its medians are over the kept window.
+    special_token_roles: roles whose content may contain control tokens (``<|im_start|>``...)
+        that are parsed as such; in every other role's content that text is plain text, so a
+        user cannot forge a turn. Default: only ``system`` (the developer's own text).
     """
 
     mode: str = "kvshare"
@@ -79,45 +98,23 @@ class EngineConfig:
     anchor_max_distance: float = 4.0
     anchor_budget_bytes: int = AnchorConfig.budget_bytes
     anchor_storage: str = AnchorConfig.storage
+    max_new_tokens_cap: int = 4096
+    decode_slice: int = 16
+    call_log_size: int = 10_000
+    special_token_roles: tuple[str, ...] = ("system",)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        """Check every field's type, finiteness and range; normalise numbers to plain types.
+
+        Raises :class:`ConfigError` naming the field. ``feature_layer`` and ``check_layers``
+        are checked against the model's layer count when the engine is built.
+        """
+        for name, value in _checked(self).items():
+            object.__setattr__(self, name, value)
         if self.mode not in IMPLEMENTED_MODES:
             raise ConfigError(
                 f"mode {self.mode!r} is not implemented yet; available: "
                 f"{', '.join(IMPLEMENTED_MODES)}"
-            )
-        if self.share_scope not in SHARE_SCOPES:
-            raise ConfigError(
-                f"unknown share_scope {self.share_scope!r}; choose one of {', '.join(SHARE_SCOPES)}"
-            )
-        for name in ("prefix_cache_bytes", "segment_store_bytes"):
-            if int(getattr(self, name)) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.min_reuse_share <= 1.0:
-            raise ConfigError(f"min_reuse_share must be in [0, 1], got {self.min_reuse_share}")
-        if not 0.0 <= self.recompute_ratio <= 1.0:
-            raise ConfigError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
-        if self.sink_tokens < 0 or self.recent_tokens < 0:
-            raise ConfigError("sink_tokens and recent_tokens must be >= 0")
-        if (
-            not self.check_layers
-            or any(c < 0 for c in self.check_layers)
-            or list(self.check_layers) != sorted(self.check_layers)
-        ):
-            raise ConfigError(
-                f"check_layers must be ascending layer indices, got {self.check_layers}"
-            )
-        if not self.target_kl > 0.0 or not 0.0 <= self.max_recompute_ratio <= 1.0:
-            raise ConfigError("target_kl must be > 0 and max_recompute_ratio in [0, 1]")
-        if self.deviation_threshold is not None and self.deviation_threshold < 0:
-            raise ConfigError(f"deviation_threshold must be >= 0, got {self.deviation_threshold}")
-        if self.neighbours < 1 or self.feature_layer < 0 or self.anchor_max_distance <= 0:
-            raise ConfigError("neighbours >= 1, feature_layer >= 0, anchor_max_distance > 0")
-        if not 0.0 <= self.masked_prefill_max_ratio <= 1.0:
-            raise ConfigError(
-                f"masked_prefill_max_ratio must be in [0, 1], got {self.masked_prefill_max_ratio}"
             )
 
     def with_options(self, **options: Any) -> EngineConfig:
@@ -127,3 +124,53 @@ class EngineConfig:
         if unknown:
             raise ConfigError(f"unknown EngineConfig option(s): {', '.join(unknown)}")
         return replace(self, **options)
+
+
+_BYTES_MAX = 1 << 50
+
+
+def _checked(c: EngineConfig) -> dict[str, Any]:
+    """Every field of ``c`` checked and normalised (raises ConfigError)."""
+    if not isinstance(c.check_layers, (list, tuple)) or not c.check_layers:
+        raise ConfigError(f"check_layers must be a non-empty tuple of ints, got {c.check_layers!r}")
+    layers = tuple(check_int("check_layers", x, 0) for x in c.check_layers)
+    if list(layers) != sorted(set(layers)):
+        raise ConfigError(f"check_layers must be ascending layer indices, got {c.check_layers}")
+    threshold = c.deviation_threshold
+    return {
+        "mode": check_choice("mode", c.mode, MODES),
+        "share_scope": check_choice("share_scope", c.share_scope, SHARE_SCOPES),
+        "prefix_cache_bytes": check_int("prefix_cache_bytes", c.prefix_cache_bytes, 0, _BYTES_MAX),
+        "segment_store_bytes": check_int(
+            "segment_store_bytes", c.segment_store_bytes, 0, _BYTES_MAX
+        ),
+        "store_segments": check_bool("store_segments", c.store_segments),
+        "masked_prefill_max_ratio": check_float(
+            "masked_prefill_max_ratio", c.masked_prefill_max_ratio, 0.0, 1.0
+        ),
+        "min_reuse_share": check_float("min_reuse_share", c.min_reuse_share, 0.0, 1.0),
+        "recompute_ratio": check_float("recompute_ratio", c.recompute_ratio, 0.0, 1.0),
+        "sink_tokens": check_int("sink_tokens", c.sink_tokens, 0, 1 << 20),
+        "recent_tokens": check_int("recent_tokens", c.recent_tokens, 0, 1 << 20),
+        "check_layers": layers,
+        "target_kl": check_float("target_kl", c.target_kl, 0.0, open_lo=True),
+        "adaptive": check_bool("adaptive", c.adaptive),
+        "max_recompute_ratio": check_float("max_recompute_ratio", c.max_recompute_ratio, 0, 1),
+        "deviation_threshold": None
+        if threshold is None
+        else check_float("deviation_threshold", threshold, 0.0),
+        "anchor_gamma": check_float("anchor_gamma", c.anchor_gamma, 0.0),
+        "neighbours": check_int("neighbours", c.neighbours, 1, 1024),
+        "feature_layer": check_int("feature_layer", c.feature_layer, 0, 1 << 16),
+        "anchor_max_distance": check_float(
+            "anchor_max_distance", c.anchor_max_distance, 0.0, open_lo=True
+        ),
+        "anchor_budget_bytes": check_int(
+            "anchor_budget_bytes", c.anchor_budget_bytes, 0, _BYTES_MAX
+        ),
+        "anchor_storage": check_choice("anchor_storage", c.anchor_storage, STORAGES),
+        "max_new_tokens_cap": check_int("max_new_tokens_cap", c.max_new_tokens_cap, 1, 1 << 24),
+        "decode_slice": check_int("decode_slice", c.decode_slice, 1, 1 << 24),
+        "call_log_size": check_int("call_log_size", c.call_log_size, 1, 1 << 24),
+        "special_token_roles": check_str_tuple("special_token_roles", c.special_token_roles, ROLES),
+    }

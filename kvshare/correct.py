@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,9 +29,10 @@ class RunEstimate:
 
 
 def context_key(run: Run, prompt: Prompt, agent: str | None) -> str:
-    """``source agent:slot -> target agent:slot`` (the deviation depends on both ends)."""
+    """``[source agent, slot, target agent, slot]`` as JSON (the deviation depends on both
+    ends; JSON keeps agent names containing separators from colliding)."""
     slot = next((f"m{s.index}" for s in prompt.segments if s.start <= run.start < s.end), "tail")
-    return f"{run.segment.agent}:{run.segment.slot_at(run.offset)}->{agent}:{slot}"
+    return json.dumps([run.segment.agent, run.segment.slot_at(run.offset), agent, slot])
 
 
 def _features(run: Run, rotary: nn.Module, layer: int) -> Tensor:
@@ -53,10 +55,16 @@ def estimate_runs(
     for run in asm.runs:
         key = context_key(run, prompt, agent)
         feats = _features(run, rotary, feature_layer)
-        est = pool.estimate(key, feats, (layers, 2, heads, dim))
+        est = pool.estimate(key, feats, (layers, 2, heads, dim), count_hits=False)
         pos = torch.arange(run.start, run.end, device=asm.cache.keys.device)
         out.append(RunEstimate(run, key, feats, pos, est))
     return out
+
+
+def commit_hits(pool: AnchorPool, estimates: list[RunEstimate]) -> None:
+    """Count the anchors every estimate used (deferred until the call is known good)."""
+    for e in estimates:
+        pool.count_hits(e.key, e.estimate.anchor_ids)
 
 
 def run_offsets(
@@ -184,12 +192,14 @@ def put_offsets(
     estimates: list[RunEstimate],
     plan: Plan,
     rotary: nn.Module,
+    record: Callable[[str, float, float], None] | None = None,
 ) -> Narrow | None:
     """Put the anchor offsets into ``asm.cache``; returns the gradual prefill's rule, if any.
 
     ``kvshare`` validates them at the first check layer of its gradual prefill (the rule
-    returned wraps ``plan.narrow`` in :class:`ValidatedOffsets`); without a check layer above
-    0 it applies them scaled by the gains earlier calls fitted for their keys. ``anchor``
+    returned wraps ``plan.narrow`` in :class:`ValidatedOffsets`; its fitted gains go to
+    ``record``, the caller commits them); without a check layer above 0 it applies them
+    scaled by the gains earlier calls fitted for their keys. ``anchor``
     applies them whole, as KVCOMM does.
     """
     max_d = config.anchor_max_distance
@@ -203,6 +213,4 @@ def put_offsets(
         apply_estimates(asm.cache, estimates, rotary, max_d, gains)
         return plan.narrow
     first = plan.checks[0]
-    return ValidatedOffsets(
-        plan.narrow, estimates, asm.cache, rotary, max_d, first, pool.record_gain
-    )
+    return ValidatedOffsets(plan.narrow, estimates, asm.cache, rotary, max_d, first, record)

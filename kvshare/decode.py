@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kvshare.errors import ConfigError
 from kvshare.kernels import KV, cache_kwargs, output_cache
 
 
@@ -26,7 +25,8 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     """Next token from logits [V]. Host sync boundary: returns a Python int."""
     if params.temperature <= 0.0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    scaled = logits.float() - logits.float().max()  # <= 0, so a tiny temperature gives -inf,
+    probs = torch.softmax(scaled / params.temperature, dim=-1)  # never inf - inf = nan
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < params.top_p
@@ -58,10 +58,14 @@ def decode(
     context_length: int,
     generator: torch.Generator | None = None,
     should_stop: Callable[[list[int]], bool] | None = None,
+    pass_turn: Callable[[], None] | None = None,
+    turn_tokens: int = 16,
 ) -> DecodeResult:
     """Generate after a prefill whose next token ``first`` was already sampled.
 
     prompt_kv: KV [L, H, S, D] of the prompt at positions 0..S-1.
+    pass_turn: called after every ``turn_tokens`` generated tokens (the engine lets waiting
+    calls run there; this call's KV is its own, so nothing it reads can change).
     """
     cache = prompt_kv.to_cache()
     pos = prompt_kv.length
@@ -86,23 +90,9 @@ def decode(
         cache = output_cache(out)
         pos += 1
         tokens.append(sample(out.logits[0, -1], params, generator))
+        if pass_turn is not None and len(tokens) % turn_tokens == 0:
+            pass_turn()
     return DecodeResult(tokens, KV.from_cache(cache), reason)
-
-
-def check_sampling_args(max_new_tokens: Any, temperature: Any, top_p: Any, stop: Any) -> None:
-    """Raise ConfigError for a bad max_new_tokens, temperature, top_p or stop list."""
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
-        or max_new_tokens < 1
-    ):
-        raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ConfigError(f"temperature must be a number >= 0, got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
-    if stop is not None and not all(isinstance(s, str) and s for s in stop):
-        raise ConfigError(f"stop must be a list of non-empty strings, got {stop!r}")
 
 
 def stop_checker(tokenizer: Any, stop: Sequence[str]) -> Callable[[list[int]], bool] | None:

@@ -1,43 +1,33 @@
-"""The Engine: render -> plan -> assemble -> prefill -> decode -> remember, for every call."""
+"""The Engine: request -> plan -> assemble -> prefill -> decode -> remember, for every call."""
 
 from __future__ import annotations
 
-import threading
+import dataclasses
+import os
 import time
-import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
 from kvshare import model as model_loading
-from kvshare.anchors import AnchorConfig, AnchorPool
+from kvshare.anchors import AnchorPool, ModelIdentity
 from kvshare.config import ANCHORED_MODES, RELOCATING_MODES, EngineConfig
-from kvshare.correct import RunEstimate, estimate_runs, learn, put_offsets
-from kvshare.decode import (
-    SamplingParams,
-    check_sampling_args,
-    cut_at_stop,
-    decode,
-    sample,
-    stop_checker,
-)
-from kvshare.errors import ContextLengthError
+from kvshare.correct import RunEstimate, commit_hits, estimate_runs, learn, put_offsets
+from kvshare.decode import cut_at_stop, decode, sample, stop_checker
+from kvshare.errors import ConfigError, NonFiniteError, ScopeError
+from kvshare.fidelity import adapt_ratio, compare, full_prefill
 from kvshare.kernels import KV, gradual_prefill, partial_prefill, splice
-from kvshare.prompt import Prompt, render, token_hash
+from kvshare.learned import LearnedState, ScopeState
+from kvshare.prompt import Prompt, token_hash
 from kvshare.radix import RadixCache
 from kvshare.relocate import Assembly, assemble, find_runs
+from kvshare.request import Request, make_request
+from kvshare.scope import Scope, scope_of
 from kvshare.select import choose
-from kvshare.stats import (
-    GREEDY_CAP,
-    CallStats,
-    SessionStats,
-    aggregate,
-    greedy_match,
-    kl_divergence,
-)
+from kvshare.stats import GREEDY_CAP, CallLedger, CallStats, SessionStats
 from kvshare.store import LRUSegmentStore, NullSegmentStore, SegmentStore, StoredSegment
+from kvshare.turns import TurnLock
 
 
 class _Prefilled(NamedTuple):
@@ -46,6 +36,7 @@ class _Prefilled(NamedTuple):
     done: torch.Tensor
     asm: Assembly
     estimates: list[RunEstimate]
+    gains: list[tuple[str, float, float]]
 
 
 @dataclass(frozen=True)
@@ -57,10 +48,23 @@ class ChatResult:
     stats: CallStats
 
 
+class MemoryUsage(NamedTuple):
+    """Bytes an engine holds: radix prefix cache, segment (trace) store, anchor pools."""
+
+    prefix_cache: int
+    segments: int
+    anchors: int
+
+    @property
+    def total(self) -> int:
+        return self.prefix_cache + self.segments + self.anchors
+
+
 class Engine:
     """Runs agent chat calls on one model, reusing KV across calls, agents and sessions.
 
-    Thread-safe: calls from several threads are serialised around the model.
+    Thread-safe: calls take fair turns on the model (``kvshare.turns``: prefill whole,
+    decode in slices of ``decode_slice`` tokens, waiting calls served in arrival order).
     """
 
     def __init__(self, loaded: model_loading.LoadedModel, config: EngineConfig | None = None):
@@ -68,26 +72,22 @@ class Engine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = config or EngineConfig()
+        layers = self._kv_dims()[0]
+        if self.config.feature_layer >= layers:
+            raise ConfigError(
+                f"feature_layer {self.config.feature_layer} is not a layer of this model "
+                f"({layers} layers); pick one in [0, {layers - 1}]"
+            )
         self.prefix_cache = RadixCache(self.config.prefix_cache_bytes)
+        traces = self.config.store_segments and self.config.mode in RELOCATING_MODES
         self.segments: SegmentStore = (
-            LRUSegmentStore(self.config.segment_store_bytes)
-            if self.config.store_segments
-            else NullSegmentStore()
+            LRUSegmentStore(self.config.segment_store_bytes) if traces else NullSegmentStore()
         )
         self.rotary = self.model.model.rotary_emb
         self.eos_ids = self._eos_ids()
-        self._calls: list[CallStats] = []
-        self._lock = threading.Lock()
-        self._ratio = self.config.recompute_ratio
-        self.anchors: AnchorPool | None = None
-        if self.config.mode in ANCHORED_MODES:
-            self.anchors = AnchorPool(
-                AnchorConfig(
-                    neighbours=self.config.neighbours,
-                    budget_bytes=self.config.anchor_budget_bytes,
-                    storage=self.config.anchor_storage,
-                )
-            )
+        self.learned = LearnedState(self.config)
+        self.ledger = CallLedger(self.config.call_log_size)
+        self._turns = TurnLock()
 
     @classmethod
     def from_pretrained(
@@ -125,71 +125,125 @@ class Engine:
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
-        stop: Sequence[str] | None = None,
+        stop: str | list[str] | tuple[str, ...] | None = None,
         seed: int | None = None,
         shadow: bool = False,
     ) -> ChatResult:
-        """Answer ``messages`` (dicts ``{"role","content"}`` or LangChain messages).
+        """Answer ``messages`` (dicts ``{"role","content"}``, LangChain messages, tuples).
 
-        Raises PromptError, ConfigError or ContextLengthError before touching any store.
+        Every argument is checked first (``kvshare.request``): ScopeError, ConfigError,
+        PromptError or ContextLengthError leave every store, pool and statistic unchanged.
+        NonFiniteError: the model produced NaN/inf; nothing from the call is stored.
         """
-        t0 = time.perf_counter()
-        check_sampling_args(max_new_tokens, temperature, top_p, stop)
-        prompt = render(self.tokenizer, messages)
-        if len(prompt) >= self.loaded.context_length:
-            raise ContextLengthError(
-                f"prompt has {len(prompt)} tokens but the model's context is "
-                f"{self.loaded.context_length}; shorten or drop earlier messages"
-            )
-        params = SamplingParams(float(temperature), float(top_p), seed)
-        with self._lock:
-            return self._call(
-                prompt, t0, params, max_new_tokens, list(stop or []), shadow, agent, session, tenant
-            )
+        req = make_request(
+            self.config,
+            self.tokenizer,
+            self.loaded.context_length,
+            messages,
+            agent=agent,
+            session=session,
+            tenant=tenant,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+            shadow=shadow,
+        )
+        with self._turns:
+            return self._call(req)
 
     def stats(self, session: str | None = None, agent: str | None = None) -> SessionStats:
         """Aggregate CallStats over every call (or those of ``session`` / ``agent``)."""
-        calls = [
-            c
-            for c in self._calls
-            if (session is None or c.session == session) and (agent is None or c.agent == agent)
-        ]
-        return aggregate(calls)
+        return self.ledger.stats(session, agent)
 
     @property
     def calls(self) -> list[CallStats]:
-        return list(self._calls)
+        """The most recent calls (at most ``EngineConfig.call_log_size``), oldest first."""
+        return self.ledger.recent
+
+    def memory(self) -> MemoryUsage:
+        """Bytes held now by the prefix cache, the trace store and every anchor pool."""
+        return MemoryUsage(
+            self.prefix_cache.bytes_used, self.segments.bytes_used, self.learned.bytes_used
+        )
 
     def reset(self) -> None:
-        """Drop every stored KV and every recorded statistic."""
-        with self._lock:
+        """Drop every stored KV, everything learned and every recorded statistic."""
+        with self._turns:
             self.prefix_cache.clear()
             self.segments.clear()
-            if self.anchors is not None:
-                self.anchors = AnchorPool(self.anchors.config)
-            self._ratio = self.config.recompute_ratio
-            self._calls.clear()
+            self.learned.clear()
+            self.ledger.clear()
+
+    # ---------------------------------------------------------------- learned state
+    def _named_scope(self, tenant: str | None, session: str | None) -> Scope:
+        scope = scope_of(self.config.share_scope, tenant, session)
+        if scope.anonymous:
+            raise ScopeError(
+                "share_scope='session' needs a session id here: a call without one shares "
+                "nothing and keeps nothing"
+            )
+        return scope
+
+    def anchor_pool(self, tenant: str | None = None, session: str | None = None) -> AnchorPool:
+        """The anchor pool of a sharing scope (created empty if the scope has none yet).
+
+        Raises ConfigError in modes without anchors (``full``, ``prefix``, ``blend``).
+        """
+        if self.config.mode not in ANCHORED_MODES:
+            raise ConfigError(f"mode {self.config.mode!r} keeps no anchors")
+        pool = self.learned.get(self._named_scope(tenant, session)).pool
+        assert pool is not None
+        return pool
+
+    def recompute_ratio(self, tenant: str | None = None, session: str | None = None) -> float:
+        """The current ``kvshare`` recompute ratio of a sharing scope."""
+        state = self.learned.peek(self._named_scope(tenant, session))
+        return state.ratio if state is not None else self.config.recompute_ratio
+
+    def save_anchors(
+        self, path: str | os.PathLike[str], tenant: str | None = None, session: str | None = None
+    ) -> None:
+        """Write a scope's anchor pool to ``path`` (atomic; model identity and checksum)."""
+        with self._turns:
+            pool = self.anchor_pool(tenant, session)
+            pool.save(path, identity=ModelIdentity.of(self.model))
+
+    def load_anchors(
+        self, path: str | os.PathLike[str], tenant: str | None = None, session: str | None = None
+    ) -> None:
+        """Replace a scope's anchor pool with the one saved at ``path``.
+
+        Raises StateFileError (corrupt, truncated, unknown version, bad checksum, non-finite
+        values) or ModelMismatchError (saved for another model); the scope keeps its pool then.
+        """
+        if self.config.mode not in ANCHORED_MODES:
+            raise ConfigError(f"mode {self.config.mode!r} keeps no anchors")
+        scope = self._named_scope(tenant, session)
+        pool = AnchorPool.load(path, identity=ModelIdentity.of(self.model))
+        c = self.config
+        pool.config = dataclasses.replace(
+            pool.config, neighbours=c.neighbours, budget_bytes=c.anchor_budget_bytes
+        )
+        with self._turns:
+            self.learned.put_pool(scope, pool)
 
     # ---------------------------------------------------------------- pipeline
-    def _scope(self, tenant: str | None, session: str | None) -> str:
-        scope = self.config.share_scope
-        if scope == "global":
-            return "global"
-        if scope == "tenant":
-            return f"t:{tenant or ''}"
-        return f"t:{tenant or ''}/s:{session if session is not None else uuid.uuid4()}"
-
     def _kv_dims(self) -> tuple[int, int, int]:
         cfg = self.model.config
         heads = cfg.num_key_value_heads or cfg.num_attention_heads
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cfg.num_hidden_layers, heads, dim
 
-    def _plan(self, scope: str, prompt: Prompt) -> Assembly:
+    def _empty(self) -> KV:
+        return KV.empty(shape=self._kv_dims(), dtype=self.model.dtype, device=self.device)
+
+    def _plan(self, scope: Scope, prompt: Prompt) -> Assembly:
         """Exact prefix, then (relocating modes) stored runs; tiny reuse is not worth it."""
         n, mode = len(prompt), self.config.mode
         dims, dtype, dev = self._kv_dims(), self.model.dtype, self.device
-        if mode == "full":
+        if mode == "full" or scope.anonymous:
             return assemble(n, None, [], dims, self.rotary, dtype, dev)
         hit, parts = self.prefix_cache.match(scope, prompt.ids[:-1])  # last token is computed
         runs = find_runs(prompt, hit, scope, self.segments) if mode in RELOCATING_MODES else []
@@ -198,20 +252,26 @@ class Engine:
         prefix_kv = splice(parts) if hit else None
         return assemble(n, prefix_kv, runs, dims, self.rotary, dtype, dev)
 
-    def _prefill(self, asm: Assembly, prompt: Prompt, agent: str | None) -> _Prefilled:
+    def _prefill(self, asm: Assembly, req: Request, state: ScopeState) -> _Prefilled:
         """Anchor offsets (anchor/kvshare), token choice, one partial prefill.
 
         The assembly's cache is this call's own: offsets and recomputed KV go in in place.
+        Gains fitted on the way are returned, not recorded: the call commits them only once
+        its result is known to be finite.
         """
-        dev, n = self.device, len(prompt)
-        ids, pos = torch.tensor(prompt.ids, device=dev), torch.arange(n, device=dev)
+        dev, n = self.device, len(req.prompt)
+        ids, pos = torch.tensor(req.prompt.ids, device=dev), torch.arange(n, device=dev)
         ests: list[RunEstimate] = []
-        if self.anchors is not None and asm.runs:
+        pool = state.pool
+        if pool is not None and asm.runs:
             ests = estimate_runs(
-                self.anchors, asm, prompt, agent, self.rotary, self.config.feature_layer
+                pool, asm, req.prompt, req.agent, self.rotary, self.config.feature_layer
             )
-        plan = choose(self.config, asm, ests, self._ratio)
-        narrow = put_offsets(self.config, self.anchors, asm, ests, plan, self.rotary)
+        plan = choose(self.config, asm, ests, state.ratio)
+        gains: list[tuple[str, float, float]] = []
+        narrow = put_offsets(
+            self.config, pool, asm, ests, plan, self.rotary, lambda *g: gains.append(g)
+        )
         if narrow is not None:
             res = gradual_prefill(self.model, asm.cache, ids, pos, plan.sel, plan.checks, narrow)
         else:
@@ -226,143 +286,140 @@ class Engine:
             )
         done = torch.zeros(n, dtype=torch.bool, device=dev)
         done[res.recomputed] = True
-        return _Prefilled(res.kv, res.logits[-1], done, asm, ests)
+        return _Prefilled(res.kv, res.logits[-1], done, asm, ests, gains)
 
-    def _full_prefill(self, prompt: Prompt) -> tuple[KV, torch.Tensor]:
-        dev, n = self.device, len(prompt)
-        ids, pos = torch.tensor(prompt.ids, device=dev), torch.arange(n, device=dev)
-        res = partial_prefill(
-            self.model,
-            KV.empty(shape=self._kv_dims(), dtype=self.model.dtype, device=dev).padded(n),
-            ids,
-            pos,
-            pos,
-        )
-        return res.kv, res.logits[-1]
-
-    def _call(
-        self,
-        prompt: Prompt,
-        t0: float,
-        params: SamplingParams,
-        max_new_tokens: int,
-        stop: list[str],
-        shadow: bool,
-        agent: str | None,
-        session: str | None,
-        tenant: str | None,
-    ) -> ChatResult:
-        scope = self._scope(tenant, session)
-        pre = self._prefill(self._plan(scope, prompt), prompt, agent)
-        kv, logits, done, asm = pre.kv, pre.logits, pre.done, pre.asm
-        gen = (
-            torch.Generator(device="cpu").manual_seed(params.seed)
-            if params.seed is not None
-            else None
-        )
-        first = sample(logits.cpu(), params, gen)
-        ttft = time.perf_counter() - t0
-        if self.anchors is not None and pre.estimates:  # off the first-token path
-            learn(self.anchors, pre.estimates, kv, done & asm.relocated, self.rotary)
+    def _call(self, req: Request) -> ChatResult:
+        state = self.learned.get(req.scope)
+        pre = self._prefill(self._plan(req.scope, req.prompt), req, state)
+        _check_finite("the first-token logits", pre.logits)
+        params = req.sampling
+        gen = None if params.seed is None else torch.Generator("cpu").manual_seed(params.seed)
+        first = sample(pre.logits.cpu(), params, gen)
+        ttft = time.perf_counter() - req.t0
+        self._learn(req.scope, state, pre, pre.kv, pre.done & pre.asm.relocated)
         t1 = time.perf_counter()
         dec = decode(
             self.model,
-            kv,
+            pre.kv,
             first,
-            max_new_tokens,
+            req.max_new_tokens,
             params=params,
             eos_ids=self.eos_ids,
             context_length=self.loaded.context_length,
             generator=gen,
-            should_stop=stop_checker(self.tokenizer, stop),
+            should_stop=stop_checker(self.tokenizer, req.stop),
+            pass_turn=self._turns.pass_turn,
+            turn_tokens=self.config.decode_slice,
         )
         decode_s = time.perf_counter() - t1
-        text = cut_at_stop(str(self.tokenizer.decode(dec.tokens, skip_special_tokens=True)), stop)
-        self._remember(scope, prompt, dec.tokens, dec.kv, agent)
-        fidelity = self._shadow(prompt, pre, dec.tokens, params) if shadow else {}
-        relocated = int((asm.relocated & ~done).sum())
-        stats = CallStats(
-            mode=self.config.mode,
-            prompt_tokens=len(prompt),
-            prefix_hit_tokens=asm.prefix,
-            relocated_tokens=relocated,
-            recomputed_tokens=int((asm.relocated & done).sum()),
-            computed_tokens=len(prompt) - asm.prefix - relocated,
-            output_tokens=len(dec.tokens),
-            ttft_s=ttft,
-            decode_tok_s=(len(dec.tokens) - 1) / decode_s if decode_s > 0 else 0.0,
-            finish_reason=dec.finish_reason,
-            agent=agent,
-            session=session,
-            tenant=tenant,
-            **fidelity,
-        )
-        self._calls.append(stats)
-        return ChatResult(text, dec.tokens, stats)
+        _check_finite("the KV of this call", dec.kv.keys, dec.kv.values)
+        text = self.tokenizer.decode(dec.tokens, skip_special_tokens=True)
+        self._remember(req, dec.tokens, dec.kv)
+        fidelity = self._shadow(req, state, pre, dec.tokens) if req.shadow else {}
+        stats = _call_stats(self.config.mode, req, pre, dec, ttft, decode_s, fidelity)
+        self.ledger.add(stats)
+        return ChatResult(cut_at_stop(str(text), req.stop), dec.tokens, stats)
 
-    def _remember(
-        self, scope: str, prompt: Prompt, tokens: list[int], kv: KV, agent: str | None
+    def _learn(
+        self, scope: Scope, state: ScopeState, pre: _Prefilled, true_kv: KV, known: torch.Tensor
     ) -> None:
-        """Keep what this call computed: radix prefix and the call's trace.
+        """Commit what the prefill observed: anchor hits, fitted gains, new anchors."""
+        pool = state.pool
+        if pool is None or not pre.estimates:
+            return
+        commit_hits(pool, pre.estimates)
+        for key, gk, gv in pre.gains:
+            pool.record_gain(key, gk, gv)
+        if scope.anonymous:
+            return
+        reserve = pool.token_bytes(*self._kv_dims()) * int(known.sum())
+        self.learned.fit_budget(scope, reserve=reserve)
+        learn(pool, pre.estimates, true_kv, known, self.rotary)
+
+    def _remember(self, req: Request, tokens: list[int], kv: KV) -> None:
+        """Keep what this call computed: radix prefix and (relocating modes) its trace.
 
         kv: KV [L, H, S + R - 1, D] of the prompt and the reply's fed tokens, owned by this call
         (the trace keeps it without a copy). ``full`` mode is the no-reuse oracle and keeps
-        nothing.
+        nothing; an anonymous scope (no session in session scope) shares with no one.
         """
-        if self.config.mode == "full":
+        if self.config.mode == "full" or req.scope.anonymous:
             return
+        prompt, scope = req.prompt, req.scope
         ids = tuple(prompt.ids) + tuple(tokens[:-1])  # the last token was never fed: no KV
-        if self.config.mode in ("prefix", *RELOCATING_MODES):
-            self.prefix_cache.insert(scope, ids, kv)
-        if not self.config.store_segments or (scope, token_hash(ids)) in self.segments:
+        self.prefix_cache.insert(scope, ids, kv)
+        if not self.segments.budget_bytes or (scope, token_hash(ids)) in self.segments:
             return
         bounds = tuple((s.start, f"m{s.index}") for s in prompt.segments)
         bounds += ((prompt.tail.start, "reply"),)
-        trace = StoredSegment(scope, token_hash(ids), ids, kv, "trace", "", agent, 0, "m0", bounds)
+        trace = StoredSegment(
+            scope, token_hash(ids), ids, kv, "trace", "", req.agent, 0, "m0", bounds
+        )
         self.segments.put(trace)
 
     def _shadow(
-        self, prompt: Prompt, pre: _Prefilled, tokens: list[int], params: SamplingParams
+        self, req: Request, state: ScopeState, pre: _Prefilled, tokens: list[int]
     ) -> dict[str, Any]:
         """Fidelity of this call vs a full prefill of the same prompt (design.md section 5).
 
-        The full prefill's KV also teaches the anchor pool every relocated token's true
-        deviation, and steers ``kvshare``'s recompute ratio toward ``target_kl``.
+        The full prefill's KV also teaches the scope's anchor pool every relocated token's
+        true deviation, and steers the scope's ``kvshare`` recompute ratio toward
+        ``target_kl``.
         """
-        full_kv, full_logits = self._full_prefill(prompt)
-        ref = self._greedy(full_kv, full_logits)
+        full = full_prefill(self.model, req.prompt.ids, self._empty())
+        _check_finite("the shadow prefill", full[1])
         greedy_done = len(tokens) >= GREEDY_CAP or tokens[-1] in self.eos_ids
-        ours = (
-            tokens if params.temperature == 0 and greedy_done else self._greedy(pre.kv, pre.logits)
-        )
-        kl = kl_divergence(full_logits, pre.logits)
-        if self.anchors is not None and pre.estimates:
-            learn(self.anchors, pre.estimates, full_kv, pre.asm.relocated, self.rotary)
-        if self.config.mode == "kvshare" and self.config.adaptive and pre.asm.runs:
-            self._adapt(kl)
-        return {
-            "kl": kl,
-            "top1_agree": bool(int(full_logits.argmax()) == int(pre.logits.argmax())),
-            "greedy_match": greedy_match(ref, ours, self.eos_ids),
-        }
-
-    def _adapt(self, kl: float) -> None:
-        """Move the recompute ratio toward ``target_kl``: up fast (x2 at most), down slowly.
-
-        First-token KL is heavy-tailed, so a symmetric step would steer its geometric mean,
-        not the mean we report, to the target; the slow way down keeps the mean in check.
-        """
-        step = (kl / self.config.target_kl) ** 0.5
-        step = min(2.0, step) if step > 1 else max(0.85, step)
-        self._ratio = min(self.config.max_recompute_ratio, max(0.01, self._ratio * step))
-
-    def _greedy(self, kv: KV, logits: torch.Tensor) -> list[int]:
-        return decode(
+        out = compare(
             self.model,
-            kv,
-            int(logits.argmax()),
-            GREEDY_CAP,
-            params=SamplingParams(),
-            eos_ids=self.eos_ids,
-            context_length=self.loaded.context_length,
-        ).tokens
+            full,
+            (pre.kv, pre.logits),
+            tokens,
+            req.sampling.temperature == 0 and greedy_done,
+            self.eos_ids,
+            self.loaded.context_length,
+        )
+        if state.pool is not None and pre.estimates and not req.scope.anonymous:
+            self.learned.fit_budget(req.scope)
+            learn(state.pool, pre.estimates, full[0], pre.asm.relocated, self.rotary)
+        c = self.config
+        if c.mode == "kvshare" and c.adaptive and pre.asm.runs:
+            state.ratio = adapt_ratio(state.ratio, out["kl"], c.target_kl, c.max_recompute_ratio)
+        return out
+
+
+def _check_finite(what: str, *tensors: torch.Tensor) -> None:
+    """Raise NonFiniteError when any tensor holds NaN or inf (one reduction each)."""
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise NonFiniteError(
+            f"{what} hold NaN or infinite values (model weights, dtype overflow?); nothing "
+            f"from this call was stored"
+        )
+
+
+def _call_stats(
+    mode: str,
+    req: Request,
+    pre: _Prefilled,
+    dec: Any,
+    ttft: float,
+    decode_s: float,
+    fidelity: dict[str, Any],
+) -> CallStats:
+    asm, done, n = pre.asm, pre.done, len(req.prompt)
+    relocated = int((asm.relocated & ~done).sum())
+    return CallStats(
+        mode=mode,
+        prompt_tokens=n,
+        prefix_hit_tokens=asm.prefix,
+        relocated_tokens=relocated,
+        recomputed_tokens=int((asm.relocated & done).sum()),
+        computed_tokens=n - asm.prefix - relocated,
+        output_tokens=len(dec.tokens),
+        ttft_s=ttft,
+        decode_tok_s=(len(dec.tokens) - 1) / decode_s if decode_s > 0 else 0.0,
+        finish_reason=dec.finish_reason,
+        agent=req.agent,
+        session=req.session,
+        tenant=req.tenant,
+        **fidelity,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,7 @@ class Assembly:
         return mask
 
 
-def find_runs(prompt: Prompt, prefix: int, scope: str, store: SegmentStore) -> list[Run]:
+def find_runs(prompt: Prompt, prefix: int, scope: Hashable, store: SegmentStore) -> list[Run]:
     """Verified stored runs for the tokens after the exact prefix, before the generation tail."""
     stop = prompt.tail.start
     if stop <= prefix:

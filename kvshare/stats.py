@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import statistics
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -58,7 +60,8 @@ class CallStats:
 
 @dataclass(frozen=True)
 class SessionStats:
-    """Aggregate over calls. reuse_rate is token-weighted; medians over calls."""
+    """Aggregate over calls. reuse_rate is token-weighted; mean KL and top-1 over shadowed
+    calls; medians over the calls an engine still keeps (``EngineConfig.call_log_size``)."""
 
     calls: int
     prompt_tokens: int
@@ -71,24 +74,106 @@ class SessionStats:
     median_greedy_match: float | None
 
 
-def _mean(xs: Sequence[float]) -> float | None:
-    return statistics.fmean(xs) if xs else None
-
-
 def aggregate(calls: Sequence[CallStats]) -> SessionStats:
     """Summarise ``calls`` (an empty list gives zeros and Nones)."""
-    prompt = sum(c.prompt_tokens for c in calls)
-    computed = sum(c.computed_tokens for c in calls)
-    shadowed = [c for c in calls if c.kl is not None]
+    totals = _Totals()
+    for c in calls:
+        totals.add(c)
+    return _summary(totals, calls)
+
+
+@dataclass
+class _Totals:
+    """Exact running sums over calls (what SessionStats needs besides its medians)."""
+
+    calls: int = 0
+    prompt: int = 0
+    computed: int = 0
+    reused_calls: int = 0
+    shadowed: int = 0
+    kl_sum: float = 0.0
+    top1: int = 0
+
+    def add(self, c: CallStats) -> None:
+        self.calls += 1
+        self.prompt += c.prompt_tokens
+        self.computed += c.computed_tokens
+        self.reused_calls += int(c.call_reused)
+        if c.kl is not None:
+            self.shadowed += 1
+            self.kl_sum += c.kl
+            self.top1 += int(bool(c.top1_agree))
+
+    def merge(self, other: _Totals) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+class CallLedger:
+    """Bounded record of calls: the last ``window`` CallStats, plus exact totals per
+    (session, agent) for the ``max_groups`` most recently active pairs and overall.
+
+    Memory is bounded however many calls run; totals (calls, tokens, reuse, mean KL, top-1)
+    are exact, medians (TTFT, greedy match) are over the kept window. Thread-safe.
+    """
+
+    def __init__(self, window: int, max_groups: int = 10_000) -> None:
+        self._recent: deque[CallStats] = deque(maxlen=window)
+        self._groups: OrderedDict[tuple[str | None, str | None], _Totals] = OrderedDict()
+        self._all = _Totals()
+        self._max_groups = max_groups
+        self._lock = threading.Lock()
+
+    def add(self, c: CallStats) -> None:
+        with self._lock:
+            self._recent.append(c)
+            self._all.add(c)
+            key = (c.session, c.agent)
+            self._groups.setdefault(key, _Totals()).add(c)
+            self._groups.move_to_end(key)
+            while len(self._groups) > self._max_groups:
+                self._groups.popitem(last=False)
+
+    @property
+    def recent(self) -> list[CallStats]:
+        with self._lock:
+            return list(self._recent)
+
+    def stats(self, session: str | None = None, agent: str | None = None) -> SessionStats:
+        """Aggregate over every call, or those of ``session`` and/or ``agent``."""
+        with self._lock:
+            if session is None and agent is None:
+                totals = self._all
+            else:
+                totals = _Totals()
+                for (s, a), t in self._groups.items():
+                    if (session is None or s == session) and (agent is None or a == agent):
+                        totals.merge(t)
+            window = [
+                c
+                for c in self._recent
+                if (session is None or c.session == session) and (agent is None or c.agent == agent)
+            ]
+        return _summary(totals, window)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._recent.clear()
+            self._groups.clear()
+            self._all = _Totals()
+
+
+def _summary(t: _Totals, window: Sequence[CallStats]) -> SessionStats:
+    shadowed = [c for c in window if c.kl is not None]
     return SessionStats(
-        calls=len(calls),
-        prompt_tokens=prompt,
-        computed_tokens=computed,
-        reuse_rate=1.0 - computed / prompt if prompt else 0.0,
-        call_reuse_rate=sum(c.call_reused for c in calls) / len(calls) if calls else 0.0,
-        median_ttft_s=statistics.median([c.ttft_s for c in calls]) if calls else 0.0,
-        mean_kl=_mean([float(c.kl) for c in shadowed if c.kl is not None]),
-        top1_agree_rate=_mean([float(bool(c.top1_agree)) for c in shadowed]),
+        calls=t.calls,
+        prompt_tokens=t.prompt,
+        computed_tokens=t.computed,
+        reuse_rate=1.0 - t.computed / t.prompt if t.prompt else 0.0,
+        call_reuse_rate=t.reused_calls / t.calls if t.calls else 0.0,
+        median_ttft_s=statistics.median([c.ttft_s for c in window]) if window else 0.0,
+        mean_kl=t.kl_sum / t.shadowed if t.shadowed else None,
+        top1_agree_rate=t.top1 / t.shadowed if t.shadowed else None,
         median_greedy_match=(
             statistics.median([c.greedy_match or 0 for c in shadowed]) if shadowed else None
         ),

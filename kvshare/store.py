@@ -11,13 +11,13 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kvshare.kernels import KV
 
-StoreKey = tuple[str, str]  # (scope, content hash)
+StoreKey = tuple[Hashable, str]  # (scope, content hash)
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class StoredSegment:
         begins, ascending; empty when the whole segment is ``slot``.
     """
 
-    scope: str
+    scope: Hashable
     content_hash: str
     tokens: tuple[int, ...]
     kv: KV
@@ -118,10 +118,14 @@ class SegmentStore(ABC):
     def put(self, segment: StoredSegment) -> bool: ...
 
     @abstractmethod
-    def get(self, scope: str, content_hash: str, tokens: Sequence[int]) -> StoredSegment | None: ...
+    def get(
+        self, scope: Hashable, content_hash: str, tokens: Sequence[int]
+    ) -> StoredSegment | None: ...
 
     @abstractmethod
-    def match(self, scope: str, tokens: Sequence[int], min_len: int = MIN_MATCH) -> list[Match]:
+    def match(
+        self, scope: Hashable, tokens: Sequence[int], min_len: int = MIN_MATCH
+    ) -> list[Match]:
         """Verified runs of ``tokens`` found inside stored segments of ``scope`` (sub-message
         reuse), left to right, non-overlapping, each at least ``min_len`` tokens."""
 
@@ -147,10 +151,14 @@ class NullSegmentStore(SegmentStore):
     def put(self, segment: StoredSegment) -> bool:
         return False
 
-    def get(self, scope: str, content_hash: str, tokens: Sequence[int]) -> StoredSegment | None:
+    def get(
+        self, scope: Hashable, content_hash: str, tokens: Sequence[int]
+    ) -> StoredSegment | None:
         return None
 
-    def match(self, scope: str, tokens: Sequence[int], min_len: int = MIN_MATCH) -> list[Match]:
+    def match(
+        self, scope: Hashable, tokens: Sequence[int], min_len: int = MIN_MATCH
+    ) -> list[Match]:
         return []
 
     def __contains__(self, key: StoreKey) -> bool:
@@ -176,7 +184,7 @@ class LRUSegmentStore(SegmentStore):
         self._bytes = 0
         self._lock = threading.Lock()
         self.evictions = 0
-        self._windows: dict[tuple[str, int], list[tuple[StoreKey, int]]] = {}
+        self._windows: dict[tuple[Hashable, int], list[tuple[StoreKey, int]]] = {}
 
     def _index(self, seg: StoredSegment, add: bool) -> None:
         """Rolling-window index: hash of every MIN_MATCH-token window -> (key, offset)."""
@@ -208,7 +216,9 @@ class LRUSegmentStore(SegmentStore):
             self._index(segment, add=True)
             return True
 
-    def get(self, scope: str, content_hash: str, tokens: Sequence[int]) -> StoredSegment | None:
+    def get(
+        self, scope: Hashable, content_hash: str, tokens: Sequence[int]
+    ) -> StoredSegment | None:
         with self._lock:
             seg = self._items.get((scope, content_hash))
             if seg is None or seg.tokens != tuple(tokens):
@@ -216,7 +226,9 @@ class LRUSegmentStore(SegmentStore):
             self._items.move_to_end(seg.key)
             return seg
 
-    def match(self, scope: str, tokens: Sequence[int], min_len: int = MIN_MATCH) -> list[Match]:
+    def match(
+        self, scope: Hashable, tokens: Sequence[int], min_len: int = MIN_MATCH
+    ) -> list[Match]:
         if min_len < MIN_MATCH:
             raise ValueError(f"min_len must be >= {MIN_MATCH} (the indexed window)")
         query = tuple(tokens)

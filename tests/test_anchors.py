@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from kvshare.anchors import AnchorConfig, AnchorPool, at_positions, position_free, token_features
+from kvshare.anchors import (
+    AnchorConfig,
+    AnchorPool,
+    ModelIdentity,
+    at_positions,
+    position_free,
+    token_features,
+)
 from kvshare.kernels import KV
 
 from kvshare.errors import ConfigError
@@ -115,16 +122,17 @@ def test_save_load_round_trip(tmp_path):
     pool.add("a->b", unit(12), deltas(12))
     pool.add("c->d", unit(5, seed=3), deltas(5, seed=4))
     pool.estimate("a->b", unit(3, seed=9), SHAPE)
-    path = tmp_path / "pool.pt"
-    pool.save(path)
-    back = AnchorPool.load(path)
+    path = tmp_path / "pool.kvpool"
+    identity = ModelIdentity("llama", layers=3, kv_heads=2, head_dim=8)
+    pool.save(path, identity)
+    back = AnchorPool.load(path, identity)
     assert back.config == pool.config and back.context_keys() == pool.context_keys()
     assert back.bytes_used == pool.bytes_used and len(back) == len(pool)
     q = unit(3, seed=11)
     for key in pool.context_keys():
         x, y = pool.estimate(key, q, SHAPE), back.estimate(key, q, SHAPE)
         assert torch.equal(x.delta, y.delta) and torch.equal(x.distance, y.distance)
-    assert not list(tmp_path.glob("*.tmp"))
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
 @pytest.mark.parametrize(

@@ -65,5 +65,5 @@ def test_pool_gain_is_a_running_mean_and_survives_save_load(tmp_path):
     assert pool.gain("k") == (0.0, 1.0)
     pool.record_gain("k", 1.0, 1.0, rate=0.5)
     assert pool.gain("k") == (0.5, 1.0)
-    pool.save(tmp_path / "pool.pt")
-    assert AnchorPool.load(tmp_path / "pool.pt").gain("k") == (0.5, 1.0)
+    pool.save(tmp_path / "pool.kvpool")
+    assert AnchorPool.load(tmp_path / "pool.kvpool").gain("k") == (0.5, 1.0)

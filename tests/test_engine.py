@@ -9,6 +9,9 @@ import pytest
 from kvshare import EngineConfig
 from kvshare.errors import ConfigError, ContextLengthError, PromptError
 from kvshare.prompt import render, token_hash
+from kvshare.scope import Scope
+
+TENANT_SCOPE = Scope("tenant")  # the scope of calls without a tenant id
 
 SYSTEM = {"role": "system", "content": "You are a careful planner. " * 8}
 
@@ -40,13 +43,13 @@ def test_prefix_equals_full_and_reuses(engines):
     assert full.stats().reuse_rate == 0.0 and prefix.stats().reuse_rate > 0.3
 
 
-def test_every_call_leaves_one_trace_with_its_reply(engines):
-    _, prefix = engines
+def test_every_call_leaves_one_trace_with_its_reply(tiny_engine):
+    prefix = tiny_engine.fork(mode="blend")  # traces are kept where they are read: relocation
     before = len(prefix.segments)
     r = prefix.chat(conversation(2), max_new_tokens=5, agent="planner")
     prompt = render(prefix.tokenizer, conversation(2))
     ids = tuple(prompt.ids) + tuple(r.tokens[:-1])
-    trace = prefix.segments.get("t:", token_hash(ids), ids)
+    trace = prefix.segments.get(TENANT_SCOPE, token_hash(ids), ids)
     assert trace is not None and trace.kind == "trace" and trace.agent == "planner"
     assert trace.kv.length == len(ids) and len(prefix.segments) == before + 1
     assert trace.slot_at(0) == "m0" and trace.slot_at(len(ids) - 1) == "reply"

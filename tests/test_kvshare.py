@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 
 from kvshare.errors import ConfigError
+from kvshare.scope import Scope
 from tests.test_relocation import team
+
+TENANT_SCOPE = Scope("tenant")  # the scope of calls without a tenant id
 
 
 def test_kvshare_with_ratio_one_equals_full(tiny_engine):
@@ -42,7 +45,7 @@ def _learned_then_reused(engine, mode: str, recompute_ratio: float = 0.0, **opti
 def test_a_learned_offset_restores_the_full_prefill_kv(tiny_engine):
     eng, first, again = _learned_then_reused(tiny_engine, "kvshare")
     assert first.stats.relocated_tokens > 0 and first.stats.kl is not None
-    assert eng.anchors is not None and len(eng.anchors) >= first.stats.relocated_tokens
+    assert len(eng.anchor_pool()) >= first.stats.relocated_tokens
     s = again.stats
     assert s.relocated_tokens >= first.stats.relocated_tokens and s.recomputed_tokens == 0
     assert s.kl is not None and s.kl < 1e-9 < first.stats.kl
@@ -54,7 +57,7 @@ def test_anchor_mode_falls_back_to_dense_prefill_without_anchors(tiny_engine):
     assert first.stats.relocated_tokens == 0 and first.stats.kl is not None
     assert first.stats.kl < 1e-8  # nothing known: KVCOMM's rule prefills densely
     # the dense prefill taught the pool; runs whose key has anchors are reused next time
-    assert eng.anchors is not None and len(eng.anchors) > 0
+    assert len(eng.anchor_pool()) > 0
 
 
 def test_kvshare_adapts_its_ratio_toward_the_target(tiny_engine):
@@ -62,13 +65,13 @@ def test_kvshare_adapts_its_ratio_toward_the_target(tiny_engine):
     eng.chat(team("planner"), agent="planner", max_new_tokens=2)
     r = eng.chat(team("critic"), agent="critic", max_new_tokens=2, shadow=True)
     assert r.stats.kl is not None and r.stats.kl > 1e-12
-    assert eng._ratio > 0.1  # too much error: recompute more next time
+    assert eng.recompute_ratio() > 0.1  # too much error: recompute more next time
     loose = tiny_engine.fork(mode="kvshare", target_kl=10.0, recompute_ratio=0.1)
     loose.chat(team("planner"), agent="planner", max_new_tokens=2)
     loose.chat(team("critic"), agent="critic", max_new_tokens=2, shadow=True)
-    assert loose._ratio < 0.1
+    assert loose.recompute_ratio() < 0.1
     loose.reset()
-    assert loose._ratio == 0.1 and loose.anchors is not None and len(loose.anchors) == 0
+    assert loose.recompute_ratio() == 0.1 and len(loose.anchor_pool()) == 0
 
 
 def test_kvshare_recomputes_sinks_plus_its_ratio(tiny_engine):
@@ -83,7 +86,7 @@ def test_kvshare_recomputes_sinks_plus_its_ratio(tiny_engine):
     from kvshare.prompt import render
 
     prompt = render(eng.tokenizer, team("critic"))
-    asm = eng._plan("t:", prompt)
+    asm = eng._plan(TENANT_SCOPE, prompt)
     s = eng.chat(team("critic"), agent="critic", max_new_tokens=2).stats
     reusable = int(asm.relocated.sum())
     sinks = sum(min(eng.config.sink_tokens, r.length) for r in asm.runs)
@@ -139,7 +142,7 @@ def test_recent_tokens_are_always_recomputed(tiny_engine):
 
     eng = tiny_engine.fork(mode="kvshare", adaptive=False, recompute_ratio=0.0, recent_tokens=8)
     eng.chat(team("planner"), agent="planner", max_new_tokens=2)
-    asm = eng._plan("t:", render(eng.tokenizer, team("critic")))
+    asm = eng._plan(TENANT_SCOPE, render(eng.tokenizer, team("critic")))
     mask = recent_mask(asm, 8)
     last = asm.relocated.nonzero().flatten()[-8:]
     assert int(mask.sum()) == 8 and mask[last].all()
@@ -154,9 +157,8 @@ def test_offsets_that_hold_up_at_the_check_layer_are_kept(deep_engine):
     eng, first, again = _learned_then_reused(
         deep_engine, "kvshare", recompute_ratio=0.1, deviation_threshold=None
     )
-    assert eng.anchors is not None
-    (key,) = eng.anchors.context_keys()
-    gk, gv = eng.anchors.gain(key)
+    (key,) = eng.anchor_pool().context_keys()
+    gk, gv = eng.anchor_pool().gain(key)
     assert gk > 0.95 and gv > 0.95
     assert again.stats.relocated_tokens > 0 and again.stats.kl is not None
     assert first.stats.kl is not None and again.stats.kl < 1e-3 * first.stats.kl

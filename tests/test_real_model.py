@@ -87,4 +87,4 @@ def test_kvshare_team_relocates_within_fidelity_targets(real_engine):
     assert statistics.fmean(c.kl or 0.0 for c in calls) <= 0.02
     assert all(c.top1_agree for c in calls)
     assert statistics.median(c.greedy_match or 0 for c in calls) == 32
-    assert eng.anchors is not None and len(eng.anchors) > 0
+    assert len(eng.anchor_pool()) > 0

@@ -7,7 +7,10 @@ import torch
 from kvshare.kernels import KV, output_cache
 
 from kvshare.relocate import assemble, find_runs
+from kvshare.scope import Scope
 from kvshare.select import score_deviation
+
+TENANT_SCOPE = Scope("tenant")  # the scope of calls without a tenant id
 
 DOC = "The lighthouse keeper counted ships every night and wrote each name in a ledger. " * 4
 
@@ -57,7 +60,7 @@ def test_assemble_moves_keys_to_their_new_positions(tiny_engine):
     from kvshare.prompt import render
 
     prompt = render(eng.tokenizer, team("critic"))
-    runs = find_runs(prompt, 0, "t:", eng.segments)
+    runs = find_runs(prompt, 0, TENANT_SCOPE, eng.segments)
     asm = assemble(
         len(prompt), None, runs, eng._kv_dims(), eng.rotary, torch.float32, torch.device("cpu")
     )

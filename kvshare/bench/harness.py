@@ -57,8 +57,7 @@ def machine_description(engine: Engine) -> str:
 
 def stored_bytes(engine: Engine) -> int:
     """KV bytes the engine holds: radix prefix cache + segment store + anchor pool."""
-    pool = engine.anchors.bytes_used if engine.anchors is not None else 0
-    return engine.prefix_cache.bytes_used + engine.segments.bytes_used + pool
+    return engine.memory().total
 
 
 def run_workflow(
@@ -156,7 +155,7 @@ def run_bench(
                     for i, s in enumerate(stats)
                 ]
                 bar.update(len(stats))
-                pools[mode] = max(pools[mode], eng.anchors.bytes_used if eng.anchors else 0)
+                pools[mode] = max(pools[mode], eng.memory().anchors)
     bar.close()
     full = _mode_result("full", runs["full"], peaks["full"], None, scores["full"], 0)
     results = [full] + [

@@ -1,0 +1,112 @@
+"""Everything an engine learns from calls, kept per sharing scope like the KV it came from.
+
+A scope's state: its anchor pool (deviations, features, validated gains, hit counters) and
+the adaptive recompute ratio of ``kvshare`` mode. Offsets learned from one tenant's calls
+are therefore never added to another tenant's KV, and one tenant's traffic never moves
+another's ratio. ``share_scope='global'`` has one scope, so everything is shared as before.
+All pools live under one byte budget (``EngineConfig.anchor_budget_bytes``): when it is
+exceeded, the pools of the least recently used scopes shrink first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from kvshare.anchors import AnchorConfig, AnchorPool
+from kvshare.config import ANCHORED_MODES, EngineConfig
+from kvshare.scope import Scope
+
+
+@dataclass
+class ScopeState:
+    """pool: the scope's anchor pool (None in modes without anchors); ratio: its current
+    ``kvshare`` recompute ratio."""
+
+    pool: AnchorPool | None
+    ratio: float
+
+
+class LearnedState:
+    """Per-scope :class:`ScopeState`, created on first use; anonymous scopes get a fresh state
+    that is never kept. Thread-safe."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._states: OrderedDict[Scope, ScopeState] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _fresh(self) -> ScopeState:
+        c = self.config
+        pool = None
+        if c.mode in ANCHORED_MODES:
+            pool = AnchorPool(
+                AnchorConfig(
+                    neighbours=c.neighbours,
+                    budget_bytes=c.anchor_budget_bytes,
+                    storage=c.anchor_storage,
+                )
+            )
+        return ScopeState(pool, c.recompute_ratio)
+
+    def get(self, scope: Scope) -> ScopeState:
+        """The scope's state (created empty on first use), marked most recently used."""
+        if scope.anonymous:
+            return self._fresh()
+        with self._lock:
+            state = self._states.get(scope)
+            if state is None:
+                state = self._states[scope] = self._fresh()
+            self._states.move_to_end(scope)
+            return state
+
+    def peek(self, scope: Scope) -> ScopeState | None:
+        """The scope's state if it has one (does not create or touch it)."""
+        with self._lock:
+            return self._states.get(scope)
+
+    def put_pool(self, scope: Scope, pool: AnchorPool) -> None:
+        """Replace the scope's anchor pool (e.g. one loaded from a file), then fit the budget."""
+        state = self.get(scope)
+        state.pool = pool
+        self.fit_budget(scope)
+
+    @property
+    def bytes_used(self) -> int:
+        with self._lock:
+            return sum(s.pool.bytes_used for s in self._states.values() if s.pool is not None)
+
+    def fit_budget(self, current: Scope, reserve: int = 0) -> None:
+        """Shrink pools until all of them fit the budget with ``reserve`` bytes to spare (room
+        made before an admission, so the budget holds at every instant): least recently used
+        scopes first, ``current`` last."""
+        budget = max(0, self.config.anchor_budget_bytes - reserve)
+        with self._lock:
+            order = [s for s in self._states if s != current]
+            if current in self._states:
+                order.append(current)
+            for scope in order:
+                excess = (
+                    sum(s.pool.bytes_used for s in self._states.values() if s.pool is not None)
+                    - budget
+                )
+                if excess <= 0:
+                    return
+                pool = self._states[scope].pool
+                if pool is not None:
+                    pool.shrink(max(0, pool.bytes_used - excess))
+
+    def fingerprint(self) -> tuple:
+        """Per kept scope: (scope, ratio, pool fingerprint); equal before and after a call
+        when the call changed nothing learned."""
+        with self._lock:
+            items = list(self._states.items())
+        return tuple(
+            (scope, st.ratio, st.pool.fingerprint() if st.pool is not None else None)
+            for scope, st in items
+        )
+
+    def clear(self) -> None:
+        with self._lock:
+            self._states.clear()

@@ -1,0 +1,30 @@
+"""Builders shared by tests: team messages and a fingerprint of everything an engine holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+DOC = "The lighthouse keeper counted ships every night and wrote each name in a ledger. " * 4
+
+
+def team(role: str, doc: str = DOC, extra: list[dict[str, str]] | None = None) -> list[dict]:
+    """A team member's prompt: its role, then the shared document, then ``extra``."""
+    return [
+        {"role": "system", "content": f"You are the {role}. Be brief and factual."},
+        {"role": "user", "content": doc},
+        *(extra or []),
+    ]
+
+
+def fingerprint(engine: Any) -> tuple:
+    """Everything a call may change, through the public API: stored bytes per store, scopes,
+    traces, every scope's learned state (pool contents, gains, hits, ratio) and the ledger."""
+    s = engine.stats()
+    return (
+        tuple(engine.memory()),
+        engine.prefix_cache.scopes,
+        len(engine.segments),
+        engine.learned.fingerprint(),
+        (s.calls, s.prompt_tokens, s.computed_tokens, s.mean_kl),
+        len(engine.calls),
+    )
