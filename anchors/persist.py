@@ -10,7 +10,8 @@ Layout (all integers little-endian)::
     [-32, end)    sha256 of every byte before it
 
 Reading checks, in order: magic, checksum, version, header schema, model identity, then every
-tensor's dtype, shape and finiteness; any failure raises :class:`StateFileError` (or
+tensor's dtype, shape and finiteness (those content checks live in
+:mod:`kvshare.anchors.checks`); any failure raises :class:`StateFileError` (or
 :class:`ModelMismatchError`) and nothing is returned. Writing is atomic: a temporary file in
 the target directory, fsync, ``os.replace``; on failure the temporary file is removed and an
 existing file at the target path is untouched.
@@ -30,10 +31,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import torch
+from kvshare.anchors.checks import bad, check_identity, check_shapes, check_tensor, check_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from torch import Tensor
 
-from kvshare.errors import ConfigError, KVShareError, ModelMismatchError, StateFileError
+from kvshare.errors import ConfigError, KVShareError, StateFileError
 
 FORMAT_VERSION = 1
 MAGIC = b"KVSPOOL\0"
@@ -223,50 +225,28 @@ def read_state(path: str | os.PathLike[str], expected: ModelIdentity | None = No
         raise StateFileError(f"anchor pool file {where} is invalid: {exc!r}") from exc
 
 
-def _bad(where: str, what: str) -> StateFileError:
-    return StateFileError(
-        f"anchor pool file {where} is unusable: {what}; delete it (the pool relearns) or "
-        f"restore a good copy"
-    )
-
-
 def _decode(data: bytes, expected: ModelIdentity | None, where: str) -> PoolState:
     if len(data) < _PREFIX.size + _DIGEST or data[:8] != MAGIC:
-        raise _bad(where, "not a kvshare anchor pool file (bad magic or too short)")
+        raise bad(where, "not a kvshare anchor pool file (bad magic or too short)")
     body, digest = data[:-_DIGEST], data[-_DIGEST:]
     if hashlib.sha256(body).digest() != digest:
-        raise _bad(where, "checksum mismatch (the file is corrupt or truncated)")
+        raise bad(where, "checksum mismatch (the file is corrupt or truncated)")
     _, version, n = _PREFIX.unpack_from(body)
     if version != FORMAT_VERSION:
-        raise _bad(where, f"unknown format version {version} (this kvshare reads version 1)")
+        raise bad(where, f"unknown format version {version} (this kvshare reads version 1)")
     if n > len(body) - _PREFIX.size:
-        raise _bad(where, "header length exceeds the file")
+        raise bad(where, "header length exceeds the file")
     try:
         header = _Header.model_validate_json(body[_PREFIX.size : _PREFIX.size + n])
     except ValidationError as exc:
-        raise _bad(where, f"invalid header: {exc}") from exc
+        raise bad(where, f"invalid header: {exc}") from exc
     if len(set(header.keys)) != len(header.keys):
-        raise _bad(where, "duplicate context keys")
-    _check_identity(header.identity, expected, where)
+        raise bad(where, "duplicate context keys")
+    check_identity(header.identity, expected, where)
     keys = _tensors(body[_PREFIX.size + n :], header, where)
     identity = header.identity or expected
-    _check_shapes(keys, identity, header.identity is not None, where)
+    check_shapes(keys, identity, header.identity is not None, where)
     return PoolState(header.config, header.storage, header.tick, header.gains, keys, identity)
-
-
-def _check_identity(
-    found: ModelIdentity | None, expected: ModelIdentity | None, where: str
-) -> None:
-    if found is None or expected is None or found == expected:
-        return
-    for f in dataclasses.fields(ModelIdentity):
-        mine, theirs = getattr(found, f.name), getattr(expected, f.name)
-        if mine != theirs:
-            raise ModelMismatchError(
-                f"anchor pool file {where} was written for another model: {f.name} is "
-                f"{mine!r} in the file but {theirs!r} for this model; load a pool saved with "
-                f"this model, or start with an empty pool"
-            )
 
 
 def _tensors(payload: bytes, header: _Header, where: str) -> dict[str, KeyTensors]:
@@ -276,64 +256,19 @@ def _tensors(payload: bytes, header: _Header, where: str) -> dict[str, KeyTensor
     try:
         flat = load(payload)
     except Exception as exc:
-        raise _bad(where, f"invalid tensor payload ({exc})") from exc
+        raise bad(where, f"invalid tensor payload ({exc})") from exc
     want = {f"{i}.{name}" for i in range(len(header.keys)) for name in _TENSORS}
     if set(flat) != want:
-        raise _bad(where, "the tensors do not match the header's context keys")
+        raise bad(where, "the tensors do not match the header's context keys")
     out = {}
     for i, key in enumerate(header.keys):
         parts = {}
         for name, (dtype, ndim) in _TENSORS.items():
-            t = flat[f"{i}.{name}"]
-            dtype = dtype or STORAGE[header.storage]
-            if t.dtype != dtype or t.dim() != ndim or t.shape[0] < 1:
-                raise _bad(where, f"{key!r}.{name} is {t.dtype} {tuple(t.shape)}, not {dtype}")
-            parts[name] = t
+            t, label = flat[f"{i}.{name}"], f"{key!r}.{name}"
+            parts[name] = check_tensor(t, dtype or STORAGE[header.storage], ndim, label, where)
         out[key] = KeyTensors(**parts)
-        _check_values(out[key], header.tick, f"{where}: key {key!r}")
+        check_values(out[key], header.tick, f"{where}: key {key!r}")
     return out
-
-
-def _check_values(k: KeyTensors, tick: int, where: str) -> None:
-    """Per-key consistency: one M for all tensors, finite floats, counters in range."""
-    m = k.feats.shape[0]
-    if any(t.shape[0] != m for t in (k.deltas, k.scales, k.counts, k.hits, k.born)):
-        raise _bad(where, "its tensors disagree on the number of anchors")
-    if k.deltas.shape[2] != 2 or min(k.deltas.shape) < 1 or k.feats.shape[1] < 1:
-        raise _bad(where, f"deltas shape {tuple(k.deltas.shape)} is not [M, L, 2, H, D]")
-    for name in ("feats", "deltas", "scales", "counts", "hits"):
-        t = getattr(k, name)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise _bad(where, f"{name} holds NaN or infinite values")
-    if not (bool((k.scales > 0).all()) and bool((k.counts >= 1).all())):
-        raise _bad(where, "scales must be > 0 and counts >= 1")
-    if not (bool((k.hits >= 0).all()) and bool(((k.born >= 0) & (k.born <= tick)).all())):
-        raise _bad(where, "hits must be >= 0 and born in [0, tick]")
-
-
-def _check_shapes(
-    keys: dict[str, KeyTensors], identity: ModelIdentity | None, own: bool, where: str
-) -> None:
-    """One feature width and one (L, H, D) for every key, equal to ``identity`` if known.
-
-    own: the identity came from the file itself (a disagreement is corruption, not a
-    mismatch with the caller's model).
-    """
-    if not keys:
-        return
-    widths = {k.feats.shape[1] for k in keys.values()}
-    dims = {(k.deltas.shape[1], k.deltas.shape[3], k.deltas.shape[4]) for k in keys.values()}
-    if len(widths) != 1 or len(dims) != 1:
-        raise _bad(where, "context keys disagree on feature width or (layers, heads, head_dim)")
-    if identity is None:
-        return
-    want = (identity.layers, identity.kv_heads, identity.head_dim)
-    (found,) = dims
-    if found != want:
-        what = f"Δ (layers, heads, head_dim) is {found} but the model has {want}"
-        if own:
-            raise _bad(where, what)
-        raise ModelMismatchError(f"anchor pool file {where} was written for another model: {what}")
 
 
 def build_config(cls: type[T], values: dict[str, Any], where: str) -> T:
@@ -348,4 +283,4 @@ def build_config(cls: type[T], values: dict[str, Any], where: str) -> T:
     try:
         return cls(**model.model_validate(values).model_dump())
     except (ValidationError, KVShareError, TypeError, ValueError) as exc:
-        raise _bad(where, f"invalid config: {exc}") from exc
+        raise bad(where, f"invalid config: {exc}") from exc

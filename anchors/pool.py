@@ -6,21 +6,33 @@ position 0. Anchors are grouped by context key ``source -> target`` (producing a
 -> consuming agent and slot), since the deviation depends on both ends. A new token's offset
 is Σ softmax(−d/τ)·Δ over its k nearest anchor tokens of the same key (d: squared L2 distance
 of features, τ: the key's median nearest-neighbour distance, recalibrated on every rebuild).
+Each key's storage, the Δ codec, the k-NN search and eviction live in
+:mod:`kvshare.anchors.entries`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from kvshare.anchors.entries import (
+    KeyEntry,
+    admissible,
+    appended,
+    evict,
+    from_tensors,
+    merge,
+    search,
+    to_tensors,
+    weighted,
+)
 from kvshare.anchors.persist import (
     STORAGE,
-    KeyTensors,
     ModelIdentity,
     PoolState,
     build_config,
@@ -72,42 +84,12 @@ class Estimate(NamedTuple):
     anchor_ids: Tensor = torch.zeros(0, 0, dtype=torch.long)
 
 
-@dataclass
-class _Key:
-    feats: np.ndarray  # [M, F] float32
-    deltas: Tensor  # [M, L, 2, H, D] in storage dtype
-    scales: Tensor  # [M] float32 (int8 storage), ones otherwise
-    counts: np.ndarray  # [M] merged observations
-    hits: np.ndarray  # [M] times used in an estimate
-    born: np.ndarray  # [M] tick of last update
-    index: Any = None
-    _norms: np.ndarray | None = None
-
-    @property
-    def norms(self) -> np.ndarray:
-        """[M] L2 norm of every anchor's Δ (cached until the key changes)."""
-        if self._norms is None or len(self._norms) != len(self.feats):
-            flat = self.deltas.flatten(1).float()
-            self._norms = (flat.norm(dim=1) * self.scales).numpy()
-        return self._norms
-
-    tau: float = 1.0
-    dirty: bool = True
-    extra: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        """Δ + scales + features twice (the faiss flat index holds its own copy) + counters."""
-        counters = self.counts.nbytes + self.hits.nbytes + self.born.nbytes
-        return int(2 * self.feats.nbytes + self.deltas.nbytes + self.scales.nbytes + counters)
-
-
 class AnchorPool:
     """Thread-safe pool of anchors; see the module docstring for the estimate."""
 
     def __init__(self, config: AnchorConfig | None = None) -> None:
         self.config = config or AnchorConfig()
-        self._keys: dict[str, _Key] = {}
+        self._keys: dict[str, KeyEntry] = {}
         self._tick = 0
         self._lock = threading.Lock()
         self.evicted = 0
@@ -158,21 +140,6 @@ class AnchorPool:
                 (1 - rate) * old_v + rate * gain_v,
             )
 
-    # ------------------------------------------------------------------ storage codec
-    def _encode(self, delta: Tensor) -> tuple[Tensor, Tensor]:
-        """delta [M, ...] float -> (stored, scales [M])."""
-        dtype = STORAGE[self.config.storage]
-        if dtype is torch.int8:
-            scale = delta.flatten(1).abs().amax(1).clamp_min(1e-8) / 127.0
-            q = (delta / scale.view(-1, *[1] * (delta.dim() - 1))).round().clamp(-127, 127)
-            return q.to(torch.int8), scale.float()
-        return delta.to(dtype), torch.ones(delta.shape[0])
-
-    @staticmethod
-    def _decode(stored: Tensor, scales: Tensor) -> Tensor:
-        out = stored.float()
-        return out * scales.view(-1, *[1] * (out.dim() - 1)) if stored.dtype is torch.int8 else out
-
     # ------------------------------------------------------------------ learning
     def add(self, key: str, feats: Tensor, delta: Tensor) -> int:
         """Admit observed deviations. feats: [N, F]; delta: [L, 2, H, N, D] position-free.
@@ -186,7 +153,8 @@ class AnchorPool:
             return 0
         d = delta.permute(3, 0, 1, 2, 4).to("cpu", torch.float32, copy=True)  # [N, L, 2, H, D]
         f = feats.float().cpu().numpy().astype(np.float32)
-        ok = self._admissible(f, d)
+        dtype = STORAGE[self.config.storage]
+        ok = admissible(f, d, dtype)
         with self._lock:
             self.rejected_nonfinite += int((~ok).sum())
             if not ok.any():
@@ -195,14 +163,14 @@ class AnchorPool:
             self._tick += 1
             entry = self._keys.get(key)
             if entry is not None and len(entry.feats):
-                dist, idx = self._search(entry, f, 1)
+                dist, idx = search(entry, f, 1)
                 dup = dist[:, 0] <= self.config.merge_distance
                 for i in np.nonzero(dup)[0]:
-                    self._merge(entry, int(idx[i, 0]), d[i])
+                    merge(entry, int(idx[i, 0]), d[i], dtype, self._tick)
                 f, d = f[~dup], d[torch.from_numpy(~dup)]
             f, d = self._room_for(f, d)
             if len(f):
-                self._append(key, f, d)
+                self._keys[key] = appended(self._keys.get(key), f, d, dtype, self._tick)
             self._evict_locked(self.config.budget_bytes)
             return len(f)
 
@@ -220,104 +188,12 @@ class AnchorPool:
         with self._lock:
             self._evict_locked(max(0, int(target_bytes)))
 
-    def _admissible(self, f: np.ndarray, d: Tensor) -> np.ndarray:
-        """[N] bool: finite features and a Δ that the storage dtype holds without overflow.
-
-        f: [N, F]; d: [N, L, 2, H, D] float32. (NaN fails every comparison, inf the range.)
-        """
-        dtype = STORAGE[self.config.storage]
-        limit = torch.finfo(dtype if dtype.is_floating_point else torch.float32).max
-        fits = (d.flatten(1).abs().amax(1) <= limit).numpy()
-        return np.isfinite(f).all(1) & fits
-
-    def _merge(self, entry: _Key, j: int, delta: Tensor) -> None:
-        """Fold ``delta`` [L, 2, H, D] into anchor j's running mean (in float64: the sum of
-        admissible values cannot overflow, so the mean stays finite in the storage dtype)."""
-        c = float(entry.counts[j])
-        old = self._decode(entry.deltas[j : j + 1], entry.scales[j : j + 1])[0]
-        mean = ((old.double() * c + delta.double()) / (c + 1)).float()
-        stored, scale = self._encode(mean[None])
-        entry.deltas[j], entry.scales[j] = stored[0], scale[0]
-        entry.counts[j] += 1
-        entry.born[j] = self._tick
-        entry._norms = None
-
-    def _append(self, key: str, f: np.ndarray, d: Tensor) -> None:
-        stored, scales = self._encode(d)
-        m = len(f)
-        fresh = _Key(f, stored, scales, np.ones(m), np.zeros(m), np.full(m, self._tick))
-        old = self._keys.get(key)
-        if old is not None:
-            fresh = _Key(
-                np.concatenate([old.feats, f]),
-                torch.cat([old.deltas, stored]),
-                torch.cat([old.scales, scales]),
-                np.concatenate([old.counts, fresh.counts]),
-                np.concatenate([old.hits, fresh.hits]),
-                np.concatenate([old.born, fresh.born]),
-            )
-        self._keys[key] = fresh
-
-    # ------------------------------------------------------------------ eviction
-    def _usefulness(self, entry: _Key) -> np.ndarray:
-        age = self._tick - entry.born
-        return (entry.hits + 1.0) / (1.0 + self.config.age_weight * age)
-
-    def _keep(self, key: str, keep: np.ndarray) -> None:
-        e = self._keys[key]
-        sel = torch.from_numpy(keep)
-        self.evicted += int((~keep).sum())
-        if not keep.any():
-            del self._keys[key]
-            return
-        self._keys[key] = _Key(
-            e.feats[keep], e.deltas[sel], e.scales[sel], e.counts[keep], e.hits[keep], e.born[keep]
-        )
-
     def _evict_locked(self, target: int) -> None:
         """Per-key cap, then ``target`` bytes, dropping the least useful anchors first."""
-        for key in list(self._keys):
-            e = self._keys[key]
-            if len(e.feats) > self.config.max_per_key:
-                order = np.argsort(-self._usefulness(e), kind="stable")
-                keep = np.zeros(len(e.feats), dtype=bool)
-                keep[order[: self.config.max_per_key]] = True
-                self._keep(key, keep)
-        while self._keys and self.bytes_used > target:
-            per_token = {k: e.nbytes / len(e.feats) for k, e in self._keys.items()}
-            excess = self.bytes_used - target
-            scored = [
-                (u, k, i) for k, e in self._keys.items() for i, u in enumerate(self._usefulness(e))
-            ]
-            scored.sort()
-            drop: dict[str, list[int]] = {}
-            freed = 0.0
-            for _, k, i in scored:
-                drop.setdefault(k, []).append(i)
-                freed += per_token[k]
-                if freed >= excess:
-                    break
-            for k, idx in drop.items():
-                keep = np.ones(len(self._keys[k].feats), dtype=bool)
-                keep[idx] = False
-                self._keep(k, keep)
+        cfg = self.config
+        self.evicted += evict(self._keys, target, cfg.max_per_key, self._tick, cfg.age_weight)
 
     # ------------------------------------------------------------------ estimation
-    def _search(self, entry: _Key, f: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        import faiss  # lazy: only needed once anchors exist
-
-        if entry.dirty or entry.index is None:
-            index = faiss.IndexFlatL2(entry.feats.shape[1])
-            index.add(entry.feats)
-            entry.index = index
-            if len(entry.feats) > 1:
-                d, _ = index.search(entry.feats, 2)
-                entry.tau = max(float(np.median(d[:, 1])), 1e-4)
-            entry.dirty = False
-        k = min(k, len(entry.feats))
-        dist, idx = entry.index.search(f, k)
-        return dist, idx
-
     def count_hits(self, key: str, index: Tensor) -> None:
         """Count the anchors an estimate used (``Estimate.anchor_ids``, [N, k]) as hits."""
         with self._lock:
@@ -343,7 +219,7 @@ class AnchorPool:
                 none = torch.zeros(n, 0, dtype=torch.long)
                 zeros = torch.zeros(layers, two, heads, n, dim)
                 return Estimate(zeros, inf, inf.clone(), torch.zeros(n), none)
-            dist, idx = self._search(
+            dist, idx = search(
                 entry, feats.float().cpu().numpy().astype(np.float32), self.config.neighbours
             )
             if count_hits:
@@ -351,28 +227,13 @@ class AnchorPool:
             d = torch.from_numpy(dist) / entry.tau
             w = torch.softmax(-d, dim=1)  # [N, k]
             index = torch.from_numpy(idx)
-            delta = self._weighted(entry, index, w)
+            delta = weighted(entry, index, w)
             norms = torch.from_numpy(entry.norms)[index]  # [N, k]
             mean = (w * norms).sum(1)
             spread = (w * (norms - mean[:, None]) ** 2).sum(1).sqrt() / mean.clamp_min(1e-8)
             entropy = -(w * w.clamp_min(1e-12).log()).sum(1)
             delta = delta.view(n, layers, two, heads, dim).permute(1, 2, 3, 0, 4).contiguous()
             return Estimate(delta, d[:, 0], entropy, spread, index)
-
-    def _weighted(self, entry: _Key, index: Tensor, w: Tensor, chunk: int = 16) -> Tensor:
-        """Σ_j w[:, j]·Δ[index[:, j]] as [N, F]; index, w: [N, k].
-
-        A few rows at a time: their [rows, k, F] neighbours are decoded once and reduced with
-        one batched matmul while still in cache (a loop over neighbour ranks would stream the
-        whole [N, F] accumulator k times).
-        """
-        n, k = index.shape
-        out = torch.empty(n, entry.deltas[0].numel())
-        for s in range(0, n, chunk):
-            rows = index[s : s + chunk].flatten()
-            nb = self._decode(entry.deltas[rows], entry.scales[rows]).view(-1, k, out.shape[1])
-            out[s : s + chunk] = torch.bmm(w[s : s + chunk, None, :], nb)[:, 0]
-        return out
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, identity: ModelIdentity | None = None) -> None:
@@ -388,17 +249,7 @@ class AnchorPool:
 
     def _snapshot(self, identity: ModelIdentity | None) -> PoolState:
         """A copy of the pool's state (call with the lock held; merges mutate Δ in place)."""
-        keys = {
-            k: KeyTensors(
-                torch.from_numpy(e.feats.copy()),
-                e.deltas.clone(),
-                e.scales.clone(),
-                torch.from_numpy(e.counts.astype(np.float64)),
-                torch.from_numpy(e.hits.astype(np.float64)),
-                torch.from_numpy(e.born.astype(np.int64)),
-            )
-            for k, e in self._keys.items()
-        }
+        keys = {k: to_tensors(e) for k, e in self._keys.items()}
         config = dataclasses.asdict(self.config)
         return PoolState(config, self.config.storage, self._tick, dict(self._gains), keys, identity)
 
@@ -420,14 +271,7 @@ class AnchorPool:
         pool._tick = state.tick
         pool._gains = dict(state.gains)
         for k, t in state.keys.items():
-            pool._keys[k] = _Key(
-                t.feats.numpy(),
-                t.deltas,
-                t.scales,
-                t.counts.numpy(),
-                t.hits.numpy(),
-                t.born.numpy(),
-            )
+            pool._keys[k] = from_tensors(t)
         pool._check_limits(str(path))
         return pool
 

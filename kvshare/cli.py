@@ -13,8 +13,11 @@ from kvshare.errors import KVShareError
 def _engine(args: argparse.Namespace):
     from kvshare import Engine, EngineConfig
 
+    model = args.model
+    if model is None and getattr(args, "workload", None) == "overhead":
+        model = "random:tiny-deep"  # arithmetic negligible: what is left is overhead
     return Engine.from_pretrained(
-        args.model,
+        model,
         device=args.device,
         dtype=args.dtype,
         config=EngineConfig(mode=getattr(args, "mode", "kvshare")),
@@ -22,7 +25,12 @@ def _engine(args: argparse.Namespace):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local HF dir or .gguf (default: embedded)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local HF dir, .gguf, or random:SHAPE (random weights of a real shape, for "
+        "timing: llama-8b, llama-1b, qwen2-7b, smollm2-135m, tiny-deep); default: embedded",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
 
@@ -39,6 +47,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kvshare.bench.harness import run_bench
 
     engine = _engine(args)
+    if args.workload == "overhead":
+        return _overhead(args, engine)
     if args.workload == "crossover":
         from kvshare.bench.crossover import measure
 
@@ -80,17 +90,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "anchor_budget_bytes": int(args.anchor_budget_mib * 2**20),
         "anchor_storage": args.anchor_storage,
     }
+    options = {m: {**(pool if m in ("anchor", "kvshare") else {})} for m in ["full", *modes]}
+    if args.profile:
+        options = {m: {**o, "profile": True} for m, o in options.items()}
     rep = run_bench(
-        engine,
-        workload,
-        modes,
-        repeats=args.repeats,
-        shadow=not args.no_shadow,
-        options={"anchor": pool, "kvshare": pool},
+        engine, workload, modes, repeats=args.repeats, shadow=not args.no_shadow, options=options
     )
     paths = report.write(rep, out)
     print(report.markdown(rep))
+    if args.profile:
+        from kvshare.bench import profile_report
+
+        paths.update(profile_report.write(rep, out))
+        print(profile_report.markdown(rep))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _overhead(args: argparse.Namespace, engine) -> int:
+    import json
+
+    from kvshare.bench.overhead import markdown, measure
+
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "anchor"]
+    rows = measure(engine, lengths, modes=modes, items=args.items or 2, agents=args.agents)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overhead.json").write_text(json.dumps([r.model_dump() for r in rows], indent=1))
+    print(f"model {engine.loaded.source} on {engine.device}\n")
+    print(markdown(rows))
     return 0
 
 
@@ -142,8 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--workload",
         default="synthetic",
-        choices=["synthetic", "qa", "crossover"],
-        help="synthetic N-agent workflow, real-text QA team, or the partial-prefill crossover",
+        choices=["synthetic", "qa", "crossover", "overhead"],
+        help="synthetic N-agent workflow, real-text QA team, the partial-prefill crossover, or "
+        "the per-call overhead outside the model (default model random:tiny-deep)",
+    )
+    bench.add_argument(
+        "--profile",
+        action="store_true",
+        help="per-call stage times (device synchronised at stage edges): JSON + stacked bars",
+    )
+    bench.add_argument(
+        "--lengths", default="256,512,1024,2048", help="overhead: shared-input lengths"
     )
     bench.add_argument("--modes", default=",".join(IMPLEMENTED_MODES), help="comma-separated")
     bench.add_argument(

@@ -75,6 +75,8 @@ class EngineConfig:
     special_token_roles: roles whose content may contain control tokens (``<|im_start|>``...)
         that are parsed as such; in every other role's content that text is plain text, so a
         user cannot forge a turn. Default: only ``system`` (the developer's own text).
+    profile: record seconds per pipeline stage in ``CallStats.stages`` (synchronising the
+        device at stage edges: for measurement, not production; ``kvshare.profile``).
     """
 
     mode: str = "kvshare"
@@ -102,6 +104,7 @@ class EngineConfig:
     decode_slice: int = 16
     call_log_size: int = 10_000
     special_token_roles: tuple[str, ...] = ("system",)
+    profile: bool = False
 
     def __post_init__(self) -> None:
         """Check every field's type, finiteness and range; normalise numbers to plain types.
@@ -172,5 +175,6 @@ def _checked(c: EngineConfig) -> dict[str, Any]:
         "max_new_tokens_cap": check_int("max_new_tokens_cap", c.max_new_tokens_cap, 1, 1 << 24),
         "decode_slice": check_int("decode_slice", c.decode_slice, 1, 1 << 24),
         "call_log_size": check_int("call_log_size", c.call_log_size, 1, 1 << 24),
+        "profile": check_bool("profile", c.profile),
         "special_token_roles": check_str_tuple("special_token_roles", c.special_token_roles, ROLES),
     }

@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -15,49 +14,21 @@ from kvshare.anchors import AnchorPool, ModelIdentity
 from kvshare.config import ANCHORED_MODES, RELOCATING_MODES, EngineConfig
 from kvshare.correct import RunEstimate, commit_hits, estimate_runs, learn, put_offsets
 from kvshare.decode import cut_at_stop, decode, sample, stop_checker
-from kvshare.errors import ConfigError, NonFiniteError, ScopeError
+from kvshare.errors import ConfigError, ScopeError
 from kvshare.fidelity import adapt_ratio, compare, full_prefill
 from kvshare.kernels import KV, gradual_prefill, partial_prefill, splice
 from kvshare.learned import LearnedState, ScopeState
+from kvshare.profile import StageClock
 from kvshare.prompt import Prompt, token_hash
 from kvshare.radix import RadixCache
-from kvshare.relocate import Assembly, assemble, find_runs
+from kvshare.relocate import Assembly, Run, assemble, find_runs
 from kvshare.request import Request, make_request
+from kvshare.results import ChatResult, MemoryUsage, Prefilled, call_stats, check_finite
 from kvshare.scope import Scope, scope_of
 from kvshare.select import choose
 from kvshare.stats import GREEDY_CAP, CallLedger, CallStats, SessionStats
 from kvshare.store import LRUSegmentStore, NullSegmentStore, SegmentStore, StoredSegment
 from kvshare.turns import TurnLock
-
-
-class _Prefilled(NamedTuple):
-    kv: KV
-    logits: torch.Tensor
-    done: torch.Tensor
-    asm: Assembly
-    estimates: list[RunEstimate]
-    gains: list[tuple[str, float, float]]
-
-
-@dataclass(frozen=True)
-class ChatResult:
-    """text: the reply (stop strings cut off); tokens: generated ids; stats: see CallStats."""
-
-    text: str
-    tokens: list[int]
-    stats: CallStats
-
-
-class MemoryUsage(NamedTuple):
-    """Bytes an engine holds: radix prefix cache, segment (trace) store, anchor pools."""
-
-    prefix_cache: int
-    segments: int
-    anchors: int
-
-    @property
-    def total(self) -> int:
-        return self.prefix_cache + self.segments + self.anchors
 
 
 class Engine:
@@ -239,20 +210,27 @@ class Engine:
     def _empty(self) -> KV:
         return KV.empty(shape=self._kv_dims(), dtype=self.model.dtype, device=self.device)
 
-    def _plan(self, scope: Scope, prompt: Prompt) -> Assembly:
+    def _plan(self, scope: Scope, prompt: Prompt, clock: StageClock | None = None) -> Assembly:
         """Exact prefix, then (relocating modes) stored runs; tiny reuse is not worth it."""
+        clock = clock or StageClock(False, self.device)
         n, mode = len(prompt), self.config.mode
-        dims, dtype, dev = self._kv_dims(), self.model.dtype, self.device
-        if mode == "full" or scope.anonymous:
-            return assemble(n, None, [], dims, self.rotary, dtype, dev)
-        hit, parts = self.prefix_cache.match(scope, prompt.ids[:-1])  # last token is computed
-        runs = find_runs(prompt, hit, scope, self.segments) if mode in RELOCATING_MODES else []
-        if hit + sum(r.length for r in runs) < max(1, self.config.min_reuse_share * n):
-            return assemble(n, None, [], dims, self.rotary, dtype, dev)  # a sliver: recompute
-        prefix_kv = splice(parts) if hit else None
-        return assemble(n, prefix_kv, runs, dims, self.rotary, dtype, dev)
+        parts: list[KV] = []
+        runs: list[Run] = []
+        with clock.stage("plan"):
+            if mode != "full" and not scope.anonymous:
+                hit, parts = self.prefix_cache.match(scope, prompt.ids[:-1])  # last: computed
+                if mode in RELOCATING_MODES:
+                    runs = find_runs(prompt, hit, scope, self.segments)
+                if hit + sum(r.length for r in runs) < max(1, self.config.min_reuse_share * n):
+                    parts, runs = [], []  # a sliver: recompute
+        with clock.stage("assemble"):
+            prefix_kv = splice(parts) if parts else None
+            dims, dtype, dev = self._kv_dims(), self.model.dtype, self.device
+            return assemble(n, prefix_kv, runs, dims, self.rotary, dtype, dev)
 
-    def _prefill(self, asm: Assembly, req: Request, state: ScopeState) -> _Prefilled:
+    def _prefill(
+        self, asm: Assembly, req: Request, state: ScopeState, clock: StageClock
+    ) -> Prefilled:
         """Anchor offsets (anchor/kvshare), token choice, one partial prefill.
 
         The assembly's cache is this call's own: offsets and recomputed KV go in in place.
@@ -263,40 +241,49 @@ class Engine:
         ids, pos = torch.tensor(req.prompt.ids, device=dev), torch.arange(n, device=dev)
         ests: list[RunEstimate] = []
         pool = state.pool
-        if pool is not None and asm.runs:
-            ests = estimate_runs(
-                pool, asm, req.prompt, req.agent, self.rotary, self.config.feature_layer
-            )
-        plan = choose(self.config, asm, ests, state.ratio)
+        with clock.stage("estimate"):
+            if pool is not None and asm.runs:
+                ests = estimate_runs(
+                    pool, asm, req.prompt, req.agent, self.rotary, self.config.feature_layer
+                )
         gains: list[tuple[str, float, float]] = []
-        narrow = put_offsets(
-            self.config, pool, asm, ests, plan, self.rotary, lambda *g: gains.append(g)
-        )
-        if narrow is not None:
-            res = gradual_prefill(self.model, asm.cache, ids, pos, plan.sel, plan.checks, narrow)
-        else:
-            res = partial_prefill(
-                self.model,
-                asm.cache,
-                ids,
-                pos,
-                plan.sel,
-                max_masked_ratio=self.config.masked_prefill_max_ratio,
-                inplace=True,
+        with clock.stage("choose"):
+            plan = choose(self.config, asm, ests, state.ratio)
+            narrow = put_offsets(
+                self.config, pool, asm, ests, plan, self.rotary, lambda *g: gains.append(g)
             )
+        with clock.stage("prefill"):
+            if narrow is not None:
+                res = gradual_prefill(
+                    self.model, asm.cache, ids, pos, plan.sel, plan.checks, narrow
+                )
+            else:
+                res = partial_prefill(
+                    self.model,
+                    asm.cache,
+                    ids,
+                    pos,
+                    plan.sel,
+                    max_masked_ratio=self.config.masked_prefill_max_ratio,
+                    inplace=True,
+                )
         done = torch.zeros(n, dtype=torch.bool, device=dev)
         done[res.recomputed] = True
-        return _Prefilled(res.kv, res.logits[-1], done, asm, ests, gains)
+        return Prefilled(res.kv, res.logits[-1], done, asm, ests, gains)
 
     def _call(self, req: Request) -> ChatResult:
+        clock = StageClock(self.config.profile, self.device)
+        clock.add("render", req.render_s)
         state = self.learned.get(req.scope)
-        pre = self._prefill(self._plan(req.scope, req.prompt), req, state)
-        _check_finite("the first-token logits", pre.logits)
+        pre = self._prefill(self._plan(req.scope, req.prompt, clock), req, state, clock)
         params = req.sampling
-        gen = None if params.seed is None else torch.Generator("cpu").manual_seed(params.seed)
-        first = sample(pre.logits.cpu(), params, gen)
+        with clock.stage("sample"):
+            check_finite("the first-token logits", pre.logits)
+            gen = None if params.seed is None else torch.Generator("cpu").manual_seed(params.seed)
+            first = sample(pre.logits.cpu(), params, gen)
         ttft = time.perf_counter() - req.t0
-        self._learn(req.scope, state, pre, pre.kv, pre.done & pre.asm.relocated)
+        with clock.stage("learn"):
+            self._learn(req.scope, state, pre, pre.kv, pre.done & pre.asm.relocated)
         t1 = time.perf_counter()
         dec = decode(
             self.model,
@@ -312,16 +299,20 @@ class Engine:
             turn_tokens=self.config.decode_slice,
         )
         decode_s = time.perf_counter() - t1
-        _check_finite("the KV of this call", dec.kv.keys, dec.kv.values)
-        text = self.tokenizer.decode(dec.tokens, skip_special_tokens=True)
-        self._remember(req, dec.tokens, dec.kv)
-        fidelity = self._shadow(req, state, pre, dec.tokens) if req.shadow else {}
-        stats = _call_stats(self.config.mode, req, pre, dec, ttft, decode_s, fidelity)
+        clock.add("decode", decode_s)
+        with clock.stage("remember"):
+            check_finite("the KV of this call", dec.kv.keys, dec.kv.values)
+            text = self.tokenizer.decode(dec.tokens, skip_special_tokens=True)
+            self._remember(req, dec.tokens, dec.kv)
+        with clock.stage("shadow"):
+            fidelity = self._shadow(req, state, pre, dec.tokens) if req.shadow else {}
+        stats = call_stats(self.config.mode, req, pre, dec, ttft, decode_s, fidelity)
+        stats = dataclasses.replace(stats, stages=clock.result())
         self.ledger.add(stats)
         return ChatResult(cut_at_stop(str(text), req.stop), dec.tokens, stats)
 
     def _learn(
-        self, scope: Scope, state: ScopeState, pre: _Prefilled, true_kv: KV, known: torch.Tensor
+        self, scope: Scope, state: ScopeState, pre: Prefilled, true_kv: KV, known: torch.Tensor
     ) -> None:
         """Commit what the prefill observed: anchor hits, fitted gains, new anchors."""
         pool = state.pool
@@ -358,7 +349,7 @@ class Engine:
         self.segments.put(trace)
 
     def _shadow(
-        self, req: Request, state: ScopeState, pre: _Prefilled, tokens: list[int]
+        self, req: Request, state: ScopeState, pre: Prefilled, tokens: list[int]
     ) -> dict[str, Any]:
         """Fidelity of this call vs a full prefill of the same prompt (design.md section 5).
 
@@ -367,7 +358,7 @@ class Engine:
         ``target_kl``.
         """
         full = full_prefill(self.model, req.prompt.ids, self._empty())
-        _check_finite("the shadow prefill", full[1])
+        check_finite("the shadow prefill", full[1])
         greedy_done = len(tokens) >= GREEDY_CAP or tokens[-1] in self.eos_ids
         out = compare(
             self.model,
@@ -385,41 +376,3 @@ class Engine:
         if c.mode == "kvshare" and c.adaptive and pre.asm.runs:
             state.ratio = adapt_ratio(state.ratio, out["kl"], c.target_kl, c.max_recompute_ratio)
         return out
-
-
-def _check_finite(what: str, *tensors: torch.Tensor) -> None:
-    """Raise NonFiniteError when any tensor holds NaN or inf (one reduction each)."""
-    if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        raise NonFiniteError(
-            f"{what} hold NaN or infinite values (model weights, dtype overflow?); nothing "
-            f"from this call was stored"
-        )
-
-
-def _call_stats(
-    mode: str,
-    req: Request,
-    pre: _Prefilled,
-    dec: Any,
-    ttft: float,
-    decode_s: float,
-    fidelity: dict[str, Any],
-) -> CallStats:
-    asm, done, n = pre.asm, pre.done, len(req.prompt)
-    relocated = int((asm.relocated & ~done).sum())
-    return CallStats(
-        mode=mode,
-        prompt_tokens=n,
-        prefix_hit_tokens=asm.prefix,
-        relocated_tokens=relocated,
-        recomputed_tokens=int((asm.relocated & done).sum()),
-        computed_tokens=n - asm.prefix - relocated,
-        output_tokens=len(dec.tokens),
-        ttft_s=ttft,
-        decode_tok_s=(len(dec.tokens) - 1) / decode_s if decode_s > 0 else 0.0,
-        finish_reason=dec.finish_reason,
-        agent=req.agent,
-        session=req.session,
-        tenant=req.tenant,
-        **fidelity,
-    )

@@ -33,7 +33,8 @@ class Request:
 
     prompt: rendered ids and segments; scope: where its KV may be shared; stop: stop strings
     (a single str given by the caller is one stop string, never split into characters);
-    t0: ``time.perf_counter()`` when the call began (TTFT counts from it).
+    t0: ``time.perf_counter()`` when the call began (TTFT counts from it); render_s: seconds
+    spent rendering the prompt (waiting for the render lock included).
     """
 
     prompt: Prompt
@@ -46,6 +47,7 @@ class Request:
     stop: tuple[str, ...]
     shadow: bool
     t0: float
+    render_s: float = 0.0
 
 
 def check_stop(stop: Any) -> tuple[str, ...]:
@@ -103,11 +105,15 @@ def make_request(
     sampling = check_sampling(temperature, top_p, seed)
     stops = check_stop(stop)
     shadow = check_bool("shadow", shadow)
+    t_render = time.perf_counter()
     with _RENDER_LOCK:
         prompt = render(tokenizer, messages, special_roles=config.special_token_roles)
+    render_s = time.perf_counter() - t_render
     if len(prompt) >= context_length:
         raise ContextLengthError(
             f"prompt has {len(prompt)} tokens but the model's context is {context_length}; "
             f"shorten or drop earlier messages"
         )
-    return Request(prompt, scope, agent, session, tenant, sampling, n_new, stops, shadow, t0)
+    return Request(
+        prompt, scope, agent, session, tenant, sampling, n_new, stops, shadow, t0, render_s
+    )

@@ -22,7 +22,9 @@ class CallStats:
     recomputed_tokens counts tokens recomputed *because* reused KV was not trusted (they are
     part of computed_tokens). reuse_rate = 1 - computed_tokens / prompt_tokens.
     ttft_s counts everything on the call's critical path up to the first generated token.
-    Fidelity fields (kl, top1_agree, greedy_match) are filled only with ``shadow=True``.
+    Fidelity fields (kl, top1_agree, greedy_match) are filled only with ``shadow=True``;
+    ``stages`` (seconds per pipeline stage, ``kvshare.profile``) only with
+    ``EngineConfig(profile=True)``.
     """
 
     mode: str
@@ -41,6 +43,7 @@ class CallStats:
     kl: float | None = None
     top1_agree: bool | None = None
     greedy_match: int | None = None
+    stages: dict[str, float] | None = None
 
     @property
     def reuse_rate(self) -> float:

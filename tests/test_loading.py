@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvshare import Engine
+from kvshare import Engine, model_cache
 from kvshare import model as model_loading
 from kvshare.errors import (
     CacheDirError,
@@ -97,7 +97,7 @@ def test_conversion_is_atomic(tmp_path, monkeypatch):
         (out / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("killed mid-way")
 
-    monkeypatch.setattr(model_loading, "_write_converted", crash)
+    monkeypatch.setattr(model_cache, "_write_converted", crash)
     with pytest.raises(RuntimeError):
         model_loading.converted_dir(gguf)
     models = tmp_path / "home" / "models"
@@ -109,7 +109,7 @@ def test_conversion_is_atomic(tmp_path, monkeypatch):
         calls.append(out)
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(model_loading, "_write_converted", ok)
+    monkeypatch.setattr(model_cache, "_write_converted", ok)
     final = model_loading.converted_dir(gguf)
     assert (final / model_loading.COMPLETE_MARKER).is_file()
     assert model_loading.converted_dir(gguf) == final and len(calls) == 1  # converted once
@@ -137,7 +137,7 @@ def fake_conversion(monkeypatch, tiny_dirs) -> list[Path]:
         calls.append(out)
         shutil.copytree(tiny_dirs["llama"], out, dirs_exist_ok=True)
 
-    monkeypatch.setattr(model_loading, "_write_converted", copy)
+    monkeypatch.setattr(model_cache, "_write_converted", copy)
     return calls
 
 
@@ -145,13 +145,13 @@ def fake_conversion(monkeypatch, tiny_dirs) -> list[Path]:
 def hashed(monkeypatch) -> list[Path]:
     """Every file the cache reads in full to hash it."""
     calls: list[Path] = []
-    original = model_loading._sha256_file
+    original = model_cache._sha256_file
 
     def counting(path: Path) -> str:
         calls.append(path)
         return original(path)
 
-    monkeypatch.setattr(model_loading, "_sha256_file", counting)
+    monkeypatch.setattr(model_cache, "_sha256_file", counting)
     return calls
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -110,3 +112,40 @@ def test_tenant_b_is_independent_of_tenant_a(tiny_engine, mode):
         glob = tiny_engine.fork(mode=mode, share_scope="global")
         _tenant_a(glob)
         assert _tenant_b(glob, mode) != _tenant_b(tiny_engine.fork(mode=mode), mode)
+
+
+def test_concurrent_tenants_match_a_serial_replay(tiny_engine):
+    """A's threads and B's thread interleave (decode slices of 2 tokens pass the model around);
+    B's results equal B's workflow run alone, A's calls equal a serial replay of A's own."""
+    alone = _tenant_b(tiny_engine.fork(mode="kvshare", decode_slice=2), "kvshare")
+    eng = tiny_engine.fork(mode="kvshare", decode_slice=2)
+    got: dict[str, object] = {}
+    errors: list[BaseException] = []
+
+    def run(name: str, work) -> None:
+        try:
+            got[name] = work()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    a_calls = [team(r, DOC[::-1]) for r in ("planner", "critic", "judge")]
+
+    def tenant_a(i: int):
+        msgs = a_calls[i]
+        return eng.chat(msgs, tenant=f"A{i}", agent="x", max_new_tokens=9).tokens
+
+    threads = [
+        threading.Thread(target=run, args=(f"a{i}", lambda i=i: tenant_a(i))) for i in range(3)
+    ]
+    threads.append(threading.Thread(target=run, args=("b", lambda: _tenant_b(eng, "kvshare"))))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got["b"] == alone
+    serial = tiny_engine.fork(mode="kvshare", decode_slice=2)
+    for i in range(3):
+        assert (
+            got[f"a{i}"]
+            == serial.chat(a_calls[i], tenant=f"A{i}", agent="x", max_new_tokens=9).tokens
+        )

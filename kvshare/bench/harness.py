@@ -46,6 +46,7 @@ class BenchReport(BaseModel):
     torch: str
     created: str
     calls: list[dict[str, object]]
+    random_weights: bool = False  # timing only: fidelity and task scores are n/a
 
 
 def machine_description(engine: Engine) -> str:
@@ -127,6 +128,8 @@ def run_bench(
     Shadow fidelity (a full prefill beside each call, after its first token) runs for every
     mode but ``full``.
     """
+    random_weights = bool(getattr(base.loaded, "random_weights", False))
+    shadow = shadow and not random_weights  # fidelity of random weights means nothing
     modes = list(dict.fromkeys(["full", *modes]))
     engines = {m: base.fork(mode=m, **(options or {}).get(m, {})) for m in modes}
     runs: dict[str, list[list[CallStats]]] = {m: [] for m in modes}
@@ -147,7 +150,7 @@ def run_bench(
                 )
                 runs[mode].append(stats)
                 peaks[mode].append(peak)
-                score = workload.score(item, outs)
+                score = None if random_weights else workload.score(item, outs)
                 if score is not None:
                     scores[mode].append(score)
                 calls += [
@@ -170,4 +173,5 @@ def run_bench(
         torch=torch.__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         calls=calls,
+        random_weights=random_weights,
     )

@@ -22,11 +22,17 @@ def markdown(report: BenchReport) -> str:
         "mean KL | top-1 | greedy match | task score | peak stored KV (MiB) | anchor pool (MiB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    na = "n/a (random weights)"
     for m in report.modes:
+        fidelity = (
+            f"{na} | {na} | {na} | {na}"
+            if report.random_weights
+            else f"{_fmt(m.mean_kl, '.4f')} | {_fmt(m.top1_agree, '.1%')} | "
+            f"{_fmt(m.median_greedy_match, '.0f')} | {_fmt(m.task_score, '.1f')}"
+        )
         lines.append(
             f"| {m.mode} | {m.token_reuse:.1%} | {m.call_reuse:.0%} | {m.ttft_s[-1]:.3f} | "
-            f"{m.speedup[-1]:.2f}× | {_fmt(m.mean_kl, '.4f')} | {_fmt(m.top1_agree, '.1%')} | "
-            f"{_fmt(m.median_greedy_match, '.0f')} | {_fmt(m.task_score, '.1f')} | "
+            f"{m.speedup[-1]:.2f}× | {fidelity} | "
             f"{m.peak_kv_bytes / 2**20:.1f} | {m.anchor_pool_bytes / 2**20:.1f} |"
         )
     lines += ["", "TTFT per agent position (s), speedup vs full in brackets:", ""]

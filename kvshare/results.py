@@ -1,0 +1,87 @@
+"""What a call returns and records: ChatResult, CallStats from a prefill, memory usage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from kvshare.correct import RunEstimate
+from kvshare.decode import DecodeResult
+from kvshare.errors import NonFiniteError
+from kvshare.kernels import KV
+from kvshare.relocate import Assembly
+from kvshare.request import Request
+from kvshare.stats import CallStats
+
+
+class Prefilled(NamedTuple):
+    """A call's prefill: KV [L, H, S, D], last logits [V], recomputed mask [S], its
+    assembly, anchor estimates, and the gains fitted on the way (not yet recorded)."""
+
+    kv: KV
+    logits: torch.Tensor
+    done: torch.Tensor
+    asm: Assembly
+    estimates: list[RunEstimate]
+    gains: list[tuple[str, float, float]]
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """text: the reply (stop strings cut off); tokens: generated ids; stats: see CallStats."""
+
+    text: str
+    tokens: list[int]
+    stats: CallStats
+
+
+class MemoryUsage(NamedTuple):
+    """Bytes an engine holds: radix prefix cache, segment (trace) store, anchor pools."""
+
+    prefix_cache: int
+    segments: int
+    anchors: int
+
+    @property
+    def total(self) -> int:
+        return self.prefix_cache + self.segments + self.anchors
+
+
+def check_finite(what: str, *tensors: torch.Tensor) -> None:
+    """Raise NonFiniteError when any tensor holds NaN or inf (one reduction each)."""
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise NonFiniteError(
+            f"{what} hold NaN or infinite values (model weights, dtype overflow?); nothing "
+            f"from this call was stored"
+        )
+
+
+def call_stats(
+    mode: str,
+    req: Request,
+    pre: Prefilled,
+    dec: DecodeResult,
+    ttft: float,
+    decode_s: float,
+    fidelity: dict[str, Any],
+) -> CallStats:
+    asm, done, n = pre.asm, pre.done, len(req.prompt)
+    relocated = int((asm.relocated & ~done).sum())
+    return CallStats(
+        mode=mode,
+        prompt_tokens=n,
+        prefix_hit_tokens=asm.prefix,
+        relocated_tokens=relocated,
+        recomputed_tokens=int((asm.relocated & done).sum()),
+        computed_tokens=n - asm.prefix - relocated,
+        output_tokens=len(dec.tokens),
+        ttft_s=ttft,
+        decode_tok_s=(len(dec.tokens) - 1) / decode_s if decode_s > 0 else 0.0,
+        finish_reason=dec.finish_reason,
+        agent=req.agent,
+        session=req.session,
+        tenant=req.tenant,
+        **fidelity,
+    )
