@@ -33,10 +33,8 @@ def position_mask(q_pos: Tensor, k_pos: Tensor, dtype: torch.dtype) -> Tensor:
     0 where the key's position is at or before the query's, the dtype's minimum elsewhere (a
     float mask: bool 4D masks are silently wrong under eager attention).
     """
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+    hidden = k_pos[None, :] > q_pos[:, None]  # one pass to build, one to scale
+    return (hidden.to(dtype) * torch.finfo(dtype).min)[None, None]
 
 
 def _is_increasing(positions: Tensor) -> bool:
@@ -55,7 +53,8 @@ def _causal_tail(
         **cache_kwargs(model, past),
         logits_to_keep=0 if all_logits else 1,
     )
-    kv = splice([slice_tokens(cache, 0, first), KV.from_cache(output_cache(out), first)])
+    fresh = KV.from_cache(output_cache(out), first)
+    kv = splice([slice_tokens(cache, 0, first), fresh]) if first else fresh
     recomputed = torch.arange(first, ids.numel(), device=ids.device)
     return PrefillResult(kv, out.logits[0].float(), recomputed, False)
 

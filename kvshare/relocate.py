@@ -31,8 +31,9 @@ class Run:
 class Assembly:
     """The prompt's cache before the prefill.
 
-    cache: KV [L, H, S, D]: exact prefix ``[0, prefix)``, relocated runs in place, zeros in the
-    slots that must be computed. relocated: [S] bool, True on relocated slots.
+    cache: KV [L, H, S, D]: exact prefix ``[0, prefix)``, relocated runs in place; the slots
+    that must be computed are unset (uninitialised memory, written by the prefill before any
+    read). relocated: [S] bool, True on relocated slots.
     """
 
     cache: KV
@@ -74,6 +75,9 @@ def assemble(
 ) -> Assembly:
     """Build the [L, H, n, D] cache of a prompt of n tokens from a prefix and relocated runs."""
     layers, heads, dim = dims
+    # Slots that will be computed are left unset: every such token is in the prefill's
+    # selection at every layer, so its slot is written before any attention reads it (and
+    # the engine checks the call's KV is finite before storing it).
     keys = torch.empty(layers, heads, n, dim, dtype=dtype, device=device)
     values = torch.empty_like(keys)
     prefix = prefix_kv.length if prefix_kv is not None else 0
@@ -86,9 +90,4 @@ def assemble(
         keys[:, :, run.start : run.end] = kv.keys.to(device=device, dtype=dtype)
         values[:, :, run.start : run.end] = kv.values.to(device=device, dtype=dtype)
         relocated[run.start : run.end] = True
-    fresh = ~relocated
-    fresh[:prefix] = False
-    if fresh.any():  # zeros, not garbage, in the slots that will be computed
-        keys[:, :, fresh] = 0
-        values[:, :, fresh] = 0
     return Assembly(KV(keys, values), prefix, tuple(runs), relocated)
