@@ -18,8 +18,6 @@ from kvshare.validate import (
 
 MODES = ("full", "prefix", "blend", "anchor", "kvshare")
 IMPLEMENTED_MODES = MODES
-RELOCATING_MODES = ("blend", "anchor", "kvshare")
-ANCHORED_MODES = ("anchor", "kvshare")
 SHARE_SCOPES = ("session", "tenant", "global")
 STORAGES = ("float32", "float16", "int8")
 

@@ -10,11 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from kvshare.anchors import AnchorPool, Estimate, at_positions, position_free, token_features
-from kvshare.config import EngineConfig
 from kvshare.kernels import KV, Narrow, slice_tokens
 from kvshare.prompt import Prompt
 from kvshare.relocate import Assembly, Run, relocated_kv
-from kvshare.select import Plan
 
 
 @dataclass(frozen=True)
@@ -183,34 +181,3 @@ class ValidatedOffsets:
             if self.record is not None:
                 self.record(e.key, gk, gv)
         return KV(keys, values)
-
-
-def put_offsets(
-    config: EngineConfig,
-    pool: AnchorPool | None,
-    asm: Assembly,
-    estimates: list[RunEstimate],
-    plan: Plan,
-    rotary: nn.Module,
-    record: Callable[[str, float, float], None] | None = None,
-) -> Narrow | None:
-    """Put the anchor offsets into ``asm.cache``; returns the gradual prefill's rule, if any.
-
-    ``kvshare`` validates them at the first check layer of its gradual prefill (the rule
-    returned wraps ``plan.narrow`` in :class:`ValidatedOffsets`; its fitted gains go to
-    ``record``, the caller commits them); without a check layer above 0 it applies them
-    scaled by the gains earlier calls fitted for their keys. ``anchor``
-    applies them whole, as KVCOMM does.
-    """
-    max_d = config.anchor_max_distance
-    if pool is None or not estimates:
-        return plan.narrow
-    if config.mode != "kvshare":
-        apply_estimates(asm.cache, estimates, rotary, max_d)
-        return plan.narrow
-    if plan.narrow is None or plan.checks[0] == 0:  # layer-0 offsets are 0: nothing to fit
-        gains = [pool.gain(e.key) for e in estimates]
-        apply_estimates(asm.cache, estimates, rotary, max_d, gains)
-        return plan.narrow
-    first = plan.checks[0]
-    return ValidatedOffsets(plan.narrow, estimates, asm.cache, rotary, max_d, first, record)

@@ -11,13 +11,14 @@ import torch
 
 from kvshare import model as model_loading
 from kvshare.anchors import AnchorPool, ModelIdentity
-from kvshare.config import ANCHORED_MODES, RELOCATING_MODES, EngineConfig
-from kvshare.correct import RunEstimate, commit_hits, estimate_runs, learn, put_offsets
+from kvshare.config import EngineConfig
+from kvshare.correct import RunEstimate, commit_hits, estimate_runs, learn
 from kvshare.decode import cut_at_stop, decode, sample, stop_checker
 from kvshare.errors import ConfigError, ScopeError
 from kvshare.fidelity import adapt_ratio, compare, full_prefill
 from kvshare.kernels import KV, gradual_prefill, partial_prefill, splice
 from kvshare.learned import LearnedState, ScopeState
+from kvshare.policy import POLICIES, OffsetStep
 from kvshare.profile import StageClock
 from kvshare.prompt import Prompt, token_hash
 from kvshare.radix import RadixCache
@@ -25,7 +26,6 @@ from kvshare.relocate import Assembly, Run, assemble, find_runs
 from kvshare.request import Request, make_request
 from kvshare.results import ChatResult, MemoryUsage, Prefilled, call_stats, check_finite
 from kvshare.scope import Scope, scope_of
-from kvshare.select import choose
 from kvshare.stats import GREEDY_CAP, CallLedger, CallStats, SessionStats
 from kvshare.store import LRUSegmentStore, NullSegmentStore, SegmentStore, StoredSegment
 from kvshare.turns import TurnLock
@@ -50,13 +50,14 @@ class Engine:
                 f"({layers} layers); pick one in [0, {layers - 1}]"
             )
         self.prefix_cache = RadixCache(self.config.prefix_cache_bytes)
-        traces = self.config.store_segments and self.config.mode in RELOCATING_MODES
+        self.policy = POLICIES.create(self.config.mode)
+        traces = self.config.store_segments and self.policy.relocates
         self.segments: SegmentStore = (
             LRUSegmentStore(self.config.segment_store_bytes) if traces else NullSegmentStore()
         )
         self.rotary = self.model.model.rotary_emb
         self.eos_ids = self._eos_ids()
-        self.learned = LearnedState(self.config)
+        self.learned = LearnedState(self.config, self.policy.anchored)
         self.ledger = CallLedger(self.config.call_log_size)
         self._turns = TurnLock()
 
@@ -162,7 +163,7 @@ class Engine:
 
         Raises ConfigError in modes without anchors (``full``, ``prefix``, ``blend``).
         """
-        if self.config.mode not in ANCHORED_MODES:
+        if not self.policy.anchored:
             raise ConfigError(f"mode {self.config.mode!r} keeps no anchors")
         pool = self.learned.get(self._named_scope(tenant, session)).pool
         assert pool is not None
@@ -189,7 +190,7 @@ class Engine:
         Raises StateFileError (corrupt, truncated, unknown version, bad checksum, non-finite
         values) or ModelMismatchError (saved for another model); the scope keeps its pool then.
         """
-        if self.config.mode not in ANCHORED_MODES:
+        if not self.policy.anchored:
             raise ConfigError(f"mode {self.config.mode!r} keeps no anchors")
         scope = self._named_scope(tenant, session)
         pool = AnchorPool.load(path, identity=ModelIdentity.of(self.model))
@@ -213,13 +214,13 @@ class Engine:
     def _plan(self, scope: Scope, prompt: Prompt, clock: StageClock | None = None) -> Assembly:
         """Exact prefix, then (relocating modes) stored runs; tiny reuse is not worth it."""
         clock = clock or StageClock(False, self.device)
-        n, mode = len(prompt), self.config.mode
+        n, policy = len(prompt), self.policy
         parts: list[KV] = []
         runs: list[Run] = []
         with clock.stage("plan"):
-            if mode != "full" and not scope.anonymous:
+            if policy.keeps_kv and not scope.anonymous:
                 hit, parts = self.prefix_cache.match(scope, prompt.ids[:-1])  # last: computed
-                if mode in RELOCATING_MODES:
+                if policy.relocates:
                     runs = find_runs(prompt, hit, scope, self.segments)
                 if hit + sum(r.length for r in runs) < max(1, self.config.min_reuse_share * n):
                     parts, runs = [], []  # a sliver: recompute
@@ -248,10 +249,10 @@ class Engine:
                 )
         gains: list[tuple[str, float, float]] = []
         with clock.stage("choose"):
-            plan = choose(self.config, asm, ests, state.ratio)
-            narrow = put_offsets(
-                self.config, pool, asm, ests, plan, self.rotary, lambda *g: gains.append(g)
-            )
+            plan = self.policy.choose(self.config, asm, ests, state.ratio)
+            record = lambda *g: gains.append(g)  # noqa: E731 - committed after the call
+            step = OffsetStep(self.config, pool, asm, ests, plan, self.rotary, record)
+            narrow = self.policy.offsets(step)
         with clock.stage("prefill"):
             if narrow is not None:
                 res = gradual_prefill(
@@ -334,7 +335,7 @@ class Engine:
         (the trace keeps it without a copy). ``full`` mode is the no-reuse oracle and keeps
         nothing; an anonymous scope (no session in session scope) shares with no one.
         """
-        if self.config.mode == "full" or req.scope.anonymous:
+        if not self.policy.keeps_kv or req.scope.anonymous:
             return
         prompt, scope = req.prompt, req.scope
         ids = tuple(prompt.ids) + tuple(tokens[:-1])  # the last token was never fed: no KV
@@ -373,6 +374,6 @@ class Engine:
             self.learned.fit_budget(req.scope)
             learn(state.pool, pre.estimates, full[0], pre.asm.relocated, self.rotary)
         c = self.config
-        if c.mode == "kvshare" and c.adaptive and pre.asm.runs:
+        if self.policy.adapts and c.adaptive and pre.asm.runs:
             state.ratio = adapt_ratio(state.ratio, out["kl"], c.target_kl, c.max_recompute_ratio)
         return out

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from kvshare.anchors import AnchorConfig, AnchorPool
-from kvshare.config import ANCHORED_MODES, EngineConfig
+from kvshare.config import EngineConfig
 from kvshare.scope import Scope
 
 
@@ -30,17 +30,18 @@ class ScopeState:
 
 class LearnedState:
     """Per-scope :class:`ScopeState`, created on first use; anonymous scopes get a fresh state
-    that is never kept. Thread-safe."""
+    that is never kept. ``anchored``: the mode keeps anchor pools. Thread-safe."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, anchored: bool) -> None:
         self.config = config
+        self.anchored = anchored
         self._states: OrderedDict[Scope, ScopeState] = OrderedDict()
         self._lock = threading.Lock()
 
     def _fresh(self) -> ScopeState:
         c = self.config
         pool = None
-        if c.mode in ANCHORED_MODES:
+        if self.anchored:
             pool = AnchorPool(
                 AnchorConfig(
                     neighbours=c.neighbours,

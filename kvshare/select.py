@@ -9,7 +9,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kvshare.config import EngineConfig
 from kvshare.kernels import KV
 from kvshare.relocate import Assembly
 
@@ -139,32 +138,3 @@ class Plan(NamedTuple):
     sel: Tensor
     checks: tuple[int, ...] = ()
     narrow: DeviationFilter | None = None
-
-
-def choose(config: EngineConfig, asm: Assembly, estimates: list, ratio: float) -> Plan:
-    """What to (re)compute for ``config.mode``.
-
-    Always: tokens never seen and the last prompt token. ``blend``/``kvshare``: plus the first
-    ``sink_tokens`` of every run, and a gradual prefill over every relocated token that keeps
-    the top ``ratio`` of them by check-layer deviation (measured against ``asm.cache``, i.e.
-    after anchor offsets in ``kvshare``). ``anchor``: everything when KVCOMM's entropy rule
-    says the anchors are not trusted.
-    """
-    forced = asm.fresh
-    forced[-1] = True
-    mode = config.mode
-    if mode == "anchor" and anchor_fallback(estimates, config.anchor_gamma, config.neighbours):
-        forced[:] = True
-    elif mode in ("blend", "kvshare") and asm.runs:
-        forced |= sink_mask(asm, config.sink_tokens) & asm.relocated
-        if mode == "kvshare" and config.recent_tokens:
-            forced |= recent_mask(asm, config.recent_tokens)
-        forced[: asm.prefix] = False
-        budget = round(ratio * int(asm.relocated.sum()))
-        if budget > 0 and bool((asm.relocated & ~forced).any()):
-            unc = uncertainty_order(estimates) if mode == "kvshare" and estimates else None
-            thr = config.deviation_threshold if mode == "kvshare" else None
-            checks, narrow = deviation_filter(asm, forced, budget, config.check_layers, unc, thr)
-            return Plan((forced | asm.relocated).nonzero().flatten(), checks, narrow)
-    forced[: asm.prefix] = False
-    return Plan(forced.nonzero().flatten())

@@ -92,3 +92,16 @@ def test_a_random_weight_bench_reports_no_fidelity(tokenizer):
     rep = run_bench(eng, w, ["kvshare"], repeats=1, progress=False)
     assert rep.random_weights and all(m.mean_kl is None for m in rep.modes)
     assert "n/a (random weights)" in markdown(rep)
+
+
+def test_every_mode_is_a_registered_policy():
+    from kvshare.config import MODES
+    from kvshare.policy import POLICIES
+
+    assert POLICIES.names == MODES
+    flags = {m: POLICIES.create(m) for m in MODES}
+    assert not flags["full"].keeps_kv and flags["prefix"].keeps_kv
+    assert [m for m in MODES if flags[m].relocates] == ["blend", "anchor", "kvshare"]
+    assert [m for m in MODES if flags[m].anchored] == ["anchor", "kvshare"]
+    with pytest.raises(ConfigError, match="choose one of full, prefix"):
+        POLICIES.create("turbo")
