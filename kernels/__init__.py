@@ -3,6 +3,7 @@
 Shape glossary: B batch, L layers, H kv heads, S tokens, D head dim, N selected, V vocabulary.
 """
 
+from kvshare.kernels.growing import GrowingCache
 from kvshare.kernels.kv import (
     KV,
     cache_kwargs,
@@ -18,6 +19,7 @@ from kvshare.kernels.rope import shift_kv, shift_rope
 
 __all__ = [
     "KV",
+    "GrowingCache",
     "Narrow",
     "PrefillResult",
     "cache_kwargs",

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kvshare.kernels import KV, cache_kwargs, output_cache
+from kvshare.kernels import KV, GrowingCache, cache_kwargs
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,8 @@ def decode(
     pass_turn: called after every ``turn_tokens`` generated tokens (the engine lets waiting
     calls run there; this call's KV is its own, so nothing it reads can change).
     """
-    cache = prompt_kv.to_cache()
     pos = prompt_kv.length
+    cache = GrowingCache(prompt_kv, pos + max(0, min(max_new_tokens, context_length - pos) - 1))
     device = prompt_kv.keys.device
     tokens = [first]
     reason = "length"
@@ -84,15 +84,16 @@ def decode(
         out = model(
             input_ids=torch.tensor([[tokens[-1]]], device=device),
             position_ids=torch.tensor([[pos]], device=device),
+            attention_mask=torch.zeros(1, 1, 1, pos + 1, dtype=cache.keys.dtype, device=device),
             use_cache=True,
             **cache_kwargs(model, cache),
         )
-        cache = output_cache(out)
+        cache.advance(1)
         pos += 1
         tokens.append(sample(out.logits[0, -1], params, generator))
         if pass_turn is not None and len(tokens) % turn_tokens == 0:
             pass_turn()
-    return DecodeResult(tokens, KV.from_cache(cache), reason)
+    return DecodeResult(tokens, cache.kv(), reason)
 
 
 def stop_checker(tokenizer: Any, stop: Sequence[str]) -> Callable[[list[int]], bool] | None:

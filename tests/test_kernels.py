@@ -302,3 +302,26 @@ def test_gradual_prefill_kept_tokens_equal_partial_prefill_over_fresh_lower_laye
     assert (res.kv.keys - ref.kv.keys).abs().max() <= 1e-5
     assert (res.kv.values - ref.kv.values).abs().max() <= 1e-5
     assert not torch.allclose(res.kv.keys[1:, :, kept], stale.keys[1:, :, kept])
+
+
+def test_growing_cache_decodes_like_a_dynamic_cache():
+    """Greedy decode over the preallocated cache equals transformers' own cache, token for
+    token, and its KV equals the one a DynamicCache accumulates."""
+    from kvshare.kernels import GrowingCache
+
+    from kvshare.decode import SamplingParams, decode
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 1000, (1, 20))
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        ref = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    prompt_kv = KV.from_cache(output_cache(out))
+    first = int(out.logits[0, -1].argmax())
+    res = decode(
+        model, prompt_kv, first, 8, params=SamplingParams(), eos_ids=set(), context_length=4096
+    )
+    assert res.tokens == ref[0, 20:].tolist()
+    assert res.kv.length == 27 and res.kv.keys.is_contiguous()
+    with pytest.raises(ValueError, match="capacity"):
+        GrowingCache(prompt_kv, 5)
