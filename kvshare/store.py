@@ -13,9 +13,11 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from kvshare.kernels import KV
+from kvshare.prompt import common_prefix
 
 StoreKey = tuple[Hashable, str]  # (scope, content hash)
 
@@ -87,10 +89,7 @@ def greedy_matches(query: Sequence[int], candidates: Any, min_len: int) -> list[
     while i + min_len <= n:
         best: Match | None = None
         for seg, off in candidates(i):
-            length = 0
-            limit = min(n - i, len(seg.tokens) - off)
-            while length < limit and seg.tokens[off + length] == query[i + length]:
-                length += 1
+            length = common_prefix(islice(seg.tokens, off, None), islice(query, i, None))
             if length >= min_len and (best is None or length > best.length):
                 best = Match(i, length, seg, off)
         if best is None:

