@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from kvshare.kernels.kv import KV, cache_kwargs
 from kvshare.kernels.prefill import PrefillResult, position_mask
-from kvshare.kernels.rope import _rotate_half
 from kvshare.kernels.slots import SlotCache
 from torch import Tensor, nn
+
+from kvshare.adapter import ModelAdapter
 
 Narrow = Callable[[int, Tensor, KV, KV], Tensor]
 """(layer, sel [N], fresh KV [1, H, N, D], previous KV [1, H, N, D]) -> keep [N] bool."""
@@ -21,19 +21,9 @@ def _layer_kv(cache: KV, layer: int, sel: Tensor) -> KV:
 
 
 def layer_kv(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> KV:
-    """The K/V a decoder layer caches for ``hidden`` [1, N, E], keys rotated: KV [1, H, N, D].
-
-    Only the input norm and the K/V projections (what the layer's own attention would compute
-    before it attends); cos, sin: [1, N, D] of the tokens' positions.
-    """
-    attn: Any = layer.self_attn
-    norm: Any = layer.input_layernorm
-    x = norm(hidden)
-    shape = (*x.shape[:-1], -1, attn.head_dim)
-    keys = attn.k_proj(x).view(shape).transpose(1, 2)  # [1, H, N, D]
-    values = attn.v_proj(x).view(shape).transpose(1, 2)
-    keys = keys * cos[:, None] + _rotate_half(keys) * sin[:, None]
-    return KV(keys, values)
+    """The K/V a decoder layer caches for ``hidden`` [1, N, E], keys rotated: KV [1, H, N, D]
+    (see :meth:`kvshare.adapter.ModelAdapter.layer_kv`); cos, sin: [1, N, D]."""
+    return ModelAdapter.layer_kv(layer, hidden, cos, sin)
 
 
 @torch.inference_mode()
@@ -63,16 +53,17 @@ def gradual_prefill(
 
     Returns PrefillResult with ``recomputed`` = the tokens computed through every layer.
     """
-    inner: Any = model.model  # LlamaModel / Qwen2Model / MistralModel
+    parts = ModelAdapter(model)
     sel = torch.unique(sel.to(torch.long))
     q_pos = positions[sel]
     mask = position_mask(q_pos, positions, cache.keys.dtype)
     past = SlotCache(cache, sel)
-    hidden = inner.embed_tokens(ids[sel][None])
-    cos, sin = inner.rotary_emb(hidden, q_pos[None])
-    last_layer = len(inner.layers) - 1
+    hidden = parts.embed(ids[sel])
+    cos, sin = parts.rope(hidden, q_pos)
+    layers = parts.layers
+    last_layer = len(layers) - 1
     checks = {c for c in check_layers if c < last_layer}
-    for index, layer in enumerate(inner.layers):
+    for index, layer in enumerate(layers):
         if index in checks:
             fresh = layer_kv(layer, hidden, cos, sin)
             keep = narrow(index, sel, fresh, _layer_kv(cache, index, sel)).clone()
@@ -90,6 +81,5 @@ def gradual_prefill(
             **cache_kwargs(layer, past),
         )
     last = q_pos.argmax().reshape(1)
-    head: Any = model.lm_head
-    logits = head(inner.norm(hidden[:, last]))
+    logits = parts.logits(hidden[:, last])
     return PrefillResult(cache, logits[0].float(), sel, True)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from kvshare import model as model_loading
+from kvshare.adapter import ModelAdapter
 from kvshare.anchors import AnchorPool, ModelIdentity
 from kvshare.config import EngineConfig
 from kvshare.correct import RunEstimate, commit_hits, estimate_runs, learn
@@ -43,6 +44,7 @@ class Engine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = config or EngineConfig()
+        self.adapter = ModelAdapter(self.model)
         layers = self._kv_dims()[0]
         if self.config.feature_layer >= layers:
             raise ConfigError(
@@ -55,7 +57,7 @@ class Engine:
         self.segments: SegmentStore = (
             LRUSegmentStore(self.config.segment_store_bytes) if traces else NullSegmentStore()
         )
-        self.rotary = self.model.model.rotary_emb
+        self.rotary = self.adapter.rotary
         self.eos_ids = self._eos_ids()
         self.learned = LearnedState(self.config, self.policy.anchored)
         self.ledger = CallLedger(self.config.call_log_size)
@@ -203,10 +205,7 @@ class Engine:
 
     # ---------------------------------------------------------------- pipeline
     def _kv_dims(self) -> tuple[int, int, int]:
-        cfg = self.model.config
-        heads = cfg.num_key_value_heads or cfg.num_attention_heads
-        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cfg.num_hidden_layers, heads, dim
+        return self.adapter.kv_dims
 
     def _empty(self) -> KV:
         return KV.empty(shape=self._kv_dims(), dtype=self.model.dtype, device=self.device)

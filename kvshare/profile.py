@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from kvshare.adapter import ModelAdapter
+
 STAGES = (
     "render",
     "plan",
@@ -74,7 +76,7 @@ class LayerTimer:
     """
 
     def __init__(self, model: Any) -> None:
-        self.layers = list(model.model.layers)
+        self.layers = ModelAdapter(model).layers
         self.device = next(model.parameters()).device
         self.seconds = 0.0
         self._t0 = 0.0
