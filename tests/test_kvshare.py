@@ -6,7 +6,7 @@ import pytest
 
 from kvshare.errors import ConfigError
 from kvshare.scope import Scope
-from tests.test_relocation import team
+from tests.factories import team
 
 TENANT_SCOPE = Scope("tenant")  # the scope of calls without a tenant id
 

@@ -9,18 +9,9 @@ from kvshare.kernels import KV, output_cache
 from kvshare.relocate import assemble, find_runs
 from kvshare.scope import Scope
 from kvshare.select import score_deviation
+from tests.factories import DOC, team
 
 TENANT_SCOPE = Scope("tenant")  # the scope of calls without a tenant id
-
-DOC = "The lighthouse keeper counted ships every night and wrote each name in a ledger. " * 4
-
-
-def team(role: str, extra: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
-    return [
-        {"role": "system", "content": f"You are the {role}. Be brief and factual."},
-        {"role": "user", "content": DOC},
-        *(extra or []),
-    ]
 
 
 def test_relocating_into_the_same_context_is_exact(tiny_engine):
