@@ -160,14 +160,18 @@ class Engine:
             )
         return scope
 
+    def _anchored_scope(self, tenant: str | None, session: str | None) -> Scope:
+        """The named scope of an anchor-pool operation; ConfigError in modes without anchors."""
+        if not self.policy.anchored:
+            raise ConfigError(f"mode {self.config.mode!r} keeps no anchors")
+        return self._named_scope(tenant, session)
+
     def anchor_pool(self, tenant: str | None = None, session: str | None = None) -> AnchorPool:
         """The anchor pool of a sharing scope (created empty if the scope has none yet).
 
         Raises ConfigError in modes without anchors (``full``, ``prefix``, ``blend``).
         """
-        if not self.policy.anchored:
-            raise ConfigError(f"mode {self.config.mode!r} keeps no anchors")
-        pool = self.learned.get(self._named_scope(tenant, session)).pool
+        pool = self.learned.get(self._anchored_scope(tenant, session)).pool
         assert pool is not None
         return pool
 
@@ -192,9 +196,7 @@ class Engine:
         Raises StateFileError (corrupt, truncated, unknown version, bad checksum, non-finite
         values) or ModelMismatchError (saved for another model); the scope keeps its pool then.
         """
-        if not self.policy.anchored:
-            raise ConfigError(f"mode {self.config.mode!r} keeps no anchors")
-        scope = self._named_scope(tenant, session)
+        scope = self._anchored_scope(tenant, session)
         pool = AnchorPool.load(path, identity=ModelIdentity.of(self.model))
         c = self.config
         pool.config = dataclasses.replace(
@@ -283,7 +285,7 @@ class Engine:
             first = sample(pre.logits.cpu(), params, gen)
         ttft = time.perf_counter() - req.t0
         with clock.stage("learn"):
-            self._learn(req.scope, state, pre, pre.kv, pre.done & pre.asm.relocated)
+            self._learn(req.scope, state, pre)
         t1 = time.perf_counter()
         dec = decode(
             self.model,
@@ -306,22 +308,29 @@ class Engine:
             self._remember(req, dec.tokens, dec.kv)
         with clock.stage("shadow"):
             fidelity = self._shadow(req, state, pre, dec.tokens) if req.shadow else {}
-        stats = call_stats(self.config.mode, req, pre, dec, ttft, decode_s, fidelity)
-        stats = dataclasses.replace(stats, stages=clock.result())
+        stats = call_stats(
+            self.config.mode, req, pre, dec, ttft, decode_s, fidelity, clock.result()
+        )
         self.ledger.add(stats)
         return ChatResult(cut_at_stop(str(text), req.stop), dec.tokens, stats)
 
-    def _learn(
-        self, scope: Scope, state: ScopeState, pre: Prefilled, true_kv: KV, known: torch.Tensor
-    ) -> None:
-        """Commit what the prefill observed: anchor hits, fitted gains, new anchors."""
+    def _learn(self, scope: Scope, state: ScopeState, pre: Prefilled) -> None:
+        """Commit what the prefill observed: anchor hits, fitted gains, and the true deviation
+        of every relocated token it recomputed."""
         pool = state.pool
         if pool is None or not pre.estimates:
             return
         commit_hits(pool, pre.estimates)
         for key, gk, gv in pre.gains:
             pool.record_gain(key, gk, gv)
-        if scope.anonymous:
+        self._teach(scope, pool, pre, pre.kv, pre.done & pre.asm.relocated)
+
+    def _teach(
+        self, scope: Scope, pool: AnchorPool, pre: Prefilled, true_kv: KV, known: torch.Tensor
+    ) -> None:
+        """Admit Δ for the ``known`` [S] relocated tokens, room made across every scope's pool
+        first (the budget holds at every instant). An anonymous scope keeps nothing."""
+        if scope.anonymous or not pre.estimates:
             return
         reserve = pool.token_bytes(*self._kv_dims()) * int(known.sum())
         self.learned.fit_budget(scope, reserve=reserve)
@@ -339,13 +348,12 @@ class Engine:
         prompt, scope = req.prompt, req.scope
         ids = tuple(prompt.ids) + tuple(tokens[:-1])  # the last token was never fed: no KV
         self.prefix_cache.insert(scope, ids, kv)
-        if not self.segments.budget_bytes or (scope, token_hash(ids)) in self.segments:
+        digest = token_hash(ids) if self.segments.budget_bytes else ""
+        if not digest or (scope, digest) in self.segments:
             return
         bounds = tuple((s.start, f"m{s.index}") for s in prompt.segments)
         bounds += ((prompt.tail.start, "reply"),)
-        trace = StoredSegment(
-            scope, token_hash(ids), ids, kv, "trace", "", req.agent, 0, "m0", bounds
-        )
+        trace = StoredSegment(scope, digest, ids, kv, "trace", "", req.agent, 0, "m0", bounds)
         self.segments.put(trace)
 
     def _shadow(
@@ -369,9 +377,8 @@ class Engine:
             self.eos_ids,
             self.loaded.context_length,
         )
-        if state.pool is not None and pre.estimates and not req.scope.anonymous:
-            self.learned.fit_budget(req.scope)
-            learn(state.pool, pre.estimates, full[0], pre.asm.relocated, self.rotary)
+        if state.pool is not None:
+            self._teach(req.scope, state.pool, pre, full[0], pre.asm.relocated)
         c = self.config
         if self.policy.adapts and c.adaptive and pre.asm.runs:
             state.ratio = adapt_ratio(state.ratio, out["kl"], c.target_kl, c.max_recompute_ratio)

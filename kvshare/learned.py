@@ -84,19 +84,15 @@ class LearnedState:
         scopes first, ``current`` last."""
         budget = max(0, self.config.anchor_budget_bytes - reserve)
         with self._lock:
-            order = [s for s in self._states if s != current]
-            if current in self._states:
-                order.append(current)
-            for scope in order:
-                excess = (
-                    sum(s.pool.bytes_used for s in self._states.values() if s.pool is not None)
-                    - budget
-                )
+            pools = [(s, st.pool) for s, st in self._states.items() if st.pool is not None]
+            pools.sort(key=lambda item: item[0] == current)  # stable: LRU order, current last
+            excess = sum(pool.bytes_used for _, pool in pools) - budget
+            for _, pool in pools:
                 if excess <= 0:
                     return
-                pool = self._states[scope].pool
-                if pool is not None:
-                    pool.shrink(max(0, pool.bytes_used - excess))
+                before = pool.bytes_used
+                pool.shrink(max(0, before - excess))
+                excess -= before - pool.bytes_used
 
     def fingerprint(self) -> tuple:
         """Per kept scope: (scope, ratio, pool fingerprint); equal before and after a call

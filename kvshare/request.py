@@ -15,10 +15,10 @@ from typing import Any
 
 from kvshare.config import EngineConfig
 from kvshare.decode import SamplingParams
-from kvshare.errors import ConfigError, ContextLengthError
+from kvshare.errors import ContextLengthError
 from kvshare.prompt import Prompt, render
 from kvshare.scope import Scope, check_id, scope_of
-from kvshare.validate import check_bool, check_float, check_int
+from kvshare.validate import check_bool, check_float, check_int, check_str_tuple
 
 MAX_TEMPERATURE = 10.0  # documented cap; above ~2 sampling is close to uniform already
 SEED_RANGE = (0, (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
@@ -56,15 +56,7 @@ def check_stop(stop: Any) -> tuple[str, ...]:
     A str is one stop string (not its characters); dicts, sets and generators are rejected
     rather than guessed at.
     """
-    if stop is None:
-        return ()
-    items = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) and s for s in items):
-        raise ConfigError(
-            f"stop must be a non-empty str or a list of non-empty str, got "
-            f"{type(stop).__name__} {stop!r}"
-        )
-    return tuple(items)
+    return () if stop is None else check_str_tuple("stop", stop)
 
 
 def check_sampling(temperature: Any, top_p: Any, seed: Any) -> SamplingParams:
@@ -97,8 +89,8 @@ def make_request(
     ``config.max_new_tokens_cap``), PromptError (messages) or ContextLengthError.
     """
     t0 = time.perf_counter()
-    scope = scope_of(config.share_scope, tenant, session)
     tenant, session = check_id("tenant", tenant), check_id("session", session)
+    scope = scope_of(config.share_scope, tenant, session)
     agent = check_id("agent", agent)
     cap = config.max_new_tokens_cap
     n_new = check_int("max_new_tokens", max_new_tokens, 1, cap)

@@ -66,6 +66,7 @@ def call_stats(
     ttft: float,
     decode_s: float,
     fidelity: dict[str, Any],
+    stages: dict[str, float] | None = None,
 ) -> CallStats:
     asm, done, n = pre.asm, pre.done, len(req.prompt)
     relocated = int((asm.relocated & ~done).sum())
@@ -83,5 +84,6 @@ def call_stats(
         agent=req.agent,
         session=req.session,
         tenant=req.tenant,
+        stages=stages,
         **fidelity,
     )
