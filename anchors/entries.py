@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from kvshare.anchors.persist import KeyTensors
+from kvshare.kernels import kernels_for
 from torch import Tensor
 
 
@@ -131,20 +132,11 @@ def search(entry: KeyEntry, f: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     return dist, idx
 
 
-def weighted(entry: KeyEntry, index: Tensor, w: Tensor, chunk: int = 16) -> Tensor:
-    """Σ_j w[:, j]·Δ[index[:, j]] as [N, F]; index, w: [N, k].
-
-    A few rows at a time: their [rows, k, F] neighbours are decoded once and reduced with
-    one batched matmul while still in cache (a loop over neighbour ranks would stream the
-    whole [N, F] accumulator k times).
-    """
-    n, k = index.shape
-    out = torch.empty(n, entry.deltas[0].numel())
-    for s in range(0, n, chunk):
-        rows = index[s : s + chunk].flatten()
-        nb = decode(entry.deltas[rows], entry.scales[rows]).view(-1, k, out.shape[1])
-        out[s : s + chunk] = torch.bmm(w[s : s + chunk, None, :], nb)[:, 0]
-    return out
+def weighted(entry: KeyEntry, index: Tensor, w: Tensor) -> Tensor:
+    """Σ_j w[:, j]·Δ[index[:, j]] as [N, F] float32; index, w: [N, k] (the kernels
+    registry's ``weighted_delta`` on the pool's device, int8 scales applied)."""
+    deltas = entry.deltas.flatten(1)
+    return kernels_for(deltas.device).weighted_delta(deltas, entry.scales, index, w)
 
 
 # ---------------------------------------------------------------------- file format

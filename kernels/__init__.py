@@ -1,8 +1,10 @@
-"""Tensor operations of the hot path (torch reference implementations).
+"""Tensor operations of the hot path: torch reference implementations, and the kernels
+registry (``kernels_for``) that picks torch or Triton versions of the fused ops.
 
 Shape glossary: B batch, L layers, H kv heads, S tokens, D head dim, N selected, V vocabulary.
 """
 
+from kvshare.kernels.backends import KERNELS, kernels_for
 from kvshare.kernels.growing import GrowingCache
 from kvshare.kernels.kv import (
     KV,
@@ -14,10 +16,17 @@ from kvshare.kernels.kv import (
     splice,
 )
 from kvshare.kernels.layerwise import Narrow, gradual_prefill, layer_kv
+from kvshare.kernels.ops import KernelOps, Move
 from kvshare.kernels.prefill import PrefillResult, partial_prefill, position_mask
 from kvshare.kernels.rope import shift_kv, shift_rope
+from kvshare.kernels.torch_ops import TorchOps
 
 __all__ = [
+    "KERNELS",
+    "KernelOps",
+    "Move",
+    "TorchOps",
+    "kernels_for",
     "KV",
     "GrowingCache",
     "Narrow",

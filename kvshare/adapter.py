@@ -30,6 +30,16 @@ class ModelAdapter:
         rotary: nn.Module = self.inner.rotary_emb
         return rotary
 
+    @staticmethod
+    def rotary_of(config: Any) -> nn.Module:
+        """The rotary embedding a model of ``config`` would build, without its weights."""
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+        if config.model_type == "qwen2":
+            return Qwen2RotaryEmbedding(config)
+        return LlamaRotaryEmbedding(config)
+
     @property
     def layers(self) -> list[nn.Module]:
         return list(self.inner.layers)

@@ -9,6 +9,8 @@ from pathlib import Path
 from kvshare.config import IMPLEMENTED_MODES
 from kvshare.errors import KVShareError
 
+WORKLOADS = ["synthetic", "qa", "crossover", "overhead", "kernels"]
+
 
 def _engine(args: argparse.Namespace):
     from kvshare import Engine, EngineConfig
@@ -46,6 +48,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kvshare.bench import report
     from kvshare.bench.harness import run_bench
 
+    args.workload = args.target or args.workload
+    if args.workload == "kernels":
+        return _kernels(args)
     engine = _engine(args)
     if args.workload == "overhead":
         return _overhead(args, engine)
@@ -112,7 +117,7 @@ def _overhead(args: argparse.Namespace, engine) -> int:
 
     from kvshare.bench.overhead import markdown, measure
 
-    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    lengths = _lengths(args.lengths or "256,512,1024,2048")
     modes = [m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "anchor"]
     rows = measure(engine, lengths, modes=modes, items=args.items or 2, agents=args.agents)
     out = Path(args.out)
@@ -120,6 +125,41 @@ def _overhead(args: argparse.Namespace, engine) -> int:
     (out / "overhead.json").write_text(json.dumps([r.model_dump() for r in rows], indent=1))
     print(f"model {engine.loaded.source} on {engine.device}\n")
     print(markdown(rows))
+    return 0
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise KVShareError(f"--lengths wants positive integers like 256,1024; got {text!r}")
+    return lengths
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from kvshare.bench.kernels import Shape, markdown, measure
+    from kvshare.model import device_and_dtype
+
+    device, dtype = device_and_dtype(args.device, args.dtype or "bfloat16")
+    default = "256,1024,4096,8192" if device.type == "cuda" else "256,1024"
+    lengths = _lengths(args.lengths or default)
+    bar = tqdm(total=4 * len(lengths), desc="kernels", unit="op")
+    rows = measure(lengths, device, Shape(dtype=dtype), progress=lambda _: bar.update())
+    bar.close()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    text = markdown(rows, f"{name}, {str(dtype).replace('torch.', '')}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps([r.model_dump() for r in rows], indent=1))
+    (out / "kernels.md").write_text(text + "\n")
+    print(text)
     return 0
 
 
@@ -169,11 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="side-by-side benchmark of reuse modes")
     _add_model_args(bench)
     bench.add_argument(
+        "target",
+        nargs="?",
+        choices=WORKLOADS,
+        help="what to benchmark (same as --workload); `kvshare bench kernels`: the kernel ops",
+    )
+    bench.add_argument(
         "--workload",
         default="synthetic",
-        choices=["synthetic", "qa", "crossover", "overhead"],
-        help="synthetic N-agent workflow, real-text QA team, the partial-prefill crossover, or "
-        "the per-call overhead outside the model (default model random:tiny-deep)",
+        choices=WORKLOADS,
+        help="synthetic N-agent workflow, real-text QA team, the partial-prefill crossover, "
+        "the per-call overhead outside the model (default model random:tiny-deep), or the "
+        "kernel ops against their torch reference (8B shapes)",
     )
     bench.add_argument(
         "--profile",
@@ -181,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-call stage times (device synchronised at stage edges): JSON + stacked bars",
     )
     bench.add_argument(
-        "--lengths", default="256,512,1024,2048", help="overhead: shared-input lengths"
+        "--lengths",
+        default=None,
+        help="overhead: shared-input lengths (default 256,512,1024,2048); kernels: run "
+        "lengths (default 256,1024,4096,8192 on CUDA, 256,1024 on CPU)",
     )
     bench.add_argument("--modes", default=",".join(IMPLEMENTED_MODES), help="comma-separated")
     bench.add_argument(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from kvshare.anchors import AnchorPool, Estimate, at_positions, position_free, token_features
-from kvshare.kernels import KV, Narrow, slice_tokens
+from kvshare.kernels import KV, KernelOps, Move, Narrow, TorchOps, slice_tokens
 from kvshare.prompt import Prompt
 from kvshare.relocate import Assembly, Run, relocated_kv
 
@@ -65,11 +65,9 @@ def commit_hits(pool: AnchorPool, estimates: list[RunEstimate]) -> None:
         pool.count_hits(e.key, e.estimate.anchor_ids)
 
 
-def run_offsets(
-    e: RunEstimate, layers: slice, rotary: nn.Module, max_distance: float, like: Tensor
-) -> KV | None:
-    """The run's offsets for ``layers`` at its target positions: KV [L', H, n, D] (dtype and
-    device of ``like``), or None when no token's estimate is trusted.
+def trusted_delta(e: RunEstimate, layers: slice, max_distance: float, like: Tensor) -> KV | None:
+    """The run's position-free offsets for ``layers``: KV [L', H, n, D] (dtype and device of
+    ``like``), or None when no token's estimate is trusted.
 
     Tokens whose nearest anchor is farther than ``max_distance`` (in τ) get no offset: an
     estimate that far away is not trusted.
@@ -78,7 +76,15 @@ def run_offsets(
     if not trusted.any():
         return None
     d = e.estimate.delta[layers].to(like.device, like.dtype) * trusted[:, None]
-    return at_positions(KV(d[:, 0], d[:, 1]), e.positions.to(like.device), rotary)
+    return KV(d[:, 0], d[:, 1])
+
+
+def run_offsets(
+    e: RunEstimate, layers: slice, rotary: nn.Module, max_distance: float, like: Tensor
+) -> KV | None:
+    """:func:`trusted_delta` rotated to the run's target positions: KV [L', H, n, D]."""
+    d = trusted_delta(e, layers, max_distance, like)
+    return None if d is None else at_positions(d, e.positions.to(like.device), rotary)
 
 
 def apply_estimates(
@@ -87,16 +93,18 @@ def apply_estimates(
     rotary: nn.Module,
     max_distance: float,
     gains: list[tuple[float, float]] | None = None,
+    ops: KernelOps | None = None,
 ) -> None:
     """Add every run's offsets to ``cache`` [L, H, S, D] in place, keys re-rotated to the
-    target positions, scaled by the run's (K, V) ``gains`` (default 1)."""
+    target positions, scaled by the run's (K, V) ``gains`` (default 1); one ``ops.relocate``
+    per run."""
+    ops = ops or TorchOps()
     for i, e in enumerate(estimates):
-        moved = run_offsets(e, slice(None), rotary, max_distance, cache.keys)
-        if moved is None:
+        delta = trusted_delta(e, slice(None), max_distance, cache.keys)
+        if delta is None:
             continue
-        gk, gv = gains[i] if gains is not None else (1.0, 1.0)
-        cache.keys[:, :, e.run.start : e.run.end] += gk * moved.keys
-        cache.values[:, :, e.run.start : e.run.end] += gv * moved.values
+        gain = gains[i] if gains is not None else (1.0, 1.0)
+        ops.relocate(cache, Move(e.run.start, e.run.length, offsets=delta, gains=gain), rotary)
 
 
 def fit_gain(true: Tensor, estimate: Tensor) -> float:
@@ -155,6 +163,7 @@ class ValidatedOffsets:
     max_distance: float
     first: int
     record: Callable[[str, float, float], None] | None = None
+    ops: KernelOps = field(default_factory=TorchOps)
 
     def __call__(self, layer: int, sel: Tensor, fresh: KV, before: KV) -> Tensor:
         if layer == self.first:
@@ -166,7 +175,7 @@ class ValidatedOffsets:
         keys, values = before.keys.clone(), before.values.clone()
         for e in self.estimates:
             inside = (sel >= e.run.start) & (sel < e.run.end)
-            moved = run_offsets(e, slice(layer, None), self.rotary, self.max_distance, keys)
+            moved = run_offsets(e, slice(layer, layer + 1), self.rotary, self.max_distance, keys)
             if moved is None or not bool(inside.any()):
                 continue
             local = sel[inside] - e.run.start
@@ -175,9 +184,11 @@ class ValidatedOffsets:
             gv = fit_gain(fresh.values[:, :, inside] - values[:, :, inside], est.values)
             keys[:, :, inside] += gk * est.keys
             values[:, :, inside] += gv * est.values
-            span = slice(e.run.start, e.run.end)
-            self.cache.keys[layer + 1 :, :, span] += gk * moved.keys[1:]
-            self.cache.values[layer + 1 :, :, span] += gv * moved.values[1:]
+            above = KV(self.cache.keys[layer + 1 :], self.cache.values[layer + 1 :])
+            delta = trusted_delta(e, slice(layer + 1, None), self.max_distance, keys)
+            if delta is not None and above.keys.shape[0]:
+                move = Move(e.run.start, e.run.length, offsets=delta, gains=(gk, gv))
+                self.ops.relocate(above, move, self.rotary)
             if self.record is not None:
                 self.record(e.key, gk, gv)
         return KV(keys, values)

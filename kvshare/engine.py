@@ -17,7 +17,7 @@ from kvshare.correct import RunEstimate, commit_hits, estimate_runs, learn
 from kvshare.decode import cut_at_stop, decode, sample, stop_checker
 from kvshare.errors import ConfigError, ScopeError
 from kvshare.fidelity import adapt_ratio, compare, full_prefill
-from kvshare.kernels import KV, gradual_prefill, partial_prefill, splice
+from kvshare.kernels import KV, gradual_prefill, kernels_for, partial_prefill, splice
 from kvshare.learned import LearnedState, ScopeState
 from kvshare.policy import POLICIES, OffsetStep
 from kvshare.profile import StageClock
@@ -58,6 +58,7 @@ class Engine:
             LRUSegmentStore(self.config.segment_store_bytes) if traces else NullSegmentStore()
         )
         self.rotary = self.adapter.rotary
+        self.kernels = kernels_for(self.device)  # KernelUnavailableError before anything runs
         self.eos_ids = self._eos_ids()
         self.learned = LearnedState(self.config, self.policy.anchored)
         self.ledger = CallLedger(self.config.call_log_size)
@@ -228,7 +229,7 @@ class Engine:
         with clock.stage("assemble"):
             prefix_kv = splice(parts) if parts else None
             dims, dtype, dev = self._kv_dims(), self.model.dtype, self.device
-            return assemble(n, prefix_kv, runs, dims, self.rotary, dtype, dev)
+            return assemble(n, prefix_kv, runs, dims, self.rotary, dtype, dev, self.kernels)
 
     def _prefill(
         self, asm: Assembly, req: Request, state: ScopeState, clock: StageClock

@@ -51,3 +51,8 @@ class ModelMismatchError(StateFileError):
 
 class NonFiniteError(KVShareError, FloatingPointError):
     """A computation produced NaN or infinite values; nothing from it was stored."""
+
+
+class KernelUnavailableError(ConfigError):
+    """``KVSHARE_KERNELS`` names a kernel backend this machine cannot run (e.g. ``triton``
+    without Triton installed or without a CUDA device)."""

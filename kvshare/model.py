@@ -173,7 +173,7 @@ def _reconvert(gguf: Path, broken: Path, dtype: torch.dtype, first: BaseExceptio
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _device_and_dtype(
+def device_and_dtype(
     device: str | None, dtype: str | torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:
     """Checked device (default: cuda if present, else cpu) and dtype (float32 on CPU,
@@ -214,7 +214,7 @@ def load(
     load is removed and re-converted once; a second failure raises StateFileError.
     ``random:NAME`` builds a random-weight model of a real shape (``kvshare.model_random``).
     """
-    dev, weights = _device_and_dtype(device, dtype)
+    dev, weights = device_and_dtype(device, dtype)
     if is_random(name_or_path):
         return _load_random(str(name_or_path), dev, weights)
     directory, gguf = _locate(name_or_path)

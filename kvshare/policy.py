@@ -140,7 +140,7 @@ class AnchorPolicy(ReusePolicy):
     def offsets(self, step: OffsetStep) -> Narrow | None:
         if step.pool is not None and step.estimates:
             max_d = step.config.anchor_max_distance
-            apply_estimates(step.asm.cache, step.estimates, step.rotary, max_d)
+            apply_estimates(step.asm.cache, step.estimates, step.rotary, max_d, ops=step.asm.ops)
         return step.plan.narrow
 
 
@@ -164,10 +164,11 @@ class KVSharePolicy(BlendPolicy):
             return plan.narrow
         if plan.narrow is None or plan.checks[0] == 0:  # layer-0 offsets are 0: nothing to fit
             gains = [pool.gain(e.key) for e in ests]
-            apply_estimates(cache, ests, step.rotary, max_d, gains)
+            apply_estimates(cache, ests, step.rotary, max_d, gains, step.asm.ops)
             return plan.narrow
-        first = plan.checks[0]
-        return ValidatedOffsets(plan.narrow, ests, cache, step.rotary, max_d, first, step.record)
+        first, ops = plan.checks[0], step.asm.ops
+        rotary = step.rotary
+        return ValidatedOffsets(plan.narrow, ests, cache, rotary, max_d, first, step.record, ops)
 
 
 POLICIES: Registry[ReusePolicy] = Registry("mode")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from kvshare.kernels import KV, shift_kv, slice_tokens
+from kvshare.kernels import KV, KernelOps, Move, TorchOps, shift_kv, slice_tokens
 from kvshare.prompt import Prompt
 from kvshare.store import SegmentStore, StoredSegment
 
@@ -33,13 +33,15 @@ class Assembly:
 
     cache: KV [L, H, S, D]: exact prefix ``[0, prefix)``, relocated runs in place; the slots
     that must be computed are unset (uninitialised memory, written by the prefill before any
-    read). relocated: [S] bool, True on relocated slots.
+    read). relocated: [S] bool, True on relocated slots. ops: the kernel backend that built
+    it, used by every later step that writes or scores this cache.
     """
 
     cache: KV
     prefix: int
     runs: tuple[Run, ...]
     relocated: Tensor
+    ops: KernelOps = field(default_factory=TorchOps)
 
     @property
     def fresh(self) -> Tensor:
@@ -72,8 +74,11 @@ def assemble(
     rotary: nn.Module,
     dtype: torch.dtype,
     device: torch.device,
+    ops: KernelOps | None = None,
 ) -> Assembly:
-    """Build the [L, H, n, D] cache of a prompt of n tokens from a prefix and relocated runs."""
+    """Build the [L, H, n, D] cache of a prompt of n tokens from a prefix and relocated runs
+    (each run gathered, re-rotated and written by one ``ops.relocate``)."""
+    ops = ops or TorchOps()
     layers, heads, dim = dims
     # Slots that will be computed are left unset: every such token is in the prefill's
     # selection at every layer, so its slot is written before any attention reads it (and
@@ -85,9 +90,8 @@ def assemble(
         keys[:, :, :prefix] = prefix_kv.keys
         values[:, :, :prefix] = prefix_kv.values
     relocated = torch.zeros(n, dtype=torch.bool, device=device)
+    cache = KV(keys, values)
     for run in runs:
-        kv = relocated_kv(run, rotary)
-        keys[:, :, run.start : run.end] = kv.keys.to(device=device, dtype=dtype)
-        values[:, :, run.start : run.end] = kv.values.to(device=device, dtype=dtype)
+        ops.relocate(cache, Move(run.start, run.length, run.segment.kv, run.offset), rotary)
         relocated[run.start : run.end] = True
-    return Assembly(KV(keys, values), prefix, tuple(runs), relocated)
+    return Assembly(cache, prefix, tuple(runs), relocated, ops)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from kvshare.kernels import KV
+from kvshare.kernels import KV, KernelOps, TorchOps
 from kvshare.relocate import Assembly
 
 
@@ -31,18 +31,9 @@ def recent_mask(asm: Assembly, k: int) -> Tensor:
 def score_deviation(fresh: KV, reused: KV) -> Tensor:
     """Per-token relative deviation of reused KV from fresh KV at one layer.
 
-    fresh, reused: KV [1, H, N, D] (one layer). Returns [N]: ‖ΔK‖/‖K‖ + ‖ΔV‖/‖V‖.
+    fresh, reused: KV [1, H, N, D] (one layer). Returns [N] float32: ‖ΔK‖/‖K‖ + ‖ΔV‖/‖V‖.
     """
-
-    def rel(a: Tensor, b: Tensor) -> Tensor:
-        diff = (a - b).pow(2).sum(dim=(0, 1, 3)).sqrt()
-        return diff / a.pow(2).sum(dim=(0, 1, 3)).sqrt().clamp_min(1e-6)
-
-    return rel(fresh.keys, reused.keys) + rel(fresh.values, reused.values)
-
-
-def _tokens(kv: KV, index: Tensor) -> KV:
-    return KV(kv.keys[:, :, index], kv.values[:, :, index])
+    return TorchOps().deviation(fresh, reused)
 
 
 @dataclass(frozen=True)
@@ -65,6 +56,7 @@ class DeviationFilter:
     wide: int
     last_layer: int
     threshold: float | None = None
+    ops: KernelOps = field(default_factory=TorchOps)
 
     def __call__(self, layer: int, sel: Tensor, fresh: KV, before: KV) -> Tensor:
         last = layer >= self.last_layer
@@ -74,11 +66,14 @@ class DeviationFilter:
             keep |= self.protect[sel]
         if cand.numel() == 0:
             return keep
-        dev = score_deviation(_tokens(fresh, cand), _tokens(before, cand))
         n = self.budget if last else self.wide
         if last and self.threshold is not None:
+            dev = self.ops.deviation(fresh, before, cand)
             n = max(n, int((dev > self.threshold).sum()))
-        keep[cand[dev.topk(min(n, cand.numel())).indices]] = True
+            top = dev.topk(min(n, cand.numel())).indices
+        else:
+            top = self.ops.deviation_topk(fresh, before, cand, n)[1]
+        keep[cand[top]] = True
         return keep
 
 
@@ -105,7 +100,8 @@ def deviation_filter(
     if uncertain is not None and len(checks) > 1:
         extra = uncertain[~forced[uncertain] & asm.relocated[uncertain]][:budget]
         protect[extra] = True
-    return checks, DeviationFilter(forced, protect, budget, wide, checks[-1], threshold)
+    narrow = DeviationFilter(forced, protect, budget, wide, checks[-1], threshold, asm.ops)
+    return checks, narrow
 
 
 def uncertainty_order(estimates: list) -> Tensor:

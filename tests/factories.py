@@ -7,6 +7,21 @@ from typing import Any
 DOC = "The lighthouse keeper counted ships every night and wrote each name in a ledger. " * 4
 
 
+# Every rotary scaling variant kvshare re-rotates with (the default, then scaled ones).
+ROPE_VARIANTS = [
+    None,
+    {"rope_type": "linear", "factor": 2.0},
+    {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 512,
+    },
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},
+]
+
+
 def team(role: str, doc: str = DOC, extra: list[dict[str, str]] | None = None) -> list[dict]:
     """A team member's prompt: its role, then the shared document, then ``extra``."""
     return [

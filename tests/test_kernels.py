@@ -20,6 +20,7 @@ from kvshare.kernels import (
 )
 
 from tests.conftest import FAMILIES, tiny_model
+from tests.factories import ROPE_VARIANTS
 
 S = 24
 
@@ -152,21 +153,7 @@ def test_fallback_recomputes_tail_exactly(model):
     assert (res.logits[-1] - logits[-1]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize(
-    "rope",
-    [
-        None,
-        {"rope_type": "linear", "factor": 2.0},
-        {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 512,
-        },
-        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},
-    ],
-)
+@pytest.mark.parametrize("rope", ROPE_VARIANTS)
 @pytest.mark.parametrize("delta", [1, 100, 3000])
 def test_shift_rope_equals_computing_at_new_position(rope, delta):
     """Layer 0 depends only on token and position, so relocation is exact there."""
