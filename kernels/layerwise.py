@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 from kvshare.kernels.kv import KV, cache_kwargs
-from kvshare.kernels.prefill import PrefillResult, position_mask
+from kvshare.kernels.prefill import PrefillResult, mask_dtype, position_mask
 from kvshare.kernels.slots import SlotCache
 from torch import Tensor, nn
 
@@ -56,7 +56,7 @@ def gradual_prefill(
     parts = ModelAdapter(model)
     sel = torch.unique(sel.to(torch.long))
     q_pos = positions[sel]
-    mask = position_mask(q_pos, positions, cache.keys.dtype)
+    mask = position_mask(q_pos, positions, mask_dtype(model, cache.keys.dtype))
     past = SlotCache(cache, sel)
     hidden = parts.embed(ids[sel])
     cos, sin = parts.rope(hidden, q_pos)

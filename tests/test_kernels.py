@@ -312,3 +312,17 @@ def test_growing_cache_decodes_like_a_dynamic_cache():
     assert res.kv.length == 27 and res.kv.keys.is_contiguous()
     with pytest.raises(ValueError, match="capacity"):
         GrowingCache(prompt_kv, 5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_masked_prefill_is_exact_under_each_attention(attn):
+    """SDPA gets a bool mask, eager attention an additive one; both give the full prefill."""
+    model = tiny_model("llama")
+    model.config._attn_implementation = attn
+    ids = ids_of(S)
+    kv, logits = full_prefill(model, ids)
+    zeros = KV(torch.zeros_like(kv.keys), torch.zeros_like(kv.values))
+    res = partial_prefill(model, zeros, ids, torch.arange(S), torch.arange(S), max_masked_ratio=1.0)
+    assert res.masked
+    assert (res.logits[-1] - logits[-1]).abs().max() <= 1e-4
+    assert (res.kv.values - kv.values).abs().max() <= 1e-4
