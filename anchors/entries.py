@@ -3,7 +3,8 @@
 :class:`KeyEntry` holds one context key's M anchors (features, stored Δ, scales and the
 counters that rank them); the functions here encode Δ into the storage dtype (int8: per-token
 absmax scale) and back, decide which tokens the storage dtype can hold, merge and append
-anchors, search a key's faiss index and weight its neighbours' Δ, convert to and from the
+anchors, search a key's k-NN index (``kvshare.anchors.knn``) and weight its neighbours' Δ
+on the pool's device, convert to and from the
 file format's :class:`KeyTensors`, and evict the least useful anchors (usefulness =
 (hits + 1) / (1 + age_weight · age)). None of them lock: the pool calls them with its lock
 held. Shapes: L layers, H KV heads, D head dim, F feature
@@ -13,10 +14,10 @@ width, M anchors of a key, N new tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
+from kvshare.anchors.knn import KNNIndex
 from kvshare.anchors.persist import KeyTensors
 from kvshare.kernels import kernels_for
 from torch import Tensor
@@ -24,7 +25,10 @@ from torch import Tensor
 
 @dataclass
 class KeyEntry:
-    """One context key's anchors; ``index``/``tau``/``dirty``: its faiss index and scale."""
+    """One context key's anchors; ``index``/``tau``/``dirty``: its k-NN index and scale.
+
+    ``deltas`` and ``scales`` live on the pool's device; features and counters on the host.
+    """
 
     feats: np.ndarray  # [M, F] float32
     deltas: Tensor  # [M, L, 2, H, D] in storage dtype
@@ -32,15 +36,16 @@ class KeyEntry:
     counts: np.ndarray  # [M] merged observations
     hits: np.ndarray  # [M] times used in an estimate
     born: np.ndarray  # [M] tick of last update
-    index: Any = None
-    _norms: np.ndarray | None = None
+    index: KNNIndex | None = None
+    _norms: Tensor | None = None
 
     @property
-    def norms(self) -> np.ndarray:
-        """[M] L2 norm of every anchor's Δ (cached until the key changes)."""
+    def norms(self) -> Tensor:
+        """[M] float32 L2 norm of every anchor's Δ, on the Δ's device (cached until the key
+        changes)."""
         if self._norms is None or len(self._norms) != len(self.feats):
             flat = self.deltas.flatten(1).float()
-            self._norms = (flat.norm(dim=1) * self.scales).numpy()
+            self._norms = flat.norm(dim=1) * self.scales
         return self._norms
 
     tau: float = 1.0
@@ -86,7 +91,7 @@ def merge(entry: KeyEntry, j: int, delta: Tensor, dtype: torch.dtype, tick: int)
     admissible values cannot overflow, so the mean stays finite in the storage dtype)."""
     c = float(entry.counts[j])
     old = decode(entry.deltas[j : j + 1], entry.scales[j : j + 1])[0]
-    mean = ((old.double() * c + delta.double()) / (c + 1)).float()
+    mean = ((old.double() * c + delta.to(old.device).double()) / (c + 1)).float()
     stored, scale = encode(mean[None], dtype)
     entry.deltas[j], entry.scales[j] = stored[0], scale[0]
     entry.counts[j] += 1
@@ -95,10 +100,16 @@ def merge(entry: KeyEntry, j: int, delta: Tensor, dtype: torch.dtype, tick: int)
 
 
 def appended(
-    old: KeyEntry | None, f: np.ndarray, d: Tensor, dtype: torch.dtype, tick: int
+    old: KeyEntry | None,
+    f: np.ndarray,
+    d: Tensor,
+    dtype: torch.dtype,
+    tick: int,
+    device: torch.device,
 ) -> KeyEntry:
-    """A new entry: ``old``'s anchors (if any) then N new ones. f: [N, F]; d: [N, L, 2, H, D]."""
-    stored, scales = encode(d, dtype)
+    """A new entry: ``old``'s anchors (if any) then N new ones. f: [N, F]; d: [N, L, 2, H, D]
+    (stored on ``device``)."""
+    stored, scales = (t.to(device) for t in encode(d, dtype))
     m = len(f)
     fresh = KeyEntry(f, stored, scales, np.ones(m), np.zeros(m), np.full(m, tick))
     if old is None:
@@ -114,22 +125,19 @@ def appended(
 
 
 # ---------------------------------------------------------------------- estimation
-def search(entry: KeyEntry, f: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(squared L2 distances, anchor ids), each [N, min(k, M)], of the nearest anchors of
-    ``entry`` to f [N, F]; (re)builds a dirty index first and recalibrates ``entry.tau``."""
-    import faiss  # lazy: only needed once anchors exist
-
+def search(
+    entry: KeyEntry, queries: Tensor, k: int, make: type[KNNIndex], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """(squared L2 distances, anchor ids), each [N, min(k, M)] on ``device``, of the nearest
+    anchors of ``entry`` to ``queries`` [N, F]; (re)builds a dirty index (``make``) first and
+    recalibrates ``entry.tau`` (the median nearest-other-anchor distance)."""
     if entry.dirty or entry.index is None:
-        index = faiss.IndexFlatL2(entry.feats.shape[1])
-        index.add(entry.feats)
-        entry.index = index
+        entry.index = make(entry.feats, device)
         if len(entry.feats) > 1:
-            d, _ = index.search(entry.feats, 2)
-            entry.tau = max(float(np.median(d[:, 1])), 1e-4)
+            d, _ = entry.index.search(torch.from_numpy(entry.feats), 2)
+            entry.tau = max(float(np.median(d[:, 1].cpu().numpy())), 1e-4)
         entry.dirty = False
-    k = min(k, len(entry.feats))
-    dist, idx = entry.index.search(f, k)
-    return dist, idx
+    return entry.index.search(queries, k)
 
 
 def weighted(entry: KeyEntry, index: Tensor, w: Tensor) -> Tensor:
@@ -141,22 +149,22 @@ def weighted(entry: KeyEntry, index: Tensor, w: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------- file format
 def to_tensors(e: KeyEntry) -> KeyTensors:
-    """A copy of the entry in the file format (merges mutate Δ in place)."""
+    """A host copy of the entry in the file format (merges mutate Δ in place)."""
     return KeyTensors(
         torch.from_numpy(e.feats.copy()),
-        e.deltas.clone(),
-        e.scales.clone(),
+        e.deltas.to("cpu", copy=True),
+        e.scales.to("cpu", copy=True),
         torch.from_numpy(e.counts.astype(np.float64)),
         torch.from_numpy(e.hits.astype(np.float64)),
         torch.from_numpy(e.born.astype(np.int64)),
     )
 
 
-def from_tensors(t: KeyTensors) -> KeyEntry:
-    """The entry of a verified file's key (shares the tensors' memory)."""
-    return KeyEntry(
-        t.feats.numpy(), t.deltas, t.scales, t.counts.numpy(), t.hits.numpy(), t.born.numpy()
-    )
+def from_tensors(t: KeyTensors, device: torch.device) -> KeyEntry:
+    """The entry of a verified file's key, Δ and scales on ``device`` (on CPU the tensors'
+    memory is shared)."""
+    d, s = t.deltas.to(device), t.scales.to(device)
+    return KeyEntry(t.feats.numpy(), d, s, t.counts.numpy(), t.hits.numpy(), t.born.numpy())
 
 
 # ---------------------------------------------------------------------- eviction
@@ -170,7 +178,7 @@ def _keep(keys: dict[str, KeyEntry], key: str, keep: np.ndarray) -> int:
     """Keep the anchors of ``key`` where ``keep`` [M] is True (drop the key if none);
     returns the number dropped."""
     e = keys[key]
-    sel = torch.from_numpy(keep)
+    sel = torch.from_numpy(keep).to(e.deltas.device)
     dropped = int((~keep).sum())
     if not keep.any():
         del keys[key]

@@ -1,4 +1,4 @@
-"""AnchorPool: observed, position-free KV deviations matched token by token with faiss.
+"""AnchorPool: observed, position-free KV deviations matched token by token (exact k-NN).
 
 An anchor token records, for a token relocated from a source context into a target
 context, Δ = KV_in_target_context − KV_relocated for every layer (K and V), keys un-rotated to
@@ -7,7 +7,8 @@ position 0. Anchors are grouped by context key ``source -> target`` (producing a
 is Σ softmax(−d/τ)·Δ over its k nearest anchor tokens of the same key (d: squared L2 distance
 of features, τ: the key's median nearest-neighbour distance, recalibrated on every rebuild).
 Each key's storage, the Δ codec, the k-NN search and eviction live in
-:mod:`kvshare.anchors.entries`.
+:mod:`kvshare.anchors.entries`. A pool lives on a device: its Δ there, and its estimate runs
+there end to end (faiss on CPU, the torch index elsewhere: :mod:`kvshare.anchors.knn`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from kvshare.anchors.entries import (
     to_tensors,
     weighted,
 )
+from kvshare.anchors.knn import index_for
 from kvshare.anchors.persist import (
     STORAGE,
     ModelIdentity,
@@ -87,8 +89,17 @@ class Estimate(NamedTuple):
 class AnchorPool:
     """Thread-safe pool of anchors; see the module docstring for the estimate."""
 
-    def __init__(self, config: AnchorConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: AnchorConfig | None = None,
+        device: torch.device | str = "cpu",
+        index: str = "auto",
+    ) -> None:
+        """device: where Δ is kept and estimates are computed; index: ``faiss``, ``torch``
+        or ``auto`` (faiss on CPU when installed, torch elsewhere)."""
         self.config = config or AnchorConfig()
+        self.device = torch.device(device)
+        self.index_kind = index_for(self.device, index)
         self._keys: dict[str, KeyEntry] = {}
         self._tick = 0
         self._lock = threading.Lock()
@@ -163,14 +174,16 @@ class AnchorPool:
             self._tick += 1
             entry = self._keys.get(key)
             if entry is not None and len(entry.feats):
-                dist, idx = search(entry, f, 1)
+                found = search(entry, torch.from_numpy(f), 1, self.index_kind, self.device)
+                dist, idx = (t.cpu().numpy() for t in found)
                 dup = dist[:, 0] <= self.config.merge_distance
                 for i in np.nonzero(dup)[0]:
                     merge(entry, int(idx[i, 0]), d[i], dtype, self._tick)
                 f, d = f[~dup], d[torch.from_numpy(~dup)]
             f, d = self._room_for(f, d)
             if len(f):
-                self._keys[key] = appended(self._keys.get(key), f, d, dtype, self._tick)
+                old = self._keys.get(key)
+                self._keys[key] = appended(old, f, d, dtype, self._tick, self.device)
             self._evict_locked(self.config.budget_bytes)
             return len(f)
 
@@ -200,12 +213,13 @@ class AnchorPool:
             entry = self._keys.get(key)
             if entry is None or index.numel() == 0 or int(index.max()) >= len(entry.hits):
                 return
-            np.add.at(entry.hits, index.flatten().numpy(), 1)
+            np.add.at(entry.hits, index.flatten().cpu().numpy(), 1)
 
     def estimate(
         self, key: str, feats: Tensor, shape: tuple[int, ...], count_hits: bool = True
     ) -> Estimate:
         """Offsets for N tokens of context ``key``. feats: [N, F]; shape: (L, 2, H, D).
+        Every tensor of the estimate is on the pool's device.
 
         count_hits: count the anchors used as hits now; a caller that must leave the pool
         unchanged until its call succeeds passes False and calls :meth:`count_hits` later.
@@ -215,20 +229,19 @@ class AnchorPool:
         with self._lock:
             entry = self._keys.get(key)
             if entry is None or n == 0:
-                inf = torch.full((n,), float("inf"))
-                none = torch.zeros(n, 0, dtype=torch.long)
-                zeros = torch.zeros(layers, two, heads, n, dim)
-                return Estimate(zeros, inf, inf.clone(), torch.zeros(n), none)
-            dist, idx = search(
-                entry, feats.float().cpu().numpy().astype(np.float32), self.config.neighbours
-            )
+                dev = self.device
+                inf = torch.full((n,), float("inf"), device=dev)
+                none = torch.zeros(n, 0, dtype=torch.long, device=dev)
+                zeros = torch.zeros(layers, two, heads, n, dim, device=dev)
+                return Estimate(zeros, inf, inf.clone(), torch.zeros(n, device=dev), none)
+            k = self.config.neighbours
+            dist, index = search(entry, feats, k, self.index_kind, self.device)
             if count_hits:
-                np.add.at(entry.hits, idx.flatten(), 1)
-            d = torch.from_numpy(dist) / entry.tau
+                np.add.at(entry.hits, index.flatten().cpu().numpy(), 1)
+            d = dist / entry.tau
             w = torch.softmax(-d, dim=1)  # [N, k]
-            index = torch.from_numpy(idx)
             delta = weighted(entry, index, w)
-            norms = torch.from_numpy(entry.norms)[index]  # [N, k]
+            norms = entry.norms[index]  # [N, k]
             mean = (w * norms).sum(1)
             spread = (w * (norms - mean[:, None]) ** 2).sum(1).sqrt() / mean.clamp_min(1e-8)
             entropy = -(w * w.clamp_min(1e-12).log()).sum(1)
@@ -254,8 +267,14 @@ class AnchorPool:
         return PoolState(config, self.config.storage, self._tick, dict(self._gains), keys, identity)
 
     @classmethod
-    def load(cls, path: str | Path, identity: ModelIdentity | None = None) -> AnchorPool:
-        """Read a pool written by :meth:`save`, verifying everything before using any of it.
+    def load(
+        cls,
+        path: str | Path,
+        identity: ModelIdentity | None = None,
+        device: torch.device | str = "cpu",
+    ) -> AnchorPool:
+        """Read a pool written by :meth:`save` (onto ``device``), verifying everything before
+        using any of it.
 
         identity: the model the pool will serve; a file written for another model raises
         ModelMismatchError. Any corrupt, truncated or inconsistent file raises StateFileError.
@@ -267,11 +286,11 @@ class AnchorPool:
                 f"anchor pool file {path} is unusable: its config says storage "
                 f"{config.storage!r} but its Δ are {state.storage}; delete it (the pool relearns)"
             )
-        pool = cls(config)
+        pool = cls(config, device)
         pool._tick = state.tick
         pool._gains = dict(state.gains)
         for k, t in state.keys.items():
-            pool._keys[k] = from_tensors(t)
+            pool._keys[k] = from_tensors(t, pool.device)
         pool._check_limits(str(path))
         return pool
 

@@ -14,6 +14,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import torch
+
 from kvshare.anchors import AnchorConfig, AnchorPool
 from kvshare.config import EngineConfig
 from kvshare.scope import Scope
@@ -30,11 +32,15 @@ class ScopeState:
 
 class LearnedState:
     """Per-scope :class:`ScopeState`, created on first use; anonymous scopes get a fresh state
-    that is never kept. ``anchored``: the mode keeps anchor pools. Thread-safe."""
+    that is never kept. ``anchored``: the mode keeps anchor pools, on ``device`` (the
+    model's: estimates never leave it). Thread-safe."""
 
-    def __init__(self, config: EngineConfig, anchored: bool) -> None:
+    def __init__(
+        self, config: EngineConfig, anchored: bool, device: torch.device | str = "cpu"
+    ) -> None:
         self.config = config
         self.anchored = anchored
+        self.device = torch.device(device)
         self._states: OrderedDict[Scope, ScopeState] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -47,7 +53,8 @@ class LearnedState:
                     neighbours=c.neighbours,
                     budget_bytes=c.anchor_budget_bytes,
                     storage=c.anchor_storage,
-                )
+                ),
+                self.device,
             )
         return ScopeState(pool, c.recompute_ratio)
 

@@ -16,6 +16,7 @@ from kvshare.anchors import (
 from kvshare.kernels import KV
 
 from kvshare.errors import ConfigError
+from tests.conftest import DEVICES
 
 SHAPE = (3, 2, 2, 8)  # L, 2, H, D
 
@@ -171,3 +172,39 @@ def test_features_do_not_depend_on_where_a_segment_was_stored(tiny_engine):
     b = token_features(moved, pos + 40, tiny_engine.rotary, 1)
     assert a.shape == (5, 2 * dim) and torch.allclose(a, b, atol=1e-5)
     assert np.allclose(a.norm(dim=1).numpy(), 1.0, atol=1e-5)
+
+
+def test_knn_backends_agree():
+    """The torch index (any device) returns faiss's neighbours and distances."""
+    from kvshare.anchors.knn import FaissIndex, TorchIndex, index_for
+
+    feats = unit(300, f=32).numpy()
+    q = unit(40, f=32, seed=3)
+    fd, fi = FaissIndex(feats, torch.device("cpu")).search(q, 5)
+    td, ti = TorchIndex(feats, torch.device("cpu")).search(q, 5)
+    assert torch.equal(fi, ti)
+    assert torch.allclose(fd, td, atol=1e-5)
+    assert TorchIndex(feats[:3], torch.device("cpu")).search(q, 5)[1].shape == (40, 3)
+    assert index_for("cpu") is FaissIndex and index_for("cuda") is TorchIndex
+    with pytest.raises(ConfigError, match="faiss, torch"):
+        index_for("cpu", "annoy")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pool_estimates_are_the_same_on_either_index_and_stay_on_its_device(device):
+    """Same adds, same queries: the torch-index pool on ``device`` gives the faiss pool's
+    estimate (Δ, distance, entropy, spread, anchors used), every tensor on ``device``."""
+    cfg = AnchorConfig(neighbours=3, storage="float16", merge_distance=0.01)
+    ref, dev = AnchorPool(cfg), AnchorPool(cfg, device, index="torch")
+    for seed in range(3):
+        f, d = unit(30, seed=seed), deltas(30, seed=10 + seed)
+        assert ref.add("k", f, d) == dev.add("k", f.to(device), d.to(device))
+    q = unit(12, seed=9)
+    a, b = ref.estimate("k", q, SHAPE), dev.estimate("k", q.to(device), SHAPE)
+    assert all(t.device.type == torch.device(device).type for t in b)
+    assert torch.equal(a.anchor_ids, b.anchor_ids.cpu())
+    for x, y in zip(a[:4], b[:4], strict=True):
+        assert torch.allclose(x, y.cpu(), atol=1e-4, rtol=1e-4)
+    dev.count_hits("k", b.anchor_ids)
+    ref.count_hits("k", a.anchor_ids)
+    assert ref.fingerprint() == dev.fingerprint()
