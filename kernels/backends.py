@@ -62,10 +62,12 @@ def _log_once(message: str) -> None:
     log.info(message)
 
 
-def kernels_for(device: torch.device | str) -> KernelOps:
-    """The kernel backend for tensors on ``device`` (``KVSHARE_KERNELS``, read per call)."""
+def kernels_for(device: torch.device | str, name: str = "auto") -> KernelOps:
+    """The kernel backend ``name`` for tensors on ``device``; ``auto``: ``KVSHARE_KERNELS``
+    (read per call) if set, else the fastest available there."""
     device = torch.device(device)
-    name = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if name == "auto":
+        name = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if name == "auto":
         why = _why_not_triton(device) if device.type == "cuda" else "not a CUDA device"
         if why is not None:

@@ -1,4 +1,12 @@
-"""Engine configuration: a frozen dataclass validated on construction."""
+"""Engine configuration: frozen, validated dataclasses.
+
+``EngineConfig`` holds the mode, the sharing scope and the per-call limits, and one frozen
+sub-config per part of the engine: ``store`` (:class:`StoreConfig`), ``select``
+(:class:`SelectConfig`), ``anchors`` (:class:`AnchorsConfig`) and ``kernels``
+(:class:`KernelsConfig`). Sub-config fields keep their flat names, so
+``engine.fork(recompute_ratio=0.2)`` and ``config.with_options(recompute_ratio=0.2)`` reach
+``select.recompute_ratio`` (a name belongs to exactly one sub-config).
+"""
 
 from __future__ import annotations
 
@@ -20,11 +28,144 @@ MODES = ("full", "prefix", "blend", "anchor", "kvshare")
 IMPLEMENTED_MODES = MODES
 SHARE_SCOPES = ("session", "tenant", "global")
 STORAGES = ("float32", "float16", "int8")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+_BYTES_MAX = 1 << 50
+
+
+def _names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _set(obj: object, values: dict[str, Any]) -> None:
+    """Store checked, normalised values on a frozen dataclass instance."""
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """What the engine keeps. prefix_cache_bytes: byte budget of the token radix tree;
+    segment_store_bytes: of the trace store; store_segments: keep every call's trace (the
+    relocating modes' source of runs); min_reuse_share: reuse cached KV only when it covers
+    at least this share of the prompt (any cached past turns the fast causal attention path
+    into an explicit-mask one, so a sliver costs more than it saves; measured, README)."""
+
+    prefix_cache_bytes: int = 2 << 30
+    segment_store_bytes: int = 1 << 30
+    store_segments: bool = True
+    min_reuse_share: float = 0.15
+
+    def __post_init__(self) -> None:
+        _set(self, {
+            "prefix_cache_bytes": check_int(
+                "prefix_cache_bytes", self.prefix_cache_bytes, 0, _BYTES_MAX
+            ),
+            "segment_store_bytes": check_int(
+                "segment_store_bytes", self.segment_store_bytes, 0, _BYTES_MAX
+            ),
+            "store_segments": check_bool("store_segments", self.store_segments),
+            "min_reuse_share": check_float("min_reuse_share", self.min_reuse_share, 0.0, 1.0),
+        })  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Which tokens are recomputed (fields: see :class:`EngineConfig`)."""
+
+    masked_prefill_max_ratio: float = 0.9
+    recompute_ratio: float = 0.15
+    sink_tokens: int = 4
+    recent_tokens: int = 8
+    check_layers: tuple[int, ...] = (1, 4)
+    target_kl: float = 0.02
+    adaptive: bool = True
+    max_recompute_ratio: float = 0.5
+    deviation_threshold: float | None = 0.1
+
+    def __post_init__(self) -> None:
+        layers = self.check_layers
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise ConfigError(f"check_layers must be a non-empty tuple of ints, got {layers!r}")
+        checked = tuple(check_int("check_layers", x, 0) for x in layers)
+        if list(checked) != sorted(set(checked)):
+            raise ConfigError(f"check_layers must be ascending layer indices, got {layers}")
+        thr = self.deviation_threshold
+        _set(self, {
+            "masked_prefill_max_ratio": check_float(
+                "masked_prefill_max_ratio", self.masked_prefill_max_ratio, 0.0, 1.0
+            ),
+            "recompute_ratio": check_float("recompute_ratio", self.recompute_ratio, 0.0, 1.0),
+            "sink_tokens": check_int("sink_tokens", self.sink_tokens, 0, 1 << 20),
+            "recent_tokens": check_int("recent_tokens", self.recent_tokens, 0, 1 << 20),
+            "check_layers": checked,
+            "target_kl": check_float("target_kl", self.target_kl, 0.0, open_lo=True),
+            "adaptive": check_bool("adaptive", self.adaptive),
+            "max_recompute_ratio": check_float(
+                "max_recompute_ratio", self.max_recompute_ratio, 0, 1
+            ),
+            "deviation_threshold": None if thr is None else check_float(
+                "deviation_threshold", thr, 0.0
+            ),
+        })  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AnchorsConfig:
+    """Anchor offsets (fields: see :class:`EngineConfig`); ``pool`` is the per-scope
+    pools' :class:`~kvshare.anchors.AnchorConfig`."""
+
+    anchor_gamma: float = 0.3
+    neighbours: int = AnchorConfig.neighbours
+    feature_layer: int = 1
+    anchor_max_distance: float = 4.0
+    anchor_budget_bytes: int = AnchorConfig.budget_bytes
+    anchor_storage: str = AnchorConfig.storage
+
+    def __post_init__(self) -> None:
+        _set(self, {
+            "anchor_gamma": check_float("anchor_gamma", self.anchor_gamma, 0.0),
+            "neighbours": check_int("neighbours", self.neighbours, 1, 1024),
+            "feature_layer": check_int("feature_layer", self.feature_layer, 0, 1 << 16),
+            "anchor_max_distance": check_float(
+                "anchor_max_distance", self.anchor_max_distance, 0.0, open_lo=True
+            ),
+            "anchor_budget_bytes": check_int(
+                "anchor_budget_bytes", self.anchor_budget_bytes, 0, _BYTES_MAX
+            ),
+            "anchor_storage": check_choice("anchor_storage", self.anchor_storage, STORAGES),
+        })  # fmt: skip
+
+    @property
+    def pool(self) -> AnchorConfig:
+        return AnchorConfig(
+            neighbours=self.neighbours,
+            budget_bytes=self.anchor_budget_bytes,
+            storage=self.anchor_storage,
+        )
+
+
+@dataclass(frozen=True)
+class KernelsConfig:
+    """kernel_backend: ``auto`` (``KVSHARE_KERNELS`` if set, else Triton on CUDA when
+    installed, else torch), ``torch`` or ``triton`` (``kvshare.kernels.backends``)."""
+
+    kernel_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _set(self, {
+            "kernel_backend": check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        })  # fmt: skip
+
+
+_PARTS = {"store": StoreConfig, "select": SelectConfig, "anchors": AnchorsConfig}
+_PARTS["kernels"] = KernelsConfig
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How an :class:`~kvshare.Engine` reuses KV.
+    """How an :class:`~kvshare.Engine` reuses KV. Fields below live on ``EngineConfig`` or
+    on the sub-config that owns them (``config.select.recompute_ratio``); every one of them
+    can be set by its name through :meth:`of` / :meth:`with_options` / ``Engine.fork``.
 
     mode: ``full`` (prefill everything, the oracle), ``prefix`` (exact longest-prefix reuse,
         what vLLM/SGLang do), ``blend`` (relocation + deviation-selected recompute), ``anchor``
@@ -79,25 +220,10 @@ class EngineConfig:
 
     mode: str = "kvshare"
     share_scope: str = "tenant"
-    prefix_cache_bytes: int = 2 << 30
-    segment_store_bytes: int = 1 << 30
-    store_segments: bool = True
-    masked_prefill_max_ratio: float = 0.9
-    min_reuse_share: float = 0.15
-    recompute_ratio: float = 0.15
-    sink_tokens: int = 4
-    recent_tokens: int = 8
-    check_layers: tuple[int, ...] = (1, 4)
-    target_kl: float = 0.02
-    adaptive: bool = True
-    max_recompute_ratio: float = 0.5
-    deviation_threshold: float | None = 0.1
-    anchor_gamma: float = 0.3
-    neighbours: int = AnchorConfig.neighbours
-    feature_layer: int = 1
-    anchor_max_distance: float = 4.0
-    anchor_budget_bytes: int = AnchorConfig.budget_bytes
-    anchor_storage: str = AnchorConfig.storage
+    store: StoreConfig = StoreConfig()
+    select: SelectConfig = SelectConfig()
+    anchors: AnchorsConfig = AnchorsConfig()
+    kernels: KernelsConfig = KernelsConfig()
     max_new_tokens_cap: int = 4096
     decode_slice: int = 16
     call_log_size: int = 10_000
@@ -110,69 +236,52 @@ class EngineConfig:
         Raises :class:`ConfigError` naming the field. ``feature_layer`` and ``check_layers``
         are checked against the model's layer count when the engine is built.
         """
-        for name, value in _checked(self).items():
-            object.__setattr__(self, name, value)
+        for name, cls in _PARTS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"EngineConfig.{name} must be a {cls.__name__}")
+        _set(self, {
+            "mode": check_choice("mode", self.mode, MODES),
+            "share_scope": check_choice("share_scope", self.share_scope, SHARE_SCOPES),
+            "max_new_tokens_cap": check_int(
+                "max_new_tokens_cap", self.max_new_tokens_cap, 1, 1 << 24
+            ),
+            "decode_slice": check_int("decode_slice", self.decode_slice, 1, 1 << 24),
+            "call_log_size": check_int("call_log_size", self.call_log_size, 1, 1 << 24),
+            "profile": check_bool("profile", self.profile),
+            "special_token_roles": check_str_tuple(
+                "special_token_roles", self.special_token_roles, ROLES
+            ),
+        })  # fmt: skip
         if self.mode not in IMPLEMENTED_MODES:
             raise ConfigError(
                 f"mode {self.mode!r} is not implemented yet; available: "
                 f"{', '.join(IMPLEMENTED_MODES)}"
             )
 
+    @classmethod
+    def of(cls, **options: Any) -> EngineConfig:
+        """A config from flat option names (``EngineConfig.of(mode="blend", sink_tokens=8)``)."""
+        return cls().with_options(**options)
+
     def with_options(self, **options: Any) -> EngineConfig:
-        """A copy with ``options`` changed; unknown option names raise :class:`ConfigError`."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(options) - known)
+        """A copy with ``options`` changed: top-level fields, whole sub-configs, or any
+        sub-config field by its own name. Unknown names raise :class:`ConfigError`."""
+        top = {f.name for f in fields(self)}
+        routed: dict[str, dict[str, Any]] = {name: {} for name in _PARTS}
+        unknown = []
+        for key, value in options.items():
+            part = next((p for p, c in _PARTS.items() if key in _names(c)), None)
+            if key in top:
+                continue
+            if part is None:
+                unknown.append(key)
+            else:
+                routed[part][key] = value
         if unknown:
-            raise ConfigError(f"unknown EngineConfig option(s): {', '.join(unknown)}")
-        return replace(self, **options)
-
-
-_BYTES_MAX = 1 << 50
-
-
-def _checked(c: EngineConfig) -> dict[str, Any]:
-    """Every field of ``c`` checked and normalised (raises ConfigError)."""
-    if not isinstance(c.check_layers, (list, tuple)) or not c.check_layers:
-        raise ConfigError(f"check_layers must be a non-empty tuple of ints, got {c.check_layers!r}")
-    layers = tuple(check_int("check_layers", x, 0) for x in c.check_layers)
-    if list(layers) != sorted(set(layers)):
-        raise ConfigError(f"check_layers must be ascending layer indices, got {c.check_layers}")
-    threshold = c.deviation_threshold
-    return {
-        "mode": check_choice("mode", c.mode, MODES),
-        "share_scope": check_choice("share_scope", c.share_scope, SHARE_SCOPES),
-        "prefix_cache_bytes": check_int("prefix_cache_bytes", c.prefix_cache_bytes, 0, _BYTES_MAX),
-        "segment_store_bytes": check_int(
-            "segment_store_bytes", c.segment_store_bytes, 0, _BYTES_MAX
-        ),
-        "store_segments": check_bool("store_segments", c.store_segments),
-        "masked_prefill_max_ratio": check_float(
-            "masked_prefill_max_ratio", c.masked_prefill_max_ratio, 0.0, 1.0
-        ),
-        "min_reuse_share": check_float("min_reuse_share", c.min_reuse_share, 0.0, 1.0),
-        "recompute_ratio": check_float("recompute_ratio", c.recompute_ratio, 0.0, 1.0),
-        "sink_tokens": check_int("sink_tokens", c.sink_tokens, 0, 1 << 20),
-        "recent_tokens": check_int("recent_tokens", c.recent_tokens, 0, 1 << 20),
-        "check_layers": layers,
-        "target_kl": check_float("target_kl", c.target_kl, 0.0, open_lo=True),
-        "adaptive": check_bool("adaptive", c.adaptive),
-        "max_recompute_ratio": check_float("max_recompute_ratio", c.max_recompute_ratio, 0, 1),
-        "deviation_threshold": None
-        if threshold is None
-        else check_float("deviation_threshold", threshold, 0.0),
-        "anchor_gamma": check_float("anchor_gamma", c.anchor_gamma, 0.0),
-        "neighbours": check_int("neighbours", c.neighbours, 1, 1024),
-        "feature_layer": check_int("feature_layer", c.feature_layer, 0, 1 << 16),
-        "anchor_max_distance": check_float(
-            "anchor_max_distance", c.anchor_max_distance, 0.0, open_lo=True
-        ),
-        "anchor_budget_bytes": check_int(
-            "anchor_budget_bytes", c.anchor_budget_bytes, 0, _BYTES_MAX
-        ),
-        "anchor_storage": check_choice("anchor_storage", c.anchor_storage, STORAGES),
-        "max_new_tokens_cap": check_int("max_new_tokens_cap", c.max_new_tokens_cap, 1, 1 << 24),
-        "decode_slice": check_int("decode_slice", c.decode_slice, 1, 1 << 24),
-        "call_log_size": check_int("call_log_size", c.call_log_size, 1, 1 << 24),
-        "profile": check_bool("profile", c.profile),
-        "special_token_roles": check_str_tuple("special_token_roles", c.special_token_roles, ROLES),
-    }
+            raise ConfigError(f"unknown EngineConfig option(s): {', '.join(sorted(unknown))}")
+        changes = {k: v for k, v in options.items() if k in top}
+        for part, values in routed.items():
+            if values:
+                base = changes.get(part, getattr(self, part))
+                changes[part] = replace(base, **values)
+        return replace(self, **changes)

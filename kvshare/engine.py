@@ -45,23 +45,23 @@ class Engine:
         self.config = config or EngineConfig()
         self.adapter = ModelAdapter(self.model)
         layers = self.adapter.kv_dims[0]
-        if self.config.feature_layer >= layers:
+        if self.config.anchors.feature_layer >= layers:
             raise ConfigError(
-                f"feature_layer {self.config.feature_layer} is not a layer of this model "
+                f"feature_layer {self.config.anchors.feature_layer} is not a layer of this model "
                 f"({layers} layers); pick one in [0, {layers - 1}]"
             )
         self.policy = POLICIES.create(self.config.mode)
-        traces = self.config.store_segments and self.policy.relocates
+        store = self.config.store
+        traces = store.store_segments and self.policy.relocates
+        backend = self.config.kernels.kernel_backend
         self.parts = pipeline.Parts(
             loaded=loaded,
             config=self.config,
             policy=self.policy,
             adapter=self.adapter,
-            kernels=kernels_for(self.adapter.device),  # KernelUnavailableError: nothing built
-            prefix_cache=RadixCache(self.config.prefix_cache_bytes),
-            segments=(
-                LRUSegmentStore(self.config.segment_store_bytes) if traces else NullSegmentStore()
-            ),
+            kernels=kernels_for(self.adapter.device, backend),  # KernelUnavailableError first
+            prefix_cache=RadixCache(store.prefix_cache_bytes),
+            segments=LRUSegmentStore(store.segment_store_bytes) if traces else NullSegmentStore(),
             learned=LearnedState(self.config, self.policy.anchored, self.adapter.device),
             eos_ids=frozenset(self._eos_ids()),
         )
@@ -186,7 +186,7 @@ class Engine:
     def recompute_ratio(self, tenant: str | None = None, session: str | None = None) -> float:
         """The current ``kvshare`` recompute ratio of a sharing scope."""
         state = self.learned.peek(self._named_scope(tenant, session))
-        return state.ratio if state is not None else self.config.recompute_ratio
+        return state.ratio if state is not None else self.config.select.recompute_ratio
 
     def save_anchors(
         self, path: str | os.PathLike[str], tenant: str | None = None, session: str | None = None
@@ -208,7 +208,9 @@ class Engine:
         pool = AnchorPool.load(path, identity=ModelIdentity.of(self.model), device=self.device)
         c = self.config
         pool.config = dataclasses.replace(
-            pool.config, neighbours=c.neighbours, budget_bytes=c.anchor_budget_bytes
+            pool.config,
+            neighbours=c.anchors.neighbours,
+            budget_bytes=c.anchors.anchor_budget_bytes,
         )
         with self._turns:
             self.learned.put_pool(scope, pool)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvshare.anchors import AnchorConfig, AnchorPool
+from kvshare.anchors import AnchorPool
 from kvshare.config import EngineConfig
 from kvshare.scope import Scope
 
@@ -48,15 +48,8 @@ class LearnedState:
         c = self.config
         pool = None
         if self.anchored:
-            pool = AnchorPool(
-                AnchorConfig(
-                    neighbours=c.neighbours,
-                    budget_bytes=c.anchor_budget_bytes,
-                    storage=c.anchor_storage,
-                ),
-                self.device,
-            )
-        return ScopeState(pool, c.recompute_ratio)
+            pool = AnchorPool(c.anchors.pool, self.device)
+        return ScopeState(pool, c.select.recompute_ratio)
 
     def get(self, scope: Scope) -> ScopeState:
         """The scope's state (created empty on first use), marked most recently used."""
@@ -89,7 +82,7 @@ class LearnedState:
         """Shrink pools until all of them fit the budget with ``reserve`` bytes to spare (room
         made before an admission, so the budget holds at every instant): least recently used
         scopes first, ``current`` last."""
-        budget = max(0, self.config.anchor_budget_bytes - reserve)
+        budget = max(0, self.config.anchors.anchor_budget_bytes - reserve)
         with self._lock:
             pools = [(s, st.pool) for s, st in self._states.items() if st.pool is not None]
             pools.sort(key=lambda item: item[0] == current)  # stable: LRU order, current last

@@ -82,7 +82,7 @@ def plan(parts: Parts, scope: Scope, prompt: Prompt) -> Planned:
         return Planned([], [])
     hit, found = parts.prefix_cache.match(scope, prompt.ids[:-1])  # the last is computed
     runs = find_runs(prompt, hit, scope, parts.segments) if policy.relocates else []
-    if hit + sum(r.length for r in runs) < max(1, parts.config.min_reuse_share * len(prompt)):
+    if hit + sum(r.length for r in runs) < max(1, parts.config.store.min_reuse_share * len(prompt)):
         return Planned([], [])
     return Planned(found, runs)
 
@@ -98,7 +98,7 @@ def estimate(parts: Parts, req: Request, asm: Assembly, state: ScopeState) -> li
     """Anchor estimates for every relocated run (anchored modes with a pool)."""
     if state.pool is None or not asm.runs:
         return []
-    layer = parts.config.feature_layer
+    layer = parts.config.anchors.feature_layer
     return estimate_runs(state.pool, asm, req.prompt, req.agent, parts.rotary, layer)
 
 
@@ -134,7 +134,7 @@ def prefill(
         checks = chosen.plan.checks
         res = gradual_prefill(parts.model, asm.cache, ids, pos, sel, checks, chosen.narrow)
     else:
-        limit = parts.config.masked_prefill_max_ratio
+        limit = parts.config.select.masked_prefill_max_ratio
         res = partial_prefill(
             parts.model, asm.cache, ids, pos, sel, max_masked_ratio=limit, inplace=True
         )
@@ -236,7 +236,7 @@ def shadow(
     out = compare(model, full, (pre.kv, pre.logits), tokens, greedy, set(parts.eos_ids), ctx)
     if state.pool is not None:
         teach(parts, req.scope, state.pool, pre, full[0], pre.asm.relocated)
-    c = parts.config
+    c = parts.config.select
     if parts.policy.adapts and c.adaptive and pre.asm.runs:
         state.ratio = adapt_ratio(state.ratio, out["kl"], c.target_kl, c.max_recompute_ratio)
     return out

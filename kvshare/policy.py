@@ -107,16 +107,16 @@ class BlendPolicy(ReusePolicy):
         forced[-1] = True
         if not asm.runs:
             return _selection(forced, asm)
-        forced |= sink_mask(asm, config.sink_tokens) & asm.relocated
-        if self.recent and config.recent_tokens:
-            forced |= recent_mask(asm, config.recent_tokens)
+        forced |= sink_mask(asm, config.select.sink_tokens) & asm.relocated
+        if self.recent and config.select.recent_tokens:
+            forced |= recent_mask(asm, config.select.recent_tokens)
         forced[: asm.prefix] = False
         budget = round(ratio * int(asm.relocated.sum()))
         if budget <= 0 or not bool((asm.relocated & ~forced).any()):
             return _selection(forced, asm)
         unc = uncertainty_order(estimates) if self.uncertainty and estimates else None
-        thr = config.deviation_threshold if self.uncertainty else None
-        checks, narrow = deviation_filter(asm, forced, budget, config.check_layers, unc, thr)
+        thr = config.select.deviation_threshold if self.uncertainty else None
+        checks, narrow = deviation_filter(asm, forced, budget, config.select.check_layers, unc, thr)
         return Plan((forced | asm.relocated).nonzero().flatten(), checks, narrow)
 
 
@@ -133,13 +133,13 @@ class AnchorPolicy(ReusePolicy):
     ) -> Plan:
         forced = asm.fresh
         forced[-1] = True
-        if anchor_fallback(estimates, config.anchor_gamma, config.neighbours):
+        if anchor_fallback(estimates, config.anchors.anchor_gamma, config.anchors.neighbours):
             forced[:] = True
         return _selection(forced, asm)
 
     def offsets(self, step: OffsetStep) -> Narrow | None:
         if step.pool is not None and step.estimates:
-            max_d = step.config.anchor_max_distance
+            max_d = step.config.anchors.anchor_max_distance
             apply_estimates(step.asm.cache, step.estimates, step.rotary, max_d, ops=step.asm.ops)
         return step.plan.narrow
 
@@ -159,7 +159,7 @@ class KVSharePolicy(BlendPolicy):
         """Offsets checked against the fresh KV of the first check layer (gains in [0, 1] to
         ``record``); without a check layer above 0, scaled by the gains recorded earlier."""
         pool, ests, plan, cache = step.pool, step.estimates, step.plan, step.asm.cache
-        max_d = step.config.anchor_max_distance
+        max_d = step.config.anchors.anchor_max_distance
         if pool is None or not ests:
             return plan.narrow
         if plan.narrow is None or plan.checks[0] == 0:  # layer-0 offsets are 0: nothing to fit

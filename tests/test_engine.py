@@ -133,6 +133,34 @@ def test_unknown_config_options_are_rejected():
         EngineConfig().with_options(colour="red")
 
 
+def test_sub_configs_take_flat_names_and_check_their_fields(tiny_engine, monkeypatch):
+    from dataclasses import fields
+
+    from kvshare.config import AnchorsConfig, KernelsConfig, SelectConfig, StoreConfig
+
+    parts = (StoreConfig, SelectConfig, AnchorsConfig, KernelsConfig)
+    names = [f.name for p in parts for f in fields(p)]
+    assert len(names) == len(set(names))  # every flat name routes to one sub-config
+    top = {f.name for f in fields(EngineConfig)}
+    assert not top & set(names)
+    c = EngineConfig.of(mode="blend", recompute_ratio=0.3, anchor_gamma=0.5, sink_tokens=2)
+    assert (c.mode, c.select.recompute_ratio, c.select.sink_tokens) == ("blend", 0.3, 2)
+    assert c.anchors.anchor_gamma == 0.5 and c.store == StoreConfig()
+    both = c.with_options(select=SelectConfig(recent_tokens=3), check_layers=(2,))
+    assert both.select.recent_tokens == 3 and both.select.check_layers == (2,)
+    assert both.select.recompute_ratio == SelectConfig().recompute_ratio  # replaced whole
+    for bad in ({"recompute_ratio": 1.5}, {"check_layers": (4, 1)}, {"anchor_storage": "q4"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            EngineConfig.of(**bad)
+    with pytest.raises(ConfigError, match="kernel_backend"):
+        EngineConfig.of(kernel_backend="cuda-graphs")
+    with pytest.raises(ConfigError, match="StoreConfig"):
+        EngineConfig(store={"prefix_cache_bytes": 1})  # type: ignore[arg-type]
+    monkeypatch.setenv("KVSHARE_KERNELS", "triton")  # an explicit config choice wins
+    assert tiny_engine.fork(kernel_backend="torch").kernels.name == "torch"
+    assert tiny_engine.fork().kernels.name == "triton"  # auto: the environment (interpreter)
+
+
 def test_parallel_callers_get_sequential_results(tiny_engine):
     convs = [conversation(t) for t in (1, 2, 3, 1, 2, 3)]
     expected = [tiny_engine.fork(mode="full").chat(c, max_new_tokens=5).tokens for c in convs]

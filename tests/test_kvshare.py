@@ -89,7 +89,7 @@ def test_kvshare_recomputes_sinks_plus_its_ratio(tiny_engine):
     asm = eng._plan(TENANT_SCOPE, prompt)
     s = eng.chat(team("critic"), agent="critic", max_new_tokens=2).stats
     reusable = int(asm.relocated.sum())
-    sinks = sum(min(eng.config.sink_tokens, r.length) for r in asm.runs)
+    sinks = sum(min(eng.config.select.sink_tokens, r.length) for r in asm.runs)
     assert asm.runs and s.relocated_tokens + s.recomputed_tokens == reusable
     assert s.recomputed_tokens == sinks + round(0.2 * reusable)
     assert s.prefix_hit_tokens + s.relocated_tokens + s.computed_tokens == s.prompt_tokens
@@ -120,7 +120,7 @@ def deep_engine(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("tiny-deep")
     tiny_model("llama", num_hidden_layers=4).save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
-    return Engine.from_pretrained(str(path), config=EngineConfig(check_layers=(1,)))
+    return Engine.from_pretrained(str(path), config=EngineConfig.of(check_layers=(1,)))
 
 
 def test_deviation_threshold_grows_the_budget_where_kv_is_wrong(deep_engine):
@@ -147,7 +147,7 @@ def test_recent_tokens_are_always_recomputed(tiny_engine):
     last = asm.relocated.nonzero().flatten()[-8:]
     assert int(mask.sum()) == 8 and mask[last].all()
     s = eng.chat(team("critic"), agent="critic", max_new_tokens=2).stats
-    sinks = sum(min(eng.config.sink_tokens, r.length) for r in asm.runs)
+    sinks = sum(min(eng.config.select.sink_tokens, r.length) for r in asm.runs)
     assert sinks < s.recomputed_tokens <= sinks + 8
 
 

@@ -33,7 +33,7 @@ def test_shared_text_behind_another_prefix_is_relocated(tiny_engine):
     assert s.prefix_hit_tokens < 10  # different system prompt: no useful exact prefix
     assert s.relocated_tokens + s.recomputed_tokens >= 0.8 * len(eng.tokenizer(DOC)["input_ids"])
     assert s.prefix_hit_tokens + s.relocated_tokens + s.computed_tokens == s.prompt_tokens
-    assert s.recomputed_tokens >= eng.config.sink_tokens
+    assert s.recomputed_tokens >= eng.config.select.sink_tokens
 
 
 def test_blend_with_ratio_one_equals_full(tiny_engine):
