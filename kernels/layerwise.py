@@ -69,8 +69,10 @@ def gradual_prefill(
             keep = narrow(index, sel, fresh, _layer_kv(cache, index, sel)).clone()
             keep[q_pos.argmax()] = True
             past.write(index, sel, fresh)  # the dropped tokens' fresh KV of this layer
-            sel, q_pos, hidden = sel[keep], q_pos[keep], hidden[:, keep]
-            mask, cos, sin = mask[:, :, keep], cos[:, keep], sin[:, keep]
+            kept = keep.nonzero().flatten()  # the one host sync of a narrowing (new size)
+            sel, q_pos, hidden = sel[kept], q_pos[kept], hidden.index_select(1, kept)
+            mask = mask.index_select(2, kept)
+            cos, sin = cos.index_select(1, kept), sin.index_select(1, kept)
             past.slots = sel
         hidden = layer(
             hidden,

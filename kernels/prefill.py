@@ -50,10 +50,17 @@ def _is_increasing(positions: Tensor) -> bool:
     return positions.numel() < 2 or bool((positions[1:] > positions[:-1]).all())
 
 
-def _causal_tail(
-    model: nn.Module, cache: KV, ids: Tensor, positions: Tensor, first: int, all_logits: bool
+@torch.inference_mode()
+def causal_tail(
+    model: nn.Module,
+    cache: KV,
+    ids: Tensor,
+    positions: Tensor,
+    first: int,
+    all_logits: bool = False,
 ) -> PrefillResult:
-    """Ordinary prefill of tokens ``[first, S)`` behind the cached tokens ``[0, first)``."""
+    """Ordinary prefill of tokens ``[first, S)`` behind the cached tokens ``[0, first)``
+    (positions increasing): causal attention, no mask, no device read."""
     past = slice_tokens(cache, 0, first).to_cache()
     out = model(
         input_ids=ids[None, first:],
@@ -125,7 +132,7 @@ def partial_prefill(
     first = int(sel[0])
     ratio = sel.numel() / (ids.numel() - first)
     if _is_increasing(positions) and ratio > max_masked_ratio:
-        return _causal_tail(model, cache, ids, positions, first, all_logits)
+        return causal_tail(model, cache, ids, positions, first, all_logits)
     if not inplace:
         cache = KV(cache.keys.clone(), cache.values.clone())
     return _masked(model, cache, ids, positions, sel, all_logits)

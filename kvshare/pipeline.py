@@ -22,6 +22,7 @@ from kvshare.correct import learn as learn_offsets
 from kvshare.decode import DecodeResult, decode, sample, stop_checker
 from kvshare.fidelity import adapt_ratio, compare, full_prefill
 from kvshare.kernels import KV, KernelOps, Narrow, gradual_prefill, partial_prefill, splice
+from kvshare.kernels.prefill import causal_tail
 from kvshare.learned import LearnedState, ScopeState
 from kvshare.model import LoadedModel
 from kvshare.policy import OffsetStep, ReusePolicy
@@ -130,11 +131,13 @@ def prefill(
     """
     dev, n, sel = parts.device, len(req.prompt), chosen.plan.sel
     ids, pos = torch.tensor(req.prompt.ids, device=dev), torch.arange(n, device=dev)
+    limit = parts.config.select.masked_prefill_max_ratio
     if chosen.narrow is not None:
         checks = chosen.plan.checks
         res = gradual_prefill(parts.model, asm.cache, ids, pos, sel, checks, chosen.narrow)
+    elif chosen.plan.tail is not None and limit < 1.0:  # 1.0: the masked path, always
+        res = causal_tail(parts.model, asm.cache, ids, pos, chosen.plan.tail)
     else:
-        limit = parts.config.select.masked_prefill_max_ratio
         res = partial_prefill(
             parts.model, asm.cache, ids, pos, sel, max_masked_ratio=limit, inplace=True
         )
@@ -144,11 +147,13 @@ def prefill(
 
 
 def sample_first(pre: Prefilled, req: Request) -> tuple[int, torch.Generator | None]:
-    """The first token (the one host sync before TTFT) and the call's seeded generator."""
-    check_finite("the first-token logits", pre.logits)
+    """The first token and the call's seeded generator. The logits' copy to the host is the
+    one device sync before TTFT; the finiteness check and sampling run on that copy."""
+    logits = pre.logits.cpu()
+    check_finite("the first-token logits", logits)
     seed = req.sampling.seed
     gen = None if seed is None else torch.Generator("cpu").manual_seed(seed)
-    return sample(pre.logits.cpu(), req.sampling, gen), gen
+    return sample(logits, req.sampling, gen), gen
 
 
 def decode_reply(

@@ -12,6 +12,7 @@ from abc import ABC
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from kvshare.anchors import AnchorPool
@@ -33,9 +34,18 @@ Record = Callable[[str, float, float], None]
 
 
 def _selection(forced: Tensor, asm: Assembly) -> Plan:
-    """The ``forced`` [S] bool tokens, exact prefix excluded, as a plain (one-pass) plan."""
+    """The ``forced`` [S] bool tokens, exact prefix excluded, as a plain (one-pass) plan.
+    Without relocated runs that is every token after the prefix: a tail, built on the host."""
+    if not asm.runs:
+        return _tail(asm)
     forced[: asm.prefix] = False
     return Plan(forced.nonzero().flatten())
+
+
+def _tail(asm: Assembly) -> Plan:
+    """Every token after the exact prefix: ``[prefix, S)``."""
+    n = asm.relocated.shape[0]
+    return Plan(torch.arange(asm.prefix, n, device=asm.relocated.device), tail=asm.prefix)
 
 
 class OffsetStep(NamedTuple):
@@ -111,7 +121,7 @@ class BlendPolicy(ReusePolicy):
         if self.recent and config.select.recent_tokens:
             forced |= recent_mask(asm, config.select.recent_tokens)
         forced[: asm.prefix] = False
-        budget = round(ratio * int(asm.relocated.sum()))
+        budget = round(ratio * asm.relocated_count)
         if budget <= 0 or not bool((asm.relocated & ~forced).any()):
             return _selection(forced, asm)
         unc = uncertainty_order(estimates) if self.uncertainty and estimates else None
@@ -134,7 +144,7 @@ class AnchorPolicy(ReusePolicy):
         forced = asm.fresh
         forced[-1] = True
         if anchor_fallback(estimates, config.anchors.anchor_gamma, config.anchors.neighbours):
-            forced[:] = True
+            return _tail(asm)
         return _selection(forced, asm)
 
     def offsets(self, step: OffsetStep) -> Narrow | None:

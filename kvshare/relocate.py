@@ -44,6 +44,11 @@ class Assembly:
     ops: KernelOps = field(default_factory=TorchOps)
 
     @property
+    def relocated_count(self) -> int:
+        """Relocated slots, from the runs (disjoint) on the host: no device read."""
+        return sum(run.length for run in self.runs)
+
+    @property
     def fresh(self) -> Tensor:
         """[S] bool: tokens that have no KV at all (never seen) and must be computed."""
         mask = ~self.relocated.clone()

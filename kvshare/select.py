@@ -22,9 +22,16 @@ def sink_mask(asm: Assembly, k: int) -> Tensor:
 
 
 def recent_mask(asm: Assembly, k: int) -> Tensor:
-    """[S] bool: the last ``k`` relocated tokens (the next token attends to them most)."""
+    """[S] bool: the last ``k`` relocated tokens (the next token attends to them most),
+    found from the runs on the host (slice writes, no device read)."""
     mask = torch.zeros_like(asm.relocated)
-    mask[asm.relocated.nonzero().flatten()[-k:]] = True
+    left = k
+    for run in sorted(asm.runs, key=lambda r: r.start, reverse=True):
+        if left <= 0:
+            break
+        take = min(left, run.length)
+        mask[run.end - take : run.end] = True
+        left -= take
     return mask
 
 
@@ -129,8 +136,11 @@ def anchor_fallback(estimates: list, gamma: float, neighbours: int) -> bool:
 
 
 class Plan(NamedTuple):
-    """Tokens to compute [N] and, for a gradual prefill, its check layers and filter."""
+    """Tokens to compute [N] and, for a gradual prefill, its check layers and filter.
+    ``tail``: set when the tokens are exactly ``[tail, S)``, known on the host (an ordinary
+    causal prefill then runs, with no mask and no device read)."""
 
     sel: Tensor
     checks: tuple[int, ...] = ()
     narrow: DeviationFilter | None = None
+    tail: int | None = None

@@ -61,6 +61,24 @@ def test_overhead_bench_separates_layers_from_the_rest(tiny_engine):
             r.ttft_ms - r.layers_ms, abs=0.5 * r.ttft_ms
         )
     assert rows[0].bare_forward_ms is not None and rows[1].bare_forward_ms is None
+    # full: the logits' copy to the host, then the finiteness check and argmax on that copy
+    assert rows[0].host_reads == 3
+    assert rows[1].host_reads is not None and 3 <= rows[1].host_reads <= 25
+
+
+def test_host_read_counter_sees_syncs_and_restores_torch():
+    from kvshare.bench.host_reads import count_host_reads
+
+    getitem, item = torch.Tensor.__getitem__, torch.Tensor.item
+    x = torch.arange(6.0)
+    with count_host_reads() as counts:
+        x.item() if x.numel() == 1 else x[0].item()
+        x[x > 2]  # bool-mask index: a sync
+        x[1:3]  # a view: none
+        bool(x.sum() > 0)
+        torch.unique(x)
+    assert sum(counts.values()) == 4
+    assert torch.Tensor.__getitem__ is getitem and torch.Tensor.item is item
 
 
 def test_bench_profile_and_overhead_cli(tiny_dirs, tmp_path, capsys):

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from kvshare.bench.corpus import long_text
+from kvshare.bench.host_reads import before_first_token, count_host_reads
 from kvshare.bench.workloads import SyntheticWorkload
 from kvshare.engine import Engine
 from kvshare.profile import BEFORE_FIRST_TOKEN, LayerTimer, synchronize
@@ -37,6 +38,7 @@ class OverheadRow(BaseModel):
     overhead_ms: float
     stages_ms: dict[str, float]
     bare_forward_ms: float | None = None
+    host_reads: float | None = None  # median reads of tensor values before the first token
 
 
 @torch.inference_mode()
@@ -86,6 +88,20 @@ def _summary(mode: str, length: int, rows: list[dict[str, Any]]) -> OverheadRow:
     )
 
 
+def _host_reads(engine: Engine, w: SyntheticWorkload, item: int) -> float:
+    """Median host reads before the first token over one untimed workflow (the counter's
+    wrappers slow every tensor index, so it never runs beside the timed calls)."""
+    outputs: list[str] = []
+    reads = []
+    for i in range(w.n_agents):
+        msgs = w.messages(i, outputs, item)
+        with count_host_reads() as counts:
+            engine.chat(msgs, agent=w.agent_name(i), session="o", max_new_tokens=1)
+        reads.append(before_first_token(counts))
+        outputs.append(f"reply {i} of item {item}: " + "ok " * 40)
+    return statistics.median(reads)
+
+
 def measure(
     base: Engine,
     lengths: Sequence[int] = (256, 512, 1024, 2048),
@@ -100,27 +116,34 @@ def measure(
     for length in tqdm(lengths, desc="overhead", leave=False):
         w = SyntheticWorkload(
             base.tokenizer, text, n_agents=agents, prefix_len=128, input_len=length,
-            output_len=1, n_items=items,
+            output_len=1, n_items=items + 1,
         )  # fmt: skip
         engines = {m: base.fork(mode=m, profile=True) for m in modes}
         rows: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
         for item in range(items):
             for mode in modes:
                 rows[mode] += _call_rows(engines[mode], w, item)
-        out += [_summary(m, length, rows[m]) for m in modes]
+        for m in modes:
+            row = _summary(m, length, rows[m])
+            out.append(row.model_copy(update={"host_reads": _host_reads(engines[m], w, items)}))
     return out
 
 
 def markdown(rows: Sequence[OverheadRow]) -> str:
     """One line per row: TTFT, layers, overhead and the stages before the first token."""
     head = "| mode | input | prompt tokens | TTFT | in layers | overhead | "
-    head += " | ".join(BEFORE_FIRST_TOKEN) + " | bare forward |"
-    lines = [head, "|" + "---|" * (7 + len(BEFORE_FIRST_TOKEN))]
+    head += " | ".join(BEFORE_FIRST_TOKEN) + " | bare forward | host reads |"
+    lines = [head, "|" + "---|" * (8 + len(BEFORE_FIRST_TOKEN))]
     for r in rows:
         stages = " | ".join(f"{r.stages_ms[s]:.2f}" for s in BEFORE_FIRST_TOKEN)
         bare = "–" if r.bare_forward_ms is None else f"{r.bare_forward_ms:.2f}"
+        reads = "–" if r.host_reads is None else f"{r.host_reads:.0f}"
         lines.append(
             f"| {r.mode} | {r.input_len} | {r.prompt_tokens:.0f} | {r.ttft_ms:.2f} | "
-            f"{r.layers_ms:.2f} | {r.overhead_ms:.2f} | {stages} | {bare} |"
+            f"{r.layers_ms:.2f} | {r.overhead_ms:.2f} | {stages} | {bare} | {reads} |"
         )
-    return "\n".join(lines) + "\n\n(milliseconds, medians over every call of the workflow)\n"
+    return "\n".join(lines) + (
+        "\n\n(milliseconds, medians over every call of the workflow; host reads: median "
+        "reads of tensor values on the host before the first token, each a device sync on a "
+        "GPU, counted on one more untimed workflow)\n"
+    )

@@ -1,0 +1,116 @@
+"""Counting host reads of tensor values: a CPU-measurable proxy for GPU host syncs.
+
+On a GPU every read of a tensor's value on the host (``.item()``, ``.tolist()``, ``bool(t)``,
+``int(t)``, ``float(t)``, ``.nonzero()``, ``torch.unique``, indexing with a bool mask,
+``.cpu()`` / ``.numpy()``) waits for the device to drain its queue: kernels stop overlapping
+with Python. ``torch.cuda.set_sync_debug_mode`` finds them only on CUDA; this counter finds
+the same call sites on any device, attributed to the pipeline step (``kvshare.pipeline``
+function) and the first kvshare source line on the stack.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import kvshare
+import kvshare.anchors
+import kvshare.kernels
+
+_DIRS = [
+    Path(str(m.__file__)).resolve().parent for m in (kvshare, kvshare.anchors, kvshare.kernels)
+]
+_OURS = tuple(str(d) for d in _DIRS)
+_ROOT = _DIRS[0].parent
+_PIPELINE = str(_DIRS[0] / "pipeline.py")
+BEFORE_FIRST_TOKEN = ("plan", "assemble_prompt", "estimate", "choose", "prefill", "sample_first")
+_METHODS = (
+    *("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"),
+    *("numpy", "cpu"),
+)
+
+
+class _Guard(threading.local):
+    active = False
+
+
+_guard = _Guard()
+
+
+def _where() -> tuple[str, str]:
+    """(pipeline step, 'file:line function' of the innermost kvshare frame) of the caller."""
+    frame: Any = sys._getframe(2)
+    site, step = "", "outside the pipeline"
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not site and name.startswith(_OURS) and "host_reads" not in name:
+            site = f"{_short(name)}:{frame.f_lineno} {frame.f_code.co_name}"
+        if name == _PIPELINE:
+            step = frame.f_code.co_name
+            break
+        frame = frame.f_back
+    return step, site or "torch/transformers"
+
+
+def _short(path: str) -> str:
+    for d in _DIRS:
+        if path.startswith(str(d)):
+            return f"{d.name}/{Path(path).relative_to(d)}"
+    return path
+
+
+def _bool_index(index: Any) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
+
+def _counting(orig: Callable[..., Any], counts: Counter, test: Callable[..., bool] | None):
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        if _guard.active:
+            return orig(*args, **kwargs)
+        _guard.active = True
+        try:
+            if test is None or test(*args, **kwargs):
+                counts[_where()] += 1
+            return orig(*args, **kwargs)
+        finally:
+            _guard.active = False
+
+    return counted
+
+
+@contextmanager
+def count_host_reads() -> Iterator[Counter]:
+    """Count host reads made while the block runs: ``Counter[(step, site)] -> reads``."""
+    counts: Counter = Counter()
+    patched: list[tuple[Any, str, Any]] = []
+    for name in _METHODS:
+        patched.append((torch.Tensor, name, getattr(torch.Tensor, name)))
+    patched.append((torch.Tensor, "__getitem__", torch.Tensor.__getitem__))
+    patched.append((torch, "unique", torch.unique))
+    try:
+        for owner, name, orig in patched:
+            test = (lambda _t, i, *a, **k: _bool_index(i)) if name == "__getitem__" else None
+            setattr(owner, name, _counting(orig, counts, test))
+        yield counts
+    finally:
+        for owner, name, orig in patched:
+            setattr(owner, name, orig)
+
+
+def before_first_token(counts: Counter) -> int:
+    """Reads made by the pipeline steps before the first token is sampled."""
+    return sum(n for (step, _), n in counts.items() if step in BEFORE_FIRST_TOKEN)
+
+
+def top_sites(counts: Counter, n: int = 15) -> list[tuple[str, str, int]]:
+    """The ``n`` busiest (step, site, reads), before-first-token steps only."""
+    rows = [(s, w, c) for (s, w), c in counts.items() if s in BEFORE_FIRST_TOKEN]
+    return sorted(rows, key=lambda r: -r[2])[:n]
