@@ -73,7 +73,8 @@ class AnchorConfig:
 
 
 class Estimate(NamedTuple):
-    """delta: [L, 2, H, N, D] float32 position-free offsets (zeros where nothing matched).
+    """delta: [L, 2, H, N, D] float32 position-free offsets (zeros where nothing matched; a
+    strided view of the [N, L·2·H·D] reduction, head dims innermost).
     distance: [N] nearest-anchor distance / τ (inf when the key has no anchors).
     entropy: [N] entropy of the softmax weights over the neighbours.
     spread: [N] weighted std of the neighbours' Δ norms, relative to their mean.
@@ -245,7 +246,7 @@ class AnchorPool:
             mean = (w * norms).sum(1)
             spread = (w * (norms - mean[:, None]) ** 2).sum(1).sqrt() / mean.clamp_min(1e-8)
             entropy = -(w * w.clamp_min(1e-12).log()).sum(1)
-            delta = delta.view(n, layers, two, heads, dim).permute(1, 2, 3, 0, 4).contiguous()
+            delta = delta.view(n, layers, two, heads, dim).permute(1, 2, 3, 0, 4)  # a view
             return Estimate(delta, d[:, 0], entropy, spread, index)
 
     # ------------------------------------------------------------------ persistence
