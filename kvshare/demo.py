@@ -11,24 +11,16 @@ import sys
 import time
 from typing import TextIO
 
+from kvshare.agents.teams import QA_TEAM
 from kvshare.bench.corpus import QAItem, demo_item
 from kvshare.engine import ChatResult, Engine
 
-TEAM = (
-    ("reader", "You are the reader. Quote the sentence of the document that answers: {q}"),
-    ("answerer", "You are the answerer. Using the document, answer in a few words: {q}"),
-    (
-        "critic",
-        "You are the critic. Is the previous answer to '{q}' supported by the document? "
-        "Say yes or no and why, in one sentence.",
-    ),
-    ("judge", "You are the judge. Give the final answer, in a few words, to: {q}"),
-)
 BEST_MODE = "kvshare"
 
 
 def team_messages(item: QAItem, answers: list[str], instruction: str) -> list[dict[str, str]]:
-    """Shared document and question first, then earlier answers, then this agent's role."""
+    """Shared document and question first, then earlier answers, then this agent's role
+    instruction (``kvshare.agents.teams.QA_TEAM``)."""
     msgs = [
         {
             "role": "system",
@@ -38,7 +30,7 @@ def team_messages(item: QAItem, answers: list[str], instruction: str) -> list[di
         {"role": "user", "content": f"Question: {item.question}"},
     ]
     msgs += [{"role": "assistant", "content": a} for a in answers]
-    msgs.append({"role": "user", "content": instruction.format(q=item.question)})
+    msgs.append({"role": "user", "content": instruction})
     return msgs
 
 
@@ -68,7 +60,7 @@ def run_demo(engine: Engine, max_new_tokens: int = 48, out: TextIO = sys.stdout)
     full.chat([{"role": "user", "content": "Hello"}], max_new_tokens=2)  # warm-up, not shown
     full.reset()
     t0 = time.perf_counter()
-    for name, instruction in TEAM:
+    for name, instruction in QA_TEAM:
         msgs = team_messages(item, answers, instruction)
         r_full = full.chat(msgs, agent=name, max_new_tokens=max_new_tokens)
         r_best = best.chat(msgs, agent=name, max_new_tokens=max_new_tokens, shadow=True)
@@ -81,5 +73,5 @@ def run_demo(engine: Engine, max_new_tokens: int = 48, out: TextIO = sys.stdout)
         f"wall time {time.perf_counter() - t0:.1f} s\n",
         file=out,
     )
-    for (name, _), answer in zip(TEAM, answers, strict=True):
+    for (name, _), answer in zip(QA_TEAM, answers, strict=True):
         print(f"[{name}] {answer}\n", file=out)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 
+from kvshare.agents.teams import QA_TEAM
+
 from kvshare.bench.corpus import demo_item, long_text, qa_items
 from kvshare.bench.harness import BenchReport, run_bench
 from kvshare.bench.workloads import SyntheticWorkload
 from kvshare.cli import main
-from kvshare.demo import TEAM, run_demo
+from kvshare.demo import run_demo
 
 
 def test_corpus_is_real_text_with_answers():
@@ -101,7 +103,7 @@ def test_demo_prints_a_row_per_agent(tiny_engine):
     out = io.StringIO()
     run_demo(tiny_engine, max_new_tokens=3, out=out)
     text = out.getvalue()
-    for name, _ in TEAM:
+    for name, _ in QA_TEAM:
         assert f"| {name:<9} |" in text and f"[{name}]" in text
     assert "Reverend Josiah Crawley" in text
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kvshare.agents.teams import QA_TEAM
 from kvshare.errors import ConfigError
 
 Messages = list[dict[str, str]]
@@ -127,22 +128,6 @@ def token_f1(prediction: str, gold: str) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
-
-
-QA_TEAM = (
-    ("reader", "You are the reader. Quote the sentence of the document that answers the question."),
-    (
-        "answerer",
-        "You are the answerer. Answer the question in a few words, using the "
-        "document and the reader's quote.",
-    ),
-    (
-        "critic",
-        "You are the critic. Check the earlier answers against the document and say "
-        "briefly whether they are right.",
-    ),
-    ("judge", "You are the judge. Reply with only the final answer, in a few words."),
-)
 
 
 @dataclass
