@@ -105,3 +105,50 @@ def test_radix_matches_are_true_prefixes_within_budget(seqs, budget_tokens):
         if n:
             got = torch.cat([p.keys for p in parts], 2)[0, 0, :, 0].tolist()
             assert got == [float(x) for x in s[:n]]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 49151), min_size=0, max_size=80))
+def test_window_hashes_are_the_polynomial_hash_of_every_window(tokens):
+    from kvshare.store import MIN_MATCH, window_hashes
+
+    base, mod = 0x9E3779B97F4A7C15, 1 << 64
+    expected = [
+        sum(t * pow(base, MIN_MATCH - 1 - j, mod) for j, t in enumerate(tokens[i : i + MIN_MATCH]))
+        % mod
+        for i in range(len(tokens) - MIN_MATCH + 1)
+    ]
+    assert window_hashes(tokens) == expected
+
+
+def test_matches_are_verified_even_when_every_window_collides(monkeypatch):
+    """A hash only proposes candidates: with one hash for every window the matches found are
+    still exactly the verified ones, and removal leaves no stale entries."""
+    import kvshare.store as store_mod
+
+    text = list(range(100, 160))
+    store = LRUSegmentStore(budget_bytes=1 << 20)
+    store.put(seg(text))
+    store.put(seg(list(range(500, 540))))
+    honest = store.match("t:", [1, 2, *text[5:45], 3])
+    monkeypatch.setattr(store_mod, "window_hashes", lambda toks: [7] * max(0, len(toks) - 15))
+    colliding = LRUSegmentStore(budget_bytes=1 << 20)
+    colliding.put(seg(text))
+    colliding.put(seg(list(range(500, 540))))
+    found = colliding.match("t:", [1, 2, *text[5:45], 3])
+    assert [(m.start, m.length, m.offset) for m in found] == [(2, 40, 5)]
+    assert [(m.start, m.length, m.offset) for m in honest] == [(2, 40, 5)]
+    colliding.clear()
+    assert colliding.match("t:", text) == []
+
+
+def test_evicted_traces_leave_the_window_index():
+    store = LRUSegmentStore(budget_bytes=60 * TOKEN_BYTES)
+    first, second = list(range(100, 140)), list(range(200, 240))
+    store.put(seg(first))
+    assert store.match("t:", first)[0].length == 40
+    store.put(seg(second))  # 80 tokens > budget: the first is evicted
+    assert store.match("t:", first) == [] and store.match("t:", second)[0].length == 40
+    assert set(store._windows) == {"t:"} and list(store._ids) == [seg(second).key]
+    entries = [e for v in store._windows["t:"].values() for e in ([v] if isinstance(v, int) else v)]
+    assert {e >> 32 for e in entries} == {store._ids[seg(second).key]}
