@@ -48,7 +48,7 @@ class KeyEntry:
             self._norms = flat.norm(dim=1) * self.scales
         return self._norms
 
-    tau: float = 1.0
+    tau: float | Tensor = 1.0  # a 0-dim tensor on the index's device once calibrated
     dirty: bool = True
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -135,9 +135,17 @@ def search(
         entry.index = make(entry.feats, device)
         if len(entry.feats) > 1:
             d, _ = entry.index.search(torch.from_numpy(entry.feats), 2)
-            entry.tau = max(float(np.median(d[:, 1].cpu().numpy())), 1e-4)
+            entry.tau = _median(d[:, 1]).clamp_min(1e-4)
         entry.dirty = False
     return entry.index.search(queries, k)
+
+
+def _median(x: Tensor) -> Tensor:
+    """numpy's median (the mean of the two middle values for an even count), on x's device
+    with no host read: a 0-dim float32 tensor."""
+    s = x.float().sort().values
+    n = s.numel()
+    return (s[(n - 1) // 2] + s[n // 2]) / 2
 
 
 def weighted(entry: KeyEntry, index: Tensor, w: Tensor) -> Tensor:

@@ -273,6 +273,7 @@ class AnchorPool:
         path: str | Path,
         identity: ModelIdentity | None = None,
         device: torch.device | str = "cpu",
+        index: str = "auto",
     ) -> AnchorPool:
         """Read a pool written by :meth:`save` (onto ``device``), verifying everything before
         using any of it.
@@ -287,7 +288,7 @@ class AnchorPool:
                 f"anchor pool file {path} is unusable: its config says storage "
                 f"{config.storage!r} but its Δ are {state.storage}; delete it (the pool relearns)"
             )
-        pool = cls(config, device)
+        pool = cls(config, device, index)
         pool._tick = state.tick
         pool._gains = dict(state.gains)
         for k, t in state.keys.items():

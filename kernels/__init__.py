@@ -14,6 +14,7 @@ from kvshare.kernels.kv import (
     scatter,
     slice_tokens,
     splice,
+    to_device,
 )
 from kvshare.kernels.layerwise import Narrow, gradual_prefill, layer_kv
 from kvshare.kernels.ops import KernelOps, Move
@@ -43,4 +44,5 @@ __all__ = [
     "shift_rope",
     "slice_tokens",
     "splice",
+    "to_device",
 ]

@@ -104,6 +104,15 @@ class KV:
         return KV(keys, values)
 
 
+def to_device(mask: Any, like: Tensor) -> Tensor:
+    """A host array (numpy) on ``like``'s device: from pinned memory, without a host sync,
+    on CUDA."""
+    t = torch.from_numpy(mask)
+    if like.device.type == "cuda":
+        return t.pin_memory().to(like.device, non_blocking=True)
+    return t.to(like.device)
+
+
 def gather(kv: KV, index: Tensor) -> KV:
     """Select tokens. index: [N] long. Returns KV [L, H, N, D]."""
     return KV(kv.keys.index_select(2, index), kv.values.index_select(2, index))

@@ -54,7 +54,7 @@ def gradual_prefill(
     Returns PrefillResult with ``recomputed`` = the tokens computed through every layer.
     """
     parts = ModelAdapter(model)
-    sel = torch.unique(sel.to(torch.long))
+    sel = sel.to(torch.long)  # ascending and unique by contract (no device read to check)
     q_pos = positions[sel]
     mask = position_mask(q_pos, positions, mask_dtype(model, cache.keys.dtype))
     past = SlotCache(cache, sel)

@@ -23,7 +23,8 @@ class Move:
     into the slots, keys re-rotated by ``at - src_start`` positions (the model's rotary
     parameters, scaling variants included); None: the slots keep what they hold.
     offsets: position-free Δ, KV [L, H, n, D] (any float dtype): keys get ``gains[0]·Δk``
-    rotated to the slots' positions (slot i is position i), values ``gains[1]·Δv``.
+    rotated to the slots' positions (slot i is position i), values ``gains[1]·Δv``; a gain
+    is a float or a 0-dim tensor on the device (a gain fitted there is never read back).
     """
 
     at: int
@@ -31,7 +32,7 @@ class Move:
     src: KV | None = None
     src_start: int = 0
     offsets: KV | None = None
-    gains: tuple[float, float] = (1.0, 1.0)
+    gains: tuple[float | Tensor, float | Tensor] = (1.0, 1.0)
 
 
 class KernelOps(ABC):

@@ -22,12 +22,14 @@ _FLOATS = {"torch.float32", "torch.float16", "torch.bfloat16"}
 
 @triton.jit
 def _relocate_kernel(
-    dk, dv, sk, sv, ok, ov, inv_freq,
+    dk, dv, sk, sv, ok, ov, inv_freq, gains,
     n, heads, half, dst_start, src_start, gk, gv,
     d_l, d_h, d_s, s_l, s_h, s_s, o_l, o_h, o_s,
-    HAS_SRC: tl.constexpr, HAS_OFF: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    HAS_SRC: tl.constexpr, HAS_OFF: tl.constexpr, GAIN_PTR: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
-    """One (layer, head) and BT tokens per program; keys as two halves (rotate_half)."""
+    """One (layer, head) and BT tokens per program; keys as two halves (rotate_half).
+    Gains: the scalars ``gk``/``gv``, or (GAIN_PTR) two float32 values on the device."""
     lh = tl.program_id(1)
     layer, head = lh // heads, lh % heads
     t = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -51,6 +53,9 @@ def _relocate_kernel(
         k2 = tl.load(dk + dp + half, mask=m, other=0.0).to(tl.float32)
         v1 = tl.load(dv + dp, mask=m, other=0.0).to(tl.float32)
         v2 = tl.load(dv + dp + half, mask=m, other=0.0).to(tl.float32)
+    if GAIN_PTR:
+        gk = tl.load(gains)
+        gv = tl.load(gains + 1)
     if HAS_OFF:
         op = layer * o_l + head * o_h + t[:, None] * o_s + d[None, :]
         a1 = tl.load(ok + op, mask=m, other=0.0).to(tl.float32)
@@ -140,14 +145,17 @@ class TritonOps(KernelOps):
         layers, heads, _, dim = dst.keys.shape
         sk = src if src is not None else dst
         ok = offsets if offsets is not None else dst
+        on_device = any(isinstance(g, torch.Tensor) for g in move.gains)
+        gains = _gain_pair(move.gains, dst.keys) if on_device else inv_freq
+        scalars = (1.0, 1.0) if on_device else tuple(float(g) for g in move.gains)
         bt = 16
         grid = (triton.cdiv(n, bt), layers * heads)
         _relocate_kernel[grid](
             dst.keys, dst.values, sk.keys, sk.values, ok.keys, ok.values,
-            inv_freq.to(dst.keys.device),
-            n, heads, dim // 2, move.at, move.src_start, *map(float, move.gains),
+            inv_freq.to(dst.keys.device), gains,
+            n, heads, dim // 2, move.at, move.src_start, *scalars,
             *dst.keys.stride()[:3], *sk.keys.stride()[:3], *ok.keys.stride()[:3],
-            HAS_SRC=src is not None, HAS_OFF=offsets is not None,
+            HAS_SRC=src is not None, HAS_OFF=offsets is not None, GAIN_PTR=on_device,
             BT=bt, BD=triton.next_power_of_2(dim // 2),
         )  # fmt: skip
 
@@ -186,6 +194,15 @@ class TritonOps(KernelOps):
             out, width, k, deltas.stride(0), BF=bf,
         )  # fmt: skip
         return out
+
+
+def _gain_pair(gains: tuple[float | torch.Tensor, ...], like: torch.Tensor) -> torch.Tensor:
+    """(gk, gv), floats or 0-dim device tensors, as two float32 values on the device."""
+    dev = like.device
+    parts = [
+        g.reshape(1).float() if isinstance(g, torch.Tensor) else torch.full((1,), g) for g in gains
+    ]
+    return torch.cat([p.to(dev) for p in parts])
 
 
 def _same_layout(dst: KV, src: KV | None, offsets: KV | None, parts: list[Tensor]) -> bool:

@@ -29,6 +29,7 @@ IMPLEMENTED_MODES = MODES
 SHARE_SCOPES = ("session", "tenant", "global")
 STORAGES = ("float32", "float16", "int8")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+ANCHOR_INDEXES = ("auto", "faiss", "torch")
 _BYTES_MAX = 1 << 50
 
 
@@ -112,7 +113,8 @@ class SelectConfig:
 @dataclass(frozen=True)
 class AnchorsConfig:
     """Anchor offsets (fields: see :class:`EngineConfig`); ``pool`` is the per-scope
-    pools' :class:`~kvshare.anchors.AnchorConfig`."""
+    pools' :class:`~kvshare.anchors.AnchorConfig`. anchor_index: the pools' exact k-NN
+    (``auto``: faiss on CPU when installed, torch elsewhere; ``kvshare.anchors.knn``)."""
 
     anchor_gamma: float = 0.3
     neighbours: int = AnchorConfig.neighbours
@@ -120,9 +122,11 @@ class AnchorsConfig:
     anchor_max_distance: float = 4.0
     anchor_budget_bytes: int = AnchorConfig.budget_bytes
     anchor_storage: str = AnchorConfig.storage
+    anchor_index: str = "auto"
 
     def __post_init__(self) -> None:
         _set(self, {
+            "anchor_index": check_choice("anchor_index", self.anchor_index, ANCHOR_INDEXES),
             "anchor_gamma": check_float("anchor_gamma", self.anchor_gamma, 0.0),
             "neighbours": check_int("neighbours", self.neighbours, 1, 1024),
             "feature_layer": check_int("feature_layer", self.feature_layer, 0, 1 << 16),

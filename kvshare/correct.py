@@ -6,11 +6,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from kvshare.anchors import AnchorPool, Estimate, at_positions, position_free, token_features
-from kvshare.kernels import KV, KernelOps, Move, Narrow, TorchOps, slice_tokens
+from kvshare.kernels import KV, KernelOps, Move, Narrow, TorchOps, slice_tokens, to_device
 from kvshare.prompt import Prompt
 from kvshare.relocate import Assembly, Run, relocated_kv
 
@@ -65,26 +66,25 @@ def commit_hits(pool: AnchorPool, estimates: list[RunEstimate]) -> None:
         pool.count_hits(e.key, e.estimate.anchor_ids)
 
 
-def trusted_delta(e: RunEstimate, layers: slice, max_distance: float, like: Tensor) -> KV | None:
+def trusted_delta(e: RunEstimate, layers: slice, max_distance: float, like: Tensor) -> KV:
     """The run's position-free offsets for ``layers``: KV [L', H, n, D] (dtype and device of
-    ``like``), or None when no token's estimate is trusted.
+    ``like``).
 
-    Tokens whose nearest anchor is farther than ``max_distance`` (in τ) get no offset: an
-    estimate that far away is not trusted.
+    Tokens whose nearest anchor is farther than ``max_distance`` (in τ) get no offset (zero):
+    an estimate that far away is not trusted. (Masked, not skipped: deciding to skip would
+    read a value on the host.)
     """
     trusted = (e.estimate.distance <= max_distance).to(like.device)
-    if not trusted.any():
-        return None
     d = e.estimate.delta[layers].to(like.device, like.dtype) * trusted[:, None]
     return KV(d[:, 0], d[:, 1])
 
 
 def run_offsets(
     e: RunEstimate, layers: slice, rotary: nn.Module, max_distance: float, like: Tensor
-) -> KV | None:
+) -> KV:
     """:func:`trusted_delta` rotated to the run's target positions: KV [L', H, n, D]."""
     d = trusted_delta(e, layers, max_distance, like)
-    return None if d is None else at_positions(d, e.positions.to(like.device), rotary)
+    return at_positions(d, e.positions.to(like.device), rotary)
 
 
 def apply_estimates(
@@ -101,8 +101,6 @@ def apply_estimates(
     ops = ops or TorchOps()
     for i, e in enumerate(estimates):
         delta = trusted_delta(e, slice(None), max_distance, cache.keys)
-        if delta is None:
-            continue
         gain = gains[i] if gains is not None else (1.0, 1.0)
         ops.relocate(cache, Move(e.run.start, e.run.length, offsets=delta, gains=gain), rotary)
 
@@ -162,7 +160,7 @@ class ValidatedOffsets:
     rotary: nn.Module
     max_distance: float
     first: int
-    record: Callable[[str, float, float], None] | None = None
+    record: Callable[[str, Tensor, Tensor], None] | None = None
     ops: KernelOps = field(default_factory=TorchOps)
 
     def __call__(self, layer: int, sel: Tensor, fresh: KV, before: KV) -> Tensor:
@@ -171,24 +169,56 @@ class ValidatedOffsets:
         return self.inner(layer, sel, fresh, before)
 
     def _fit(self, layer: int, sel: Tensor, fresh: KV, before: KV) -> KV:
-        """fresh, before: KV [1, H, N, D] of ``sel`` [N]; returns ``before`` plus offsets."""
-        keys, values = before.keys.clone(), before.values.clone()
-        for e in self.estimates:
-            inside = (sel >= e.run.start) & (sel < e.run.end)
-            moved = run_offsets(e, slice(layer, layer + 1), self.rotary, self.max_distance, keys)
-            if moved is None or not bool(inside.any()):
-                continue
-            local = sel[inside] - e.run.start
-            est = KV(moved.keys[:1, :, local], moved.values[:1, :, local])
-            gk = fit_gain(fresh.keys[:, :, inside] - keys[:, :, inside], est.keys)
-            gv = fit_gain(fresh.values[:, :, inside] - values[:, :, inside], est.values)
-            keys[:, :, inside] += gk * est.keys
-            values[:, :, inside] += gv * est.values
-            above = KV(self.cache.keys[layer + 1 :], self.cache.values[layer + 1 :])
-            delta = trusted_delta(e, slice(layer + 1, None), self.max_distance, keys)
-            if delta is not None and above.keys.shape[0]:
-                move = Move(e.run.start, e.run.length, offsets=delta, gains=(gk, gv))
+        """fresh, before: KV [1, H, N, D] of ``sel`` [N]; returns ``before`` plus offsets.
+
+        Every run at once, reading nothing on the host: layer c's offsets are gathered at
+        ``sel`` (:meth:`_layer_offsets`), and each run's gains are sums over its tokens
+        (:func:`run_gains`). ``record`` gets 0-dim tensors, NaN for a run none of whose tokens
+        carried an offset (nothing to fit).
+        """
+        est, rid = self._layer_offsets(layer, sel, before)
+        n = len(self.estimates)
+        gk = run_gains(fresh.keys - before.keys, est.keys, rid, n)
+        gv = run_gains(fresh.values - before.values, est.values, rid, n)
+        keys = before.keys + _per_token(gk, rid).to(est.keys) * est.keys
+        values = before.values + _per_token(gv, rid).to(est.values) * est.values
+        above = KV(self.cache.keys[layer + 1 :], self.cache.values[layer + 1 :])
+        for r, e in enumerate(self.estimates):
+            if above.keys.shape[0]:
+                d = trusted_delta(e, slice(layer + 1, None), self.max_distance, before.keys)
+                g = (gk[r].nan_to_num(0.0), gv[r].nan_to_num(0.0))
+                move = Move(e.run.start, e.run.length, offsets=d, gains=g)
                 self.ops.relocate(above, move, self.rotary)
             if self.record is not None:
-                self.record(e.key, gk, gv)
+                self.record(e.key, gk[r], gv[r])
         return KV(keys, values)
+
+    def _layer_offsets(self, layer: int, sel: Tensor, like: KV) -> tuple[KV, Tensor]:
+        """Layer ``layer``'s offsets of every run at ``sel``: KV [1, H, N, D] (zero outside
+        the runs), and the run index of each token [N] (``len(estimates)``: in no run)."""
+        slots = self.cache.keys.shape[2]
+        _, heads, _, dim = like.keys.shape
+        buf = KV(*(t.new_zeros(1, heads, slots, dim) for t in (like.keys, like.values)))
+        run_of = np.full(slots, len(self.estimates), dtype=np.int64)
+        for r, e in enumerate(self.estimates):
+            d = trusted_delta(e, slice(layer, layer + 1), self.max_distance, like.keys)
+            self.ops.relocate(buf, Move(e.run.start, e.run.length, offsets=d), self.rotary)
+            run_of[e.run.start : e.run.end] = r
+        return KV(buf.keys[:, :, sel], buf.values[:, :, sel]), to_device(run_of, sel)[sel]
+
+
+def _per_token(gains: Tensor, rid: Tensor) -> Tensor:
+    """[R] run gains (NaN: none) -> [1, 1, N, 1] per token (0 outside the runs)."""
+    padded = torch.cat([gains.nan_to_num(0.0), gains.new_zeros(1)])
+    return padded[rid][None, None, :, None]
+
+
+def run_gains(true: Tensor, estimate: Tensor, rid: Tensor, runs: int) -> Tensor:
+    """:func:`fit_gain` per run, on the device: [runs] float32 gains in [0, 1], NaN for a run
+    whose estimate is zero on every token it has. true, estimate: [1, H, N, D]; rid: [N]
+    run index per token (``runs``: in no run)."""
+    zeros = torch.zeros(runs + 1, device=true.device)
+    num = zeros.index_add(0, rid, (true.float() * estimate.float()).sum((0, 1, 3)))
+    den = zeros.index_add(0, rid, estimate.float().pow(2).sum((0, 1, 3)))
+    gains = (num / den.clamp_min(1e-30)).clamp(0.0, 1.0)
+    return torch.where(den > 0, gains, torch.full_like(gains, float("nan")))[:runs]

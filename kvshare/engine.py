@@ -205,7 +205,9 @@ class Engine:
         values) or ModelMismatchError (saved for another model); the scope keeps its pool then.
         """
         scope = self._anchored_scope(tenant, session)
-        pool = AnchorPool.load(path, identity=ModelIdentity.of(self.model), device=self.device)
+        pool = AnchorPool.load(
+            path, ModelIdentity.of(self.model), self.device, self.config.anchors.anchor_index
+        )
         c = self.config
         pool.config = dataclasses.replace(
             pool.config,

@@ -48,7 +48,7 @@ class LearnedState:
         c = self.config
         pool = None
         if self.anchored:
-            pool = AnchorPool(c.anchors.pool, self.device)
+            pool = AnchorPool(c.anchors.pool, self.device, c.anchors.anchor_index)
         return ScopeState(pool, c.select.recompute_ratio)
 
     def get(self, scope: Scope) -> ScopeState:

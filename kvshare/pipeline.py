@@ -8,6 +8,7 @@ render (``kvshare.request``) → :func:`plan` → :func:`assemble_prompt` → :f
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -187,8 +188,10 @@ def learn(parts: Parts, scope: Scope, state: ScopeState, pre: Prefilled) -> None
     if pool is None or not pre.estimates:
         return
     commit_hits(pool, pre.estimates)
-    for key, gk, gv in pre.gains:
-        pool.record_gain(key, gk, gv)
+    for key, gk, gv in pre.gains:  # 0-dim tensors fitted in the prefill: read now, after TTFT
+        k, v = float(gk), float(gv)
+        if not (math.isnan(k) or math.isnan(v)):
+            pool.record_gain(key, k, v)
     teach(parts, scope, pool, pre, pre.kv, pre.done & pre.asm.relocated)
 
 

@@ -18,19 +18,18 @@ from torch import Tensor, nn
 from kvshare.anchors import AnchorPool
 from kvshare.config import EngineConfig
 from kvshare.correct import RunEstimate, ValidatedOffsets, apply_estimates
-from kvshare.kernels import Narrow
+from kvshare.kernels import Narrow, to_device
 from kvshare.registry import Registry
 from kvshare.relocate import Assembly
 from kvshare.select import (
     Plan,
     anchor_fallback,
     deviation_filter,
-    recent_mask,
-    sink_mask,
+    forced_runs,
     uncertainty_order,
 )
 
-Record = Callable[[str, float, float], None]
+Record = Callable[[str, Tensor, Tensor], None]
 
 
 def _selection(forced: Tensor, asm: Assembly) -> Plan:
@@ -117,17 +116,20 @@ class BlendPolicy(ReusePolicy):
         forced[-1] = True
         if not asm.runs:
             return _selection(forced, asm)
-        forced |= sink_mask(asm, config.select.sink_tokens) & asm.relocated
-        if self.recent and config.select.recent_tokens:
-            forced |= recent_mask(asm, config.select.recent_tokens)
-        forced[: asm.prefix] = False
+        sel = config.select
+        recent = sel.recent_tokens if self.recent else 0
+        host = forced_runs(asm, sel.sink_tokens, recent, last=True)  # forced ∩ relocated
+        forced |= to_device(host, forced)
         budget = round(ratio * asm.relocated_count)
-        if budget <= 0 or not bool((asm.relocated & ~forced).any()):
+        n_cand = asm.relocated_count - int(host.sum())
+        if budget <= 0 or n_cand <= 0:
             return _selection(forced, asm)
         unc = uncertainty_order(estimates) if self.uncertainty and estimates else None
-        thr = config.select.deviation_threshold if self.uncertainty else None
-        checks, narrow = deviation_filter(asm, forced, budget, config.select.check_layers, unc, thr)
-        return Plan((forced | asm.relocated).nonzero().flatten(), checks, narrow)
+        thr = sel.deviation_threshold if self.uncertainty else None
+        checks, narrow = deviation_filter(asm, forced, budget, sel.check_layers, unc, thr, n_cand)
+        # forced ∪ relocated is every token after the prefix: known on the host
+        every = torch.arange(asm.prefix, asm.relocated.shape[0], device=forced.device)
+        return Plan(every, checks, narrow)
 
 
 class AnchorPolicy(ReusePolicy):

@@ -6,33 +6,41 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from kvshare.kernels import KV, KernelOps, TorchOps
+from kvshare.kernels import KV, KernelOps, TorchOps, to_device
 from kvshare.relocate import Assembly
 
 
-def sink_mask(asm: Assembly, k: int) -> Tensor:
-    """[S] bool: the first ``k`` tokens of every relocated run (attention-sink outliers)."""
-    mask = torch.zeros_like(asm.relocated)
+def forced_runs(asm: Assembly, sinks: int, recent: int, last: bool = False) -> np.ndarray:
+    """[S] bool on the host, from the runs alone (no device read): the first ``sinks``
+    tokens of every relocated run (attention-sink outliers), the last ``recent`` relocated
+    tokens (the next token attends to them most) and, with ``last``, the last prompt token
+    if it is relocated."""
+    n = asm.relocated.shape[0]
+    relocated = np.zeros(n, dtype=bool)
+    mask = np.zeros(n, dtype=bool)
     for run in asm.runs:
-        mask[run.start : run.start + k] = True
+        relocated[run.start : run.end] = True
+        mask[run.start : run.start + sinks] = True
+    mask &= relocated
+    if recent > 0:
+        mask[np.flatnonzero(relocated)[-recent:]] = True
+    if last and relocated[n - 1]:
+        mask[n - 1] = True
     return mask
+
+
+def sink_mask(asm: Assembly, k: int) -> Tensor:
+    """[S] bool: the first ``k`` tokens of every relocated run."""
+    return to_device(forced_runs(asm, k, 0), asm.relocated)
 
 
 def recent_mask(asm: Assembly, k: int) -> Tensor:
-    """[S] bool: the last ``k`` relocated tokens (the next token attends to them most),
-    found from the runs on the host (slice writes, no device read)."""
-    mask = torch.zeros_like(asm.relocated)
-    left = k
-    for run in sorted(asm.runs, key=lambda r: r.start, reverse=True):
-        if left <= 0:
-            break
-        take = min(left, run.length)
-        mask[run.end - take : run.end] = True
-        left -= take
-    return mask
+    """[S] bool: the last ``k`` relocated tokens."""
+    return to_device(forced_runs(asm, 0, k), asm.relocated)
 
 
 def score_deviation(fresh: KV, reused: KV) -> Tensor:
@@ -91,22 +99,26 @@ def deviation_filter(
     check_layers: tuple[int, ...],
     uncertain: Tensor | None = None,
     threshold: float | None = None,
+    n_cand: int | None = None,
 ) -> tuple[tuple[int, ...], DeviationFilter]:
     """Check layers (clamped below the last model layer) and the filter for a gradual prefill.
 
     Every check layer but the last keeps twice the budget; with ``threshold`` at least a fifth
     of the candidates, so the last one has something to choose from. ``uncertain`` ([M]
     indices, most uncertain first): its first ``budget`` relocated, not forced tokens are
-    protected up to the last check layer.
+    protected up to the last check layer. ``n_cand``: the number of relocated, not forced
+    tokens when the caller knows it on the host (else it is counted on the device).
     """
     top = max(0, asm.cache.keys.shape[0] - 2)
     checks = tuple(sorted({min(c, top) for c in check_layers}))
-    n_cand = int((asm.relocated & ~forced).sum())
+    if n_cand is None:
+        n_cand = int((asm.relocated & ~forced).sum())
     wide = 2 * budget if threshold is None else max(2 * budget, round(0.2 * n_cand))
     protect = torch.zeros_like(forced)
     if uncertain is not None and len(checks) > 1:
-        extra = uncertain[~forced[uncertain] & asm.relocated[uncertain]][:budget]
-        protect[extra] = True
+        free = ~forced[uncertain] & asm.relocated[uncertain]
+        first = free & (free.cumsum(0) <= budget)  # the first `budget` free ones, in order
+        protect.scatter_(0, uncertain, first)
     narrow = DeviationFilter(forced, protect, budget, wide, checks[-1], threshold, asm.ops)
     return checks, narrow
 

@@ -48,7 +48,9 @@ def test_validated_offsets_keep_what_holds_up_and_drop_the_rest():
     check = ValidatedOffsets(inner, [e], cache, rotary, 4.0, 0, lambda *a: fits.append(a))
     before = KV(torch.zeros_like(fresh.keys), torch.zeros_like(fresh.values))
     assert check(0, sel, fresh, before).all()
-    assert fits == [("a:m1->b:m1", pytest.approx(1.0), 0.0)]
+    assert [(k, float(gk), float(gv)) for k, gk, gv in fits] == [
+        ("a:m1->b:m1", pytest.approx(1.0), 0.0)
+    ]
     assert torch.allclose(seen["before"].keys, fresh.keys, atol=1e-6)
     assert torch.equal(seen["before"].values, before.values)
     assert torch.allclose(cache.keys[1:, :, start : start + n], truth.keys[1:], atol=1e-6)
@@ -67,3 +69,17 @@ def test_pool_gain_is_a_running_mean_and_survives_save_load(tmp_path):
     assert pool.gain("k") == (0.5, 1.0)
     pool.save(tmp_path / "pool.kvpool")
     assert AnchorPool.load(tmp_path / "pool.kvpool").gain("k") == (0.5, 1.0)
+
+
+def test_run_gains_equal_a_fit_per_run():
+    from kvshare.correct import fit_gain, run_gains
+
+    g = torch.Generator().manual_seed(3)
+    true, est = torch.randn(1, 2, 12, 4, generator=g), torch.randn(1, 2, 12, 4, generator=g)
+    est[:, :, 8:10] = 0  # run 2 has no offset on its tokens
+    rid = torch.tensor([0, 0, 0, 1, 1, 3, 3, 0, 2, 2, 1, 3])  # 3: in no run
+    gains = run_gains(true, est, rid, 3)
+    for r in range(2):
+        inside = rid == r
+        assert float(gains[r]) == pytest.approx(fit_gain(true[:, :, inside], est[:, :, inside]))
+    assert torch.isnan(gains[2]) and gains.shape == (3,)

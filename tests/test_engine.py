@@ -156,6 +156,12 @@ def test_sub_configs_take_flat_names_and_check_their_fields(tiny_engine, monkeyp
         EngineConfig.of(kernel_backend="cuda-graphs")
     with pytest.raises(ConfigError, match="StoreConfig"):
         EngineConfig(store={"prefix_cache_bytes": 1})  # type: ignore[arg-type]
+    from kvshare.anchors.knn import TorchIndex
+
+    pool = tiny_engine.fork(mode="kvshare", anchor_index="torch").anchor_pool()
+    assert pool.index_kind is TorchIndex
+    with pytest.raises(ConfigError, match="anchor_index"):
+        EngineConfig.of(anchor_index="hnsw")
     monkeypatch.setenv("KVSHARE_KERNELS", "triton")  # an explicit config choice wins
     assert tiny_engine.fork(kernel_backend="torch").kernels.name == "torch"
     assert tiny_engine.fork().kernels.name == "triton"  # auto: the environment (interpreter)

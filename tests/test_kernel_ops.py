@@ -56,6 +56,7 @@ def test_fused_relocation_matches_the_torch_chain(device, dtype, layers, heads, 
         Move(60, n, src, 17),  # relocate only
         Move(60, n, offsets=off, gains=(0.5, 0.25)),  # offsets added in place
         Move(60, n, src, 250 - n, off, (1.0, 0.75)),
+        Move(60, n, offsets=off, gains=(torch.tensor(0.5, device=device), torch.tensor(0.2))),
     ):
         ref, fused = _both(dst)
         TorchOps().relocate(ref, move, rotary)
