@@ -66,25 +66,28 @@ def commit_hits(pool: AnchorPool, estimates: list[RunEstimate]) -> None:
         pool.count_hits(e.key, e.estimate.anchor_ids)
 
 
-def trusted_delta(e: RunEstimate, layers: slice, max_distance: float, like: Tensor) -> KV:
+def trusted_delta(e: RunEstimate, layers: slice, max_distance: float, like: Tensor) -> KV | None:
     """The run's position-free offsets for ``layers``: KV [L', H, n, D] (dtype and device of
-    ``like``).
+    ``like``); None when no token is trusted and that is free to know (the estimate is in
+    host memory).
 
     Tokens whose nearest anchor is farther than ``max_distance`` (in τ) get no offset (zero):
-    an estimate that far away is not trusted. (Masked, not skipped: deciding to skip would
-    read a value on the host.)
+    an estimate that far away is not trusted. On a GPU an untrusted run is masked, not
+    skipped: deciding to skip would wait for the device.
     """
-    trusted = (e.estimate.distance <= max_distance).to(like.device)
-    d = e.estimate.delta[layers].to(like.device, like.dtype) * trusted[:, None]
+    trusted = e.estimate.distance <= max_distance
+    if trusted.device.type == "cpu" and not bool(trusted.any()):
+        return None
+    d = e.estimate.delta[layers].to(like.device, like.dtype) * trusted.to(like.device)[:, None]
     return KV(d[:, 0], d[:, 1])
 
 
 def run_offsets(
     e: RunEstimate, layers: slice, rotary: nn.Module, max_distance: float, like: Tensor
-) -> KV:
+) -> KV | None:
     """:func:`trusted_delta` rotated to the run's target positions: KV [L', H, n, D]."""
     d = trusted_delta(e, layers, max_distance, like)
-    return at_positions(d, e.positions.to(like.device), rotary)
+    return None if d is None else at_positions(d, e.positions.to(like.device), rotary)
 
 
 def apply_estimates(
@@ -101,6 +104,8 @@ def apply_estimates(
     ops = ops or TorchOps()
     for i, e in enumerate(estimates):
         delta = trusted_delta(e, slice(None), max_distance, cache.keys)
+        if delta is None:
+            continue
         gain = gains[i] if gains is not None else (1.0, 1.0)
         ops.relocate(cache, Move(e.run.start, e.run.length, offsets=delta, gains=gain), rotary)
 
@@ -184,8 +189,8 @@ class ValidatedOffsets:
         values = before.values + _per_token(gv, rid).to(est.values) * est.values
         above = KV(self.cache.keys[layer + 1 :], self.cache.values[layer + 1 :])
         for r, e in enumerate(self.estimates):
-            if above.keys.shape[0]:
-                d = trusted_delta(e, slice(layer + 1, None), self.max_distance, before.keys)
+            d = trusted_delta(e, slice(layer + 1, None), self.max_distance, before.keys)
+            if above.keys.shape[0] and d is not None:
                 g = (gk[r].nan_to_num(0.0), gv[r].nan_to_num(0.0))
                 move = Move(e.run.start, e.run.length, offsets=d, gains=g)
                 self.ops.relocate(above, move, self.rotary)
@@ -202,7 +207,8 @@ class ValidatedOffsets:
         run_of = np.full(slots, len(self.estimates), dtype=np.int64)
         for r, e in enumerate(self.estimates):
             d = trusted_delta(e, slice(layer, layer + 1), self.max_distance, like.keys)
-            self.ops.relocate(buf, Move(e.run.start, e.run.length, offsets=d), self.rotary)
+            if d is not None:
+                self.ops.relocate(buf, Move(e.run.start, e.run.length, offsets=d), self.rotary)
             run_of[e.run.start : e.run.end] = r
         return KV(buf.keys[:, :, sel], buf.values[:, :, sel]), to_device(run_of, sel)[sel]
 
