@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -110,12 +111,15 @@ class Engine:
         stop: str | list[str] | tuple[str, ...] | None = None,
         seed: int | None = None,
         shadow: bool = False,
+        on_token: Callable[[int], None] | None = None,
     ) -> ChatResult:
         """Answer ``messages`` (dicts ``{"role","content"}``, LangChain messages, tuples).
 
         Every argument is checked first (``kvshare.request``): ScopeError, ConfigError,
         PromptError or ContextLengthError leave every store, pool and statistic unchanged.
         NonFiniteError: the model produced NaN/inf; nothing from the call is stored.
+        on_token: called with every generated token id as it is sampled (streaming; it runs
+        on the calling thread, inside the call's turn on the model).
         """
         req = make_request(
             self.config,
@@ -132,8 +136,10 @@ class Engine:
             seed=seed,
             shadow=shadow,
         )
+        if on_token is not None and not callable(on_token):
+            raise ConfigError(f"on_token must be callable (token id -> None), got {on_token!r}")
         with self._turns:
-            return self._call(req)
+            return self._call(req, on_token)
 
     def stats(self, session: str | None = None, agent: str | None = None) -> SessionStats:
         """Aggregate CallStats over every call (or those of ``session`` / ``agent``)."""
@@ -226,7 +232,7 @@ class Engine:
         planned = pipeline.plan(self.parts, scope, prompt)
         return pipeline.assemble_prompt(self.parts, len(prompt), planned)
 
-    def _call(self, req: Request) -> ChatResult:
+    def _call(self, req: Request, on_token: Callable[[int], None] | None = None) -> ChatResult:
         """The pipeline, in order, with stage times (``kvshare.pipeline`` does the work)."""
         parts, clock = self.parts, StageClock(self.config.profile, self.device)
         clock.add("render", req.render_s)
@@ -247,7 +253,7 @@ class Engine:
         with clock.stage("learn"):
             pipeline.learn(parts, req.scope, state, pre)
         t1 = time.perf_counter()
-        dec = pipeline.decode_reply(parts, req, pre, first, gen, self._turns.pass_turn)
+        dec = pipeline.decode_reply(parts, req, pre, first, gen, self._turns.pass_turn, on_token)
         decode_s = time.perf_counter() - t1
         clock.add("decode", decode_s)
         with clock.stage("remember"):

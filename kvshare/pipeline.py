@@ -9,6 +9,7 @@ render (``kvshare.request``) → :func:`plan` → :func:`assemble_prompt` → :f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -164,8 +165,18 @@ def decode_reply(
     first: int,
     gen: torch.Generator | None,
     pass_turn: Any,
+    on_token: Callable[[int], None] | None = None,
 ) -> DecodeResult:
-    """Generate the reply over the prefilled cache, passing the turn every slice."""
+    """Generate the reply over the prefilled cache, passing the turn every slice;
+    ``on_token`` sees every generated token id as it is sampled (EOS excepted)."""
+    stop = stop_checker(parts.loaded.tokenizer, req.stop)
+    should_stop = stop
+    if on_token is not None:
+
+        def should_stop(tokens: list[int]) -> bool:  # called once per new token
+            on_token(tokens[-1])
+            return stop is not None and stop(tokens)
+
     return decode(
         parts.model,
         pre.kv,
@@ -175,7 +186,7 @@ def decode_reply(
         eos_ids=set(parts.eos_ids),
         context_length=parts.loaded.context_length,
         generator=gen,
-        should_stop=stop_checker(parts.loaded.tokenizer, req.stop),
+        should_stop=should_stop,
         pass_turn=pass_turn,
         turn_tokens=parts.config.decode_slice,
     )

@@ -1,0 +1,186 @@
+"""``ChatKVShare``: a LangChain chat model whose calls go through a kvshare :class:`Engine`.
+
+Inside a LangGraph graph nothing needs configuring: the agent is the node running the call
+(``langgraph_node``; an ``lc_agent_name`` or an explicit ``agent=`` wins) and the session is
+the graph's ``thread_id``, read from the current runnable config. ``usage_metadata`` reports
+the reused prompt tokens as ``input_token_details.cache_read`` (what LangSmith shows for
+prompt caching); kvshare's own figures are in ``response_metadata``. Tools and structured
+output are not supported yet (issue 11).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables.config import ensure_config
+from pydantic import ConfigDict, Field, model_validator
+
+from kvshare.engine import ChatResult as KVResult
+from kvshare.engine import Engine
+
+
+class ChatKVShare(BaseChatModel):
+    """A chat model over ``engine`` (None: the embedded default model in ``kvshare`` mode).
+
+    Parameters are the defaults of every call: agent, session, tenant (ids: ``str``),
+    max_tokens, temperature, top_p, stop, seed, shadow (measure fidelity against a full
+    prefill). Errors are kvshare's named exceptions (``kvshare.errors``).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    engine: Any = Field(default=None, exclude=True)
+    agent: str | None = None
+    session: str | None = None
+    tenant: str | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] | None = None
+    seed: int | None = None
+    shadow: bool = False
+
+    @model_validator(mode="after")
+    def _load(self) -> ChatKVShare:
+        if self.engine is None:
+            self.engine = Engine.from_pretrained()
+        return self
+
+    @property
+    def _llm_type(self) -> str:
+        return "kvshare"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.engine.loaded.source, "mode": self.engine.config.mode}
+
+    def _call_args(
+        self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Engine.chat arguments: the model's defaults, per-call overrides, and the agent and
+        session of the LangGraph task this call runs in."""
+        config = ensure_config()
+        meta, conf = config.get("metadata") or {}, config.get("configurable") or {}
+        return {
+            "messages": messages,
+            "agent": self.agent or meta.get("lc_agent_name") or meta.get("langgraph_node"),
+            "session": self.session or conf.get("thread_id") or meta.get("thread_id"),
+            "tenant": self.tenant,
+            "max_new_tokens": kwargs.get("max_tokens", self.max_tokens),
+            "temperature": kwargs.get("temperature", self.temperature),
+            "top_p": kwargs.get("top_p", self.top_p),
+            "stop": stop if stop is not None else self.stop,
+            "seed": kwargs.get("seed", self.seed),
+            "shadow": kwargs.get("shadow", self.shadow),
+        }
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        result = self.engine.chat(**self._call_args(messages, stop, **kwargs))
+        message = AIMessage(
+            content=result.text,
+            usage_metadata=usage(result),
+            response_metadata=response_metadata(result, self.engine),
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        """Text as it is generated; the last chunk carries usage and kvshare's figures.
+        Text that could still become a stop string is held back until it cannot."""
+        args = self._call_args(messages, stop, **kwargs)
+        stream = _TokenStream(self.engine, args)
+        sent = ""
+        for text in stream.texts():
+            if len(text) > len(sent):
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=text[len(sent) :]))
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(text[len(sent) :], chunk=chunk)
+                sent = text
+                yield chunk
+        result = stream.result()
+        rest = result.text[len(sent) :] if result.text.startswith(sent) else ""
+        last = AIMessageChunk(
+            content=rest,
+            usage_metadata=usage(result),
+            response_metadata=response_metadata(result, self.engine),
+            chunk_position="last",
+        )
+        yield ChatGenerationChunk(message=last)
+
+
+class _TokenStream:
+    """Runs one ``Engine.chat`` on a worker thread and hands its tokens over as they come."""
+
+    _DONE = object()
+
+    def __init__(self, engine: Any, args: dict[str, Any]) -> None:
+        self.engine = engine
+        self.stop: Sequence[str] = args["stop"] or ()
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._outcome: KVResult | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(args,), daemon=True)
+        self._thread.start()
+
+    def _run(self, args: dict[str, Any]) -> None:
+        try:
+            self._outcome = self.engine.chat(**args, on_token=self._queue.put)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            self._outcome = exc
+        self._queue.put(self._DONE)
+
+    def texts(self) -> Iterator[str]:
+        """The decoded reply so far, each time it can safely grow: never into a stop string
+        or a half-decoded character."""
+        tokens: list[int] = []
+        hold = max((len(s) for s in self.stop), default=1) - 1
+        while (item := self._queue.get()) is not self._DONE:
+            tokens.append(item)
+            text = self.engine.tokenizer.decode(tokens, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue
+            cuts = [text.find(s) for s in self.stop if s in text]
+            yield text[: min(cuts)] if cuts else text[: len(text) - hold]
+
+    def result(self) -> KVResult:
+        self._thread.join()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        assert self._outcome is not None
+        return self._outcome
+
+
+def usage(result: KVResult) -> UsageMetadata:
+    """LangChain usage metadata; ``cache_read``: prompt tokens whose KV was reused."""
+    s = result.stats
+    return UsageMetadata(
+        input_tokens=s.prompt_tokens,
+        output_tokens=s.output_tokens,
+        total_tokens=s.prompt_tokens + s.output_tokens,
+        input_token_details={"cache_read": s.prompt_tokens - s.computed_tokens},
+    )
+
+
+def response_metadata(result: KVResult, engine: Any) -> dict[str, Any]:
+    """kvshare's figures of the call (``CallStats``) beside the model name."""
+    stats = result.stats.as_dict()
+    stats.pop("stages", None)
+    return {"model_name": engine.loaded.source, **stats, "reuse_rate": result.stats.reuse_rate}

@@ -1,0 +1,84 @@
+"""ChatKVShare: a LangChain chat model over an Engine, alone and inside a LangGraph graph."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import pytest
+from kvshare.integrations.langchain import ChatKVShare
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+from kvshare.errors import PromptError
+from tests.factories import DOC, team
+
+
+def test_invoke_equals_engine_chat_and_reports_reuse(tiny_engine):
+    msgs = [SystemMessage("You are the planner."), HumanMessage(DOC)]
+    direct = tiny_engine.fork(mode="prefix").chat(msgs, max_new_tokens=6)
+    model = ChatKVShare(engine=tiny_engine.fork(mode="prefix"), max_tokens=6)
+    first, again = model.invoke(msgs), model.invoke(msgs)
+    assert isinstance(first, AIMessage) and first.content == direct.text
+    assert first.usage_metadata is not None and again.usage_metadata is not None
+    assert first.usage_metadata["input_token_details"]["cache_read"] == 0
+    s = model.engine.calls[-1]
+    assert (
+        again.usage_metadata["input_token_details"]["cache_read"]
+        == (s.prompt_tokens - s.computed_tokens)
+        > 0
+    )  # the second call reuses the first one's prefix
+    assert again.response_metadata["prefix_hit_tokens"] == s.prefix_hit_tokens
+    assert again.response_metadata["mode"] == "prefix"
+
+
+def test_stream_concatenates_to_invoke_with_and_without_a_stop_string(tiny_engine):
+    msgs = team("critic")
+    model = ChatKVShare(engine=tiny_engine.fork(mode="full"), max_tokens=16)
+    whole = str(model.invoke(msgs).content)
+    chunks = list(model.stream(msgs))
+    assert "".join(str(c.content) for c in chunks) == whole
+    assert chunks[-1].usage_metadata is not None and len(chunks) >= 2
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 3]  # text the model really produces
+    assert len(stop) == 3
+    cut = str(model.invoke(msgs, stop=[stop]).content)
+    assert cut == whole[: whole.find(stop)]
+    assert "".join(str(c.content) for c in model.stream(msgs, stop=[stop])) == cut
+
+
+def test_bad_messages_raise_kvshare_errors(tiny_engine):
+    model = ChatKVShare(engine=tiny_engine.fork(mode="prefix"), max_tokens=2)
+    with pytest.raises(PromptError):
+        model.invoke([])
+    with pytest.raises(PromptError):
+        list(model.stream([]))  # raised from the worker thread, in the caller
+    assert len(model.engine.calls) == 0
+
+
+class _State(TypedDict):
+    notes: list[str]
+
+
+def test_graph_nodes_are_agents_and_threads_are_sessions(tiny_engine):
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import END, START, StateGraph
+
+    model = ChatKVShare(engine=tiny_engine.fork(mode="kvshare"), max_tokens=4)
+
+    def node(role: str):
+        def run(state: _State) -> _State:
+            reply = model.invoke(team(role, extra=[{"role": "user", "content": "Go."}]))
+            return {"notes": [*state["notes"], str(reply.content)]}
+
+        return run
+
+    g = StateGraph(_State)
+    for role in ("planner", "critic"):
+        g.add_node(role, node(role))
+    g.add_edge(START, "planner")
+    g.add_edge("planner", "critic")
+    g.add_edge("critic", END)
+    app = g.compile(checkpointer=InMemorySaver())
+    out = app.invoke({"notes": []}, {"configurable": {"thread_id": "run-1"}})
+    assert len(out["notes"]) == 2
+    calls = model.engine.calls
+    assert [(c.agent, c.session) for c in calls] == [("planner", "run-1"), ("critic", "run-1")]
+    assert calls[1].relocated_tokens + calls[1].prefix_hit_tokens > 0  # the shared document
