@@ -4,27 +4,36 @@ Inside a LangGraph graph nothing needs configuring: the agent is the node runnin
 (``langgraph_node``; an ``lc_agent_name`` or an explicit ``agent=`` wins) and the session is
 the graph's ``thread_id``, read from the current runnable config. ``usage_metadata`` reports
 the reused prompt tokens as ``input_token_details.cache_read`` (what LangSmith shows for
-prompt caching); kvshare's own figures are in ``response_metadata``. Tools and structured
-output are not supported yet (issue 11).
+prompt caching); kvshare's own figures are in ``response_metadata``. ``bind_tools`` works for
+any model (``kvshare.integrations.tools``: a byte-stable tool block first in the prompt, calls
+parsed from the reply); ``tool_choice`` other than ``auto``/``none`` and structured output are
+not supported yet (issue 11).
 """
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from kvshare.integrations.tools import parse_calls, with_tools
 from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
 from langchain_core.runnables.config import ensure_config
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, model_validator
 
 from kvshare.engine import ChatResult as KVResult
 from kvshare.engine import Engine
+from kvshare.errors import ConfigError
 
 
 class ChatKVShare(BaseChatModel):
@@ -62,6 +71,24 @@ class ChatKVShare(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {"model": self.engine.loaded.source, "mode": self.engine.config.mode}
 
+    def bind_tools(
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: str | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind ``tools`` (functions, pydantic models, ``@tool``s or OpenAI dicts). Only
+        ``tool_choice`` None/``auto`` (the model decides) and ``none`` are supported: forcing a
+        call needs constrained decoding, which kvshare does not have yet (ConfigError)."""
+        if tool_choice not in (None, "auto", "none"):
+            raise ConfigError(
+                f"tool_choice={tool_choice!r} needs constrained decoding, which kvshare does "
+                f"not support yet; use tool_choice='auto' (the model decides) or 'none'"
+            )
+        schemas = [] if tool_choice == "none" else [convert_to_openai_tool(t) for t in tools]
+        return self.bind(tools=schemas, **kwargs)
+
     def _call_args(
         self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
     ) -> dict[str, Any]:
@@ -69,8 +96,9 @@ class ChatKVShare(BaseChatModel):
         session of the LangGraph task this call runs in."""
         config = ensure_config()
         meta, conf = config.get("metadata") or {}, config.get("configurable") or {}
+        tools = kwargs.get("tools")
         return {
-            "messages": messages,
+            "messages": with_tools(messages, tools) if tools else messages,
             "agent": self.agent or meta.get("lc_agent_name") or meta.get("langgraph_node"),
             "session": self.session or conf.get("thread_id") or meta.get("thread_id"),
             "tenant": self.tenant,
@@ -90,8 +118,13 @@ class ChatKVShare(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         result = self.engine.chat(**self._call_args(messages, stop, **kwargs))
+        text, calls, bad = (
+            parse_calls(result.text) if kwargs.get("tools") else (result.text, [], [])
+        )
         message = AIMessage(
-            content=result.text,
+            content=text,
+            tool_calls=calls,
+            invalid_tool_calls=bad,
             usage_metadata=usage(result),
             response_metadata=response_metadata(result, self.engine),
         )
@@ -105,7 +138,13 @@ class ChatKVShare(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         """Text as it is generated; the last chunk carries usage and kvshare's figures.
-        Text that could still become a stop string is held back until it cannot."""
+        Text that could still become a stop string is held back until it cannot. With tools
+        bound, the reply comes as one chunk once its calls are parsed."""
+        if kwargs.get("tools"):
+            whole = self._generate(messages, stop, run_manager, **kwargs).generations[0].message
+            assert isinstance(whole, AIMessage)
+            yield ChatGenerationChunk(message=_as_chunk(whole))
+            return
         args = self._call_args(messages, stop, **kwargs)
         stream = _TokenStream(self.engine, args)
         sent = ""
@@ -125,6 +164,21 @@ class ChatKVShare(BaseChatModel):
             chunk_position="last",
         )
         yield ChatGenerationChunk(message=last)
+
+
+def _as_chunk(message: AIMessage) -> AIMessageChunk:
+    """A whole reply as one last chunk (tool calls as tool-call chunks)."""
+    chunks = [
+        tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
+        for i, c in enumerate(message.tool_calls)
+    ]
+    return AIMessageChunk(
+        content=message.content,
+        tool_call_chunks=chunks,
+        usage_metadata=message.usage_metadata,
+        response_metadata=message.response_metadata,
+        chunk_position="last",
+    )
 
 
 class _TokenStream:

@@ -82,3 +82,74 @@ def test_graph_nodes_are_agents_and_threads_are_sessions(tiny_engine):
     calls = model.engine.calls
     assert [(c.agent, c.session) for c in calls] == [("planner", "run-1"), ("critic", "run-1")]
     assert calls[1].relocated_tokens + calls[1].prefix_hit_tokens > 0  # the shared document
+
+
+def get_weather(city: str) -> str:
+    """The weather in a city."""
+    return f"sunny in {city}"
+
+
+def test_tool_calls_round_trip_and_malformed_ones_are_contained():
+    from kvshare.integrations.tools import format_call, parse_calls
+
+    reply = "Let me check. " + format_call("get_weather", {"city": "Paris"})
+    text, calls, bad = parse_calls(reply)
+    assert text == "Let me check." and not bad
+    assert [(c["name"], c["args"]) for c in calls] == [("get_weather", {"city": "Paris"})]
+    text, calls, bad = parse_calls('<tool_call>{"name": 3}</tool_call><tool_call>{oops</tool_call>')
+    assert not calls and len(bad) == 2 and all(b["error"] for b in bad)
+    assert parse_calls("no calls here") == ("no calls here", [], [])
+
+
+def test_bound_tools_share_one_prefix_and_history_renders(tiny_engine):
+    from kvshare.integrations.tools import tool_block
+    from langchain_core.messages import ToolMessage
+
+    from kvshare.errors import ConfigError
+
+    model = ChatKVShare(engine=tiny_engine.fork(mode="prefix"), max_tokens=3)
+    llm = model.bind_tools([get_weather])
+    for role in ("planner", "critic"):  # different system prompts, same tools
+        llm.invoke([SystemMessage(f"You are the {role}."), HumanMessage("Weather in Paris?")])
+    block = len(tiny_engine.tokenizer(tool_block([convert(get_weather)]))["input_ids"])
+    assert model.engine.calls[1].prefix_hit_tokens >= block  # the tool block is shared
+    history = [
+        HumanMessage("Weather in Paris?"),
+        AIMessage("", tool_calls=[{"name": "get_weather", "args": {"city": "Paris"}, "id": "1"}]),
+        ToolMessage("sunny in Paris", tool_call_id="1"),
+    ]
+    assert isinstance(llm.invoke(history), AIMessage)  # rendered as text, not refused
+    with pytest.raises(ConfigError, match="constrained decoding"):
+        model.bind_tools([get_weather], tool_choice="any")
+    assert model.bind_tools([get_weather], tool_choice="none").kwargs["tools"] == []
+
+
+def convert(fn):
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    return convert_to_openai_tool(fn)
+
+
+class _Scripted:
+    """An engine stand-in whose replies are scripted (to test parsing of real tool calls)."""
+
+    def __init__(self, engine, reply: str) -> None:
+        self._engine, self.reply = engine, reply
+        self.loaded, self.config, self.tokenizer = engine.loaded, engine.config, engine.tokenizer
+
+    def chat(self, messages, **kwargs):
+        import dataclasses
+
+        r = self._engine.chat(messages, max_new_tokens=1)
+        return dataclasses.replace(r, text=self.reply)
+
+
+def test_a_reply_with_a_tool_call_becomes_tool_calls(tiny_engine):
+    from kvshare.integrations.tools import format_call
+
+    reply = format_call("get_weather", {"city": "Oslo"})
+    model = ChatKVShare(engine=_Scripted(tiny_engine.fork(mode="full"), reply))
+    msg = model.bind_tools([get_weather]).invoke([HumanMessage("Weather in Oslo?")])
+    assert msg.content == "" and msg.tool_calls[0]["args"] == {"city": "Oslo"}
+    chunks = list(model.bind_tools([get_weather]).stream([HumanMessage("Weather in Oslo?")]))
+    assert chunks[-1].tool_call_chunks[0]["name"] == "get_weather"
