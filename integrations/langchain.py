@@ -16,6 +16,7 @@ import json
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 from kvshare.integrations.tools import parse_calls, with_tools
@@ -26,14 +27,14 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableLambda
 from langchain_core.runnables.config import ensure_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kvshare.engine import ChatResult as KVResult
 from kvshare.engine import Engine
-from kvshare.errors import ConfigError
+from kvshare.errors import ConfigError, StructuredOutputError
 
 
 class ChatKVShare(BaseChatModel):
@@ -88,6 +89,42 @@ class ChatKVShare(BaseChatModel):
             )
         schemas = [] if tool_choice == "none" else [convert_to_openai_tool(t) for t in tools]
         return self.bind(tools=schemas, **kwargs)
+
+    def with_structured_output(
+        self, schema: Any, *, include_raw: bool = False, retries: int = 2, **kwargs: Any
+    ) -> Runnable[LanguageModelInput, Any]:
+        """Replies as ``schema`` (a pydantic model, a TypedDict or a JSON-schema dict) through
+        the tool path: the model is asked to call a tool of that schema; its arguments are
+        validated (a pydantic object, else the dict). A reply that does not fit is retried up
+        to ``retries`` times, sampling at temperature 0.7 with seeds 0, 1, ...; then
+        StructuredOutputError. ``include_raw``: ``{"raw", "parsed", "parsing_error"}``."""
+        if kwargs:
+            raise ConfigError(f"unsupported with_structured_output options: {sorted(kwargs)}")
+        tool = convert_to_openai_tool(schema)
+        llm = self.bind_tools([schema])
+        parse = partial(parse_structured, schema, tool["function"]["name"])
+
+        def run(prompt: LanguageModelInput) -> Any:
+            errors: list[str] = []
+            for attempt in range(retries + 1):
+                opts: dict[str, Any] = {}
+                if attempt:
+                    opts = {"temperature": 0.7, "seed": attempt - 1}
+                raw = llm.invoke(prompt, None, **opts)
+                try:
+                    parsed = parse(raw)
+                except ValueError as exc:
+                    errors.append(str(exc))
+                    continue
+                return (
+                    {"raw": raw, "parsed": parsed, "parsing_error": None} if include_raw else parsed
+                )
+            raise StructuredOutputError(
+                f"no reply fit the schema {tool['function']['name']!r} in {retries + 1} "
+                f"attempts: {errors[-1]}"
+            )
+
+        return RunnableLambda(run)
 
     def _call_args(
         self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
@@ -179,6 +216,21 @@ def _as_chunk(message: AIMessage) -> AIMessageChunk:
         response_metadata=message.response_metadata,
         chunk_position="last",
     )
+
+
+def parse_structured(schema: Any, name: str, message: Any) -> Any:
+    """The arguments of ``message``'s call of tool ``name`` as ``schema`` (ValueError if the
+    reply has no such call or its arguments do not validate)."""
+    calls = [c for c in getattr(message, "tool_calls", []) if c["name"] == name]
+    if not calls:
+        raise ValueError(f"the reply calls no tool {name!r}: {str(message.content)[:80]!r}")
+    args = calls[0]["args"]
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        try:
+            return schema.model_validate(args)
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from None
+    return args
 
 
 class _TokenStream:

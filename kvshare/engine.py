@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from kvshare.anchors import AnchorPool, ModelIdentity
 from kvshare.config import EngineConfig
 from kvshare.decode import cut_at_stop
 from kvshare.errors import ConfigError, ScopeError
+from kvshare.hints import Hint, HintLog, make_hint
 from kvshare.kernels import kernels_for
 from kvshare.learned import LearnedState
 from kvshare.policy import POLICIES
@@ -70,6 +71,7 @@ class Engine:
         self.learned, self.kernels = self.parts.learned, self.parts.kernels
         self.rotary, self.eos_ids = self.adapter.rotary, set(self.parts.eos_ids)
         self.ledger = CallLedger(self.config.call_log_size)
+        self.hint_log = HintLog(self.config.call_log_size)
         self._turns = TurnLock()
 
     @classmethod
@@ -142,8 +144,30 @@ class Engine:
             return self._call(req, on_token)
 
     def stats(self, session: str | None = None, agent: str | None = None) -> SessionStats:
-        """Aggregate CallStats over every call (or those of ``session`` / ``agent``)."""
-        return self.ledger.stats(session, agent)
+        """Aggregate CallStats over every call (or those of ``session`` / ``agent``), and the
+        number of workflow hints kept for ``session`` (or all)."""
+        hints = self.hint_log.count(session)
+        return dataclasses.replace(self.ledger.stats(session, agent), hints=hints)
+
+    def hint(
+        self,
+        session: str,
+        running: str | None = None,
+        next: Sequence[str] = (),
+        release: Sequence[str] = (),
+        ttl: float | None = None,
+    ) -> Hint:
+        """Tell the cache which agent of ``session`` runs now, which run next (in order) and
+        which will not run again (``kvshare.hints``). Hints never change outputs; for now they
+        are recorded (``hints()``, ``stats().hints``) for the tiered store to act on.
+        ScopeError / ConfigError for bad ids, names or ttl; nothing recorded then."""
+        h = make_hint(session, running, next, release, ttl)
+        self.hint_log.add(h)
+        return h
+
+    def hints(self, session: str | None = None) -> list[Hint]:
+        """The most recent hints (at most ``call_log_size``), of ``session`` or all."""
+        return self.hint_log.recent(session)
 
     @property
     def calls(self) -> list[CallStats]:
@@ -163,6 +187,7 @@ class Engine:
             self.segments.clear()
             self.learned.clear()
             self.ledger.clear()
+            self.hint_log.clear()
 
     # ---------------------------------------------------------------- learned state
     def _named_scope(self, tenant: str | None, session: str | None) -> Scope:

@@ -56,3 +56,7 @@ class NonFiniteError(KVShareError, FloatingPointError):
 class KernelUnavailableError(ConfigError):
     """``KVSHARE_KERNELS`` names a kernel backend this machine cannot run (e.g. ``triton``
     without Triton installed or without a CUDA device)."""
+
+
+class StructuredOutputError(KVShareError, ValueError):
+    """The model's replies did not satisfy a structured-output schema after every retry."""

@@ -77,6 +77,7 @@ class SessionStats:
     mean_kl: float | None
     top1_agree_rate: float | None
     median_greedy_match: float | None
+    hints: int = 0  # workflow hints given for these calls' session (``Engine.hint``)
 
 
 def aggregate(calls: Sequence[CallStats]) -> SessionStats:

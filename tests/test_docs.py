@@ -34,10 +34,11 @@ def test_notebook_runs_on_a_tiny_model(tiny_dirs, monkeypatch):
 @pytest.mark.model
 def test_readme_example_runs(capsys):
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     namespace: dict = {}
     for block in blocks:  # the second continues the first
         exec(compile(block, "README", "exec"), namespace)  # noqa: S102 - our own README
     out = capsys.readouterr().out
     assert "|" in out and "SessionStats" in out
     assert "('france', 't1'," in out and "('germany', 't1'," in out
+    assert "Hint(session='run-2', running='reader', next=('judge',)" in out

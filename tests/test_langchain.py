@@ -153,3 +153,29 @@ def test_a_reply_with_a_tool_call_becomes_tool_calls(tiny_engine):
     assert msg.content == "" and msg.tool_calls[0]["args"] == {"city": "Oslo"}
     chunks = list(model.bind_tools([get_weather]).stream([HumanMessage("Weather in Oslo?")]))
     assert chunks[-1].tool_call_chunks[0]["name"] == "get_weather"
+
+
+def test_structured_output_validates_and_retries_then_fails_clearly(tiny_engine):
+    from kvshare.integrations.tools import format_call
+    from pydantic import BaseModel
+
+    from kvshare.errors import StructuredOutputError
+
+    class City(BaseModel):
+        name: str
+        population: int
+
+    good = format_call("City", {"name": "Oslo", "population": 700000})
+    model = ChatKVShare(engine=_Scripted(tiny_engine.fork(mode="full"), good))
+    city = model.with_structured_output(City).invoke("Tell me about Oslo.")
+    assert city == City(name="Oslo", population=700000)
+    raw = model.with_structured_output(City, include_raw=True).invoke("Oslo?")
+    assert raw["parsed"] == city and raw["parsing_error"] is None
+
+    bad = _Scripted(tiny_engine.fork(mode="full"), format_call("City", {"name": "Oslo"}))
+    calls = []
+    original = bad.chat
+    bad.chat = lambda messages, **kw: calls.append(kw) or original(messages, **kw)  # type: ignore[method-assign]
+    with pytest.raises(StructuredOutputError, match="population"):
+        ChatKVShare(engine=bad).with_structured_output(City, retries=2).invoke("Oslo?")
+    assert len(calls) == 3 and calls[1]["temperature"] == 0.7 and calls[2]["seed"] == 1
