@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
+from kvshare.integrations.langgraph import successors
 from kvshare.integrations.tools import parse_calls, with_tools
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
@@ -134,10 +135,13 @@ class ChatKVShare(BaseChatModel):
         config = ensure_config()
         meta, conf = config.get("metadata") or {}, config.get("configurable") or {}
         tools = kwargs.get("tools")
+        agent = self.agent or meta.get("lc_agent_name") or meta.get("langgraph_node")
+        session = self.session or conf.get("thread_id") or meta.get("thread_id")
+        self._hint(meta.get("langgraph_node"), session)
         return {
             "messages": with_tools(messages, tools) if tools else messages,
-            "agent": self.agent or meta.get("lc_agent_name") or meta.get("langgraph_node"),
-            "session": self.session or conf.get("thread_id") or meta.get("thread_id"),
+            "agent": agent,
+            "session": session,
             "tenant": self.tenant,
             "max_new_tokens": kwargs.get("max_tokens", self.max_tokens),
             "temperature": kwargs.get("temperature", self.temperature),
@@ -146,6 +150,15 @@ class ChatKVShare(BaseChatModel):
             "seed": kwargs.get("seed", self.seed),
             "shadow": kwargs.get("shadow", self.shadow),
         }
+
+    def _hint(self, node: Any, session: Any) -> None:
+        """Inside a wrapped workflow run (``kvshare.integrations.langgraph.wrap``): this node
+        runs now, its successors in the step graph next."""
+        if not isinstance(node, str) or not isinstance(session, str):
+            return
+        nexts = successors(self.engine, node)
+        if nexts is not None:
+            self.engine.hint(session, running=node, next=nexts)
 
     def _generate(
         self,
