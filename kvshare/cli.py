@@ -9,14 +9,14 @@ from pathlib import Path
 from kvshare.config import IMPLEMENTED_MODES
 from kvshare.errors import KVShareError
 
-WORKLOADS = ["synthetic", "qa", "crossover", "overhead", "kernels"]
+WORKLOADS = ["synthetic", "qa", "crossover", "overhead", "kernels", "wrapper"]
 
 
 def _engine(args: argparse.Namespace):
     from kvshare import Engine, EngineConfig
 
     model = args.model
-    if model is None and getattr(args, "workload", None) == "overhead":
+    if model is None and getattr(args, "workload", None) in ("overhead", "wrapper"):
         model = "random:tiny-deep"  # arithmetic negligible: what is left is overhead
     return Engine.from_pretrained(
         model,
@@ -54,6 +54,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     engine = _engine(args)
     if args.workload == "overhead":
         return _overhead(args, engine)
+    if args.workload == "wrapper":
+        from kvshare.bench.wrapper import measure as wrapper_cost
+
+        cost = wrapper_cost(engine)
+        print(f"model {engine.loaded.source} on {engine.device}")
+        print(" | ".join(f"{k} {v:.2f}" for k, v in cost.items()))
+        return 0
     if args.workload == "crossover":
         from kvshare.bench.crossover import measure
 
@@ -220,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=WORKLOADS,
         help="synthetic N-agent workflow, real-text QA team, the partial-prefill crossover, "
         "the per-call overhead outside the model (default model random:tiny-deep), or the "
-        "kernel ops against their torch reference (8B shapes)",
+        "kernel ops against their torch reference (8B shapes), or the LangChain wrapper's "
+        "cost per call (ChatKVShare vs Engine.chat)",
     )
     bench.add_argument(
         "--profile",

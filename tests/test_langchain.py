@@ -179,3 +179,12 @@ def test_structured_output_validates_and_retries_then_fails_clearly(tiny_engine)
     with pytest.raises(StructuredOutputError, match="population"):
         ChatKVShare(engine=bad).with_structured_output(City, retries=2).invoke("Oslo?")
     assert len(calls) == 3 and calls[1]["temperature"] == 0.7 and calls[2]["seed"] == 1
+
+
+def test_wrapper_cost_bench(tiny_engine, capsys):
+    from kvshare.bench.wrapper import measure
+
+    cost = measure(tiny_engine, calls=3)
+    assert set(cost) == {"engine_chat_ms", "chat_kvshare_ms", "overhead_ms"}
+    assert cost["engine_chat_ms"] > 0 and cost["chat_kvshare_ms"] > 0
+    assert cost["overhead_ms"] == pytest.approx(cost["chat_kvshare_ms"] - cost["engine_chat_ms"])
