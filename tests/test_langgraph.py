@@ -73,3 +73,35 @@ def test_a_wrapped_graph_runs_unchanged_and_hints_its_engine(tiny_engine):
     assert by_node["planner"] == ("critic", "judge") and by_node["writer"] == ("editor",)
     assert set(by_node["critic"]) >= {"writer", "editor"}  # a Send router: any node
     assert plain_model.engine.hints() == []  # an unwrapped run gives no hints
+
+
+def test_parallel_branches_share_one_engine_safely(tiny_engine):
+    """Three nodes in one superstep run on LangGraph's thread pool against one engine: the
+    outputs equal a serial run's (``prefix`` mode is exact), every call is recorded once and
+    the stores stay within their budgets."""
+    roles = ("planner", "critic", "judge")
+    model = ChatKVShare(engine=tiny_engine.fork(mode="prefix"), max_tokens=5)
+
+    def node(name):
+        def run(state: _S) -> _S:
+            msgs = team(name, extra=[{"role": "user", "content": "Go."}])
+            return {"notes": [f"{name}:{model.invoke(msgs).content}"]}
+
+        return run
+
+    g = StateGraph(_S)
+    for r in roles:
+        g.add_node(r, node(r))
+        g.add_edge(START, r)
+        g.add_edge(r, END)
+    app = wrap(g.compile(checkpointer=InMemorySaver()), model.engine)
+    out = app.invoke({"notes": []}, {"configurable": {"thread_id": "par"}})
+    serial = tiny_engine.fork(mode="prefix")
+    go = [{"role": "user", "content": "Go."}]
+    expected = {f"{r}:{serial.chat(team(r, extra=go), max_new_tokens=5).text}" for r in roles}
+    assert set(out["notes"]) == expected
+    calls = model.engine.calls
+    assert sorted(c.agent for c in calls) == sorted(roles)
+    mem, cfg = model.engine.memory(), model.engine.config.store
+    assert mem.prefix_cache <= cfg.prefix_cache_bytes and mem.segments <= cfg.segment_store_bytes
+    assert sorted(h.running for h in model.engine.hints("par")) == sorted(roles)
