@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvshare.integrations.tools import with_tools
+from kvshare.integrations.tools import tool_schemas, with_tools
 
 from kvshare.engine import ChatResult, Engine
 from kvshare.errors import ConfigError
@@ -44,11 +44,7 @@ class Agent:
         if isinstance(rest, (str, bytes)) or not isinstance(rest, Sequence):
             raise ConfigError("messages must be a str or a list of messages")
         prompt = [{"role": "system", "content": self.system}, *rest]
-        if not self.tools:
-            return prompt
-        from langchain_core.utils.function_calling import convert_to_openai_tool
-
-        return with_tools(prompt, [convert_to_openai_tool(t) for t in self.tools])
+        return with_tools(prompt, tool_schemas(self.tools)) if self.tools else prompt
 
     def chat(self, messages: Any, session: str | None = None, **kwargs: Any) -> ChatResult:
         """``Engine.chat`` as this agent (keyword arguments as there)."""

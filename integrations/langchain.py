@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any
 
 from kvshare.integrations.langgraph import successors
-from kvshare.integrations.tools import parse_calls, with_tools
+from kvshare.integrations.tools import parse_calls, tool_schemas, with_tools
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.chat_models import BaseChatModel
@@ -30,7 +30,6 @@ from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableLambda
 from langchain_core.runnables.config import ensure_config
-from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kvshare.engine import ChatResult as KVResult
@@ -88,7 +87,7 @@ class ChatKVShare(BaseChatModel):
                 f"tool_choice={tool_choice!r} needs constrained decoding, which kvshare does "
                 f"not support yet; use tool_choice='auto' (the model decides) or 'none'"
             )
-        schemas = [] if tool_choice == "none" else [convert_to_openai_tool(t) for t in tools]
+        schemas = [] if tool_choice == "none" else tool_schemas(tools)
         return self.bind(tools=schemas, **kwargs)
 
     def with_structured_output(
@@ -101,7 +100,7 @@ class ChatKVShare(BaseChatModel):
         StructuredOutputError. ``include_raw``: ``{"raw", "parsed", "parsing_error"}``."""
         if kwargs:
             raise ConfigError(f"unsupported with_structured_output options: {sorted(kwargs)}")
-        tool = convert_to_openai_tool(schema)
+        tool = tool_schemas([schema])[0]
         llm = self.bind_tools([schema])
         parse = partial(parse_structured, schema, tool["function"]["name"])
 

@@ -26,6 +26,14 @@ _HEADER = (
 )
 
 
+def tool_schemas(tools: Sequence[Any]) -> list[dict[str, Any]]:
+    """OpenAI tool dicts of functions, pydantic models, ``@tool``s or dicts (LangChain's
+    conversion)."""
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    return [convert_to_openai_tool(t) for t in tools]
+
+
 def tool_block(tools: Sequence[dict[str, Any]]) -> str:
     """The system-message text for ``tools`` (OpenAI tool dicts): byte-identical for the same
     tools in the same order (keys sorted, compact separators)."""

@@ -16,11 +16,6 @@ def _rel(a: Tensor, b: Tensor) -> Tensor:
     return diff / a.pow(2).sum(dim=(0, 1, 3)).sqrt().clamp_min(1e-6)
 
 
-def _alpha(gain: float | Tensor) -> float:
-    """add_'s scalar: the gain itself, or 1 when a device tensor already scaled the term."""
-    return 1.0 if isinstance(gain, Tensor) else float(gain)
-
-
 class TorchOps(KernelOps):
     """Plain torch: a chain of slices, rotations, casts and copies (several launches per op)."""
 
@@ -37,10 +32,9 @@ class TorchOps(KernelOps):
         if move.offsets is not None:
             pos = torch.arange(at, at + n, device=keys.device)
             off_k = shift_rope(move.offsets.keys.to(keys), pos, rotary)
-            gk, gv = move.gains
-            keys.add_(off_k * gk if isinstance(gk, Tensor) else off_k, alpha=_alpha(gk))
-            off_v = move.offsets.values.to(values)
-            values.add_(off_v * gv if isinstance(gv, Tensor) else off_v, alpha=_alpha(gv))
+            gk, gv = move.gains  # floats or 0-dim device tensors
+            keys.add_(off_k * gk)
+            values.add_(move.offsets.values.to(values) * gv)
 
     def deviation(self, fresh: KV, before: KV, index: Tensor | None = None) -> Tensor:
         if index is not None:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kvshare.anchors import AnchorPool, Estimate, at_positions, position_free, token_features
+from kvshare.anchors import AnchorPool, Estimate, position_free, token_features
 from kvshare.kernels import KV, KernelOps, Move, Narrow, TorchOps, slice_tokens, to_device
 from kvshare.prompt import Prompt
 from kvshare.relocate import Assembly, Run, relocated_kv
@@ -82,14 +82,6 @@ def trusted_delta(e: RunEstimate, layers: slice, max_distance: float, like: Tens
     return KV(d[:, 0], d[:, 1])
 
 
-def run_offsets(
-    e: RunEstimate, layers: slice, rotary: nn.Module, max_distance: float, like: Tensor
-) -> KV | None:
-    """:func:`trusted_delta` rotated to the run's target positions: KV [L', H, n, D]."""
-    d = trusted_delta(e, layers, max_distance, like)
-    return None if d is None else at_positions(d, e.positions.to(like.device), rotary)
-
-
 def apply_estimates(
     cache: KV,
     estimates: list[RunEstimate],
@@ -112,9 +104,10 @@ def apply_estimates(
 
 def fit_gain(true: Tensor, estimate: Tensor) -> float:
     """The scale g in [0, 1] that brings ``g·estimate`` closest (L2) to ``true`` (same shape):
-    1 when the estimate is right, 0 when it points nowhere useful."""
-    den = float(estimate.pow(2).sum())
-    return 0.0 if den == 0.0 else min(1.0, max(0.0, float((true * estimate).sum()) / den))
+    1 when the estimate is right, 0 when it points nowhere useful (or is zero)."""
+    one_run = torch.zeros(true.numel(), dtype=torch.long, device=true.device)
+    flat = (true.reshape(1, 1, -1, 1), estimate.reshape(1, 1, -1, 1))
+    return float(run_gains(*flat, one_run, 1)[0].nan_to_num(0.0))
 
 
 def learn(

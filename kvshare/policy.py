@@ -126,7 +126,7 @@ class BlendPolicy(ReusePolicy):
             return _selection(forced, asm)
         unc = uncertainty_order(estimates) if self.uncertainty and estimates else None
         thr = sel.deviation_threshold if self.uncertainty else None
-        checks, narrow = deviation_filter(asm, forced, budget, sel.check_layers, unc, thr, n_cand)
+        checks, narrow = deviation_filter(asm, forced, budget, n_cand, sel.check_layers, unc, thr)
         # forced ∪ relocated is every token after the prefix: known on the host
         every = torch.arange(asm.prefix, asm.relocated.shape[0], device=forced.device)
         return Plan(every, checks, narrow)

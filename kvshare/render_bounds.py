@@ -24,7 +24,7 @@ import secrets
 from typing import Any, NamedTuple
 
 from kvshare.errors import PromptError
-from kvshare.token_cache import piece_cache
+from kvshare.token_cache import encode_with_backend, has_backend, piece_cache
 
 EXACT_MAX = 64  # messages up to which the quadratic reference is an acceptable fallback
 PROBE_BUDGET = 32  # probes may render this many conversations' worth of messages in all
@@ -230,12 +230,8 @@ def _encode(tokenizer: Any, texts: list[str], split: bool) -> list[tuple[list[in
     ``tokenizer(...)`` does underneath, without its batch conversion and thread pool (the
     same ids and offsets, at half the time on a long prompt). Others go through ``__call__``.
     """
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_special_tokens"):
-        if backend.encode_special_tokens != split:
-            backend.encode_special_tokens = split
-        encs = [backend.encode(t, add_special_tokens=False) for t in texts]
-        return [(list(e.ids), list(e.offsets)) for e in encs]
+    if has_backend(tokenizer):
+        return [encode_with_backend(tokenizer._tokenizer, t, split) for t in texts]
     enc = tokenizer(
         texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=split
     )

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kvshare.kernels import KV, KernelOps, TorchOps, to_device
+from kvshare.kernels import KV, KernelOps, TorchOps
 from kvshare.relocate import Assembly
 
 
@@ -31,24 +31,6 @@ def forced_runs(asm: Assembly, sinks: int, recent: int, last: bool = False) -> n
     if last and relocated[n - 1]:
         mask[n - 1] = True
     return mask
-
-
-def sink_mask(asm: Assembly, k: int) -> Tensor:
-    """[S] bool: the first ``k`` tokens of every relocated run."""
-    return to_device(forced_runs(asm, k, 0), asm.relocated)
-
-
-def recent_mask(asm: Assembly, k: int) -> Tensor:
-    """[S] bool: the last ``k`` relocated tokens."""
-    return to_device(forced_runs(asm, 0, k), asm.relocated)
-
-
-def score_deviation(fresh: KV, reused: KV) -> Tensor:
-    """Per-token relative deviation of reused KV from fresh KV at one layer.
-
-    fresh, reused: KV [1, H, N, D] (one layer). Returns [N] float32: ‖ΔK‖/‖K‖ + ‖ΔV‖/‖V‖.
-    """
-    return TorchOps().deviation(fresh, reused)
 
 
 @dataclass(frozen=True)
@@ -96,10 +78,10 @@ def deviation_filter(
     asm: Assembly,
     forced: Tensor,
     budget: int,
+    n_cand: int,
     check_layers: tuple[int, ...],
     uncertain: Tensor | None = None,
     threshold: float | None = None,
-    n_cand: int | None = None,
 ) -> tuple[tuple[int, ...], DeviationFilter]:
     """Check layers (clamped below the last model layer) and the filter for a gradual prefill.
 
@@ -107,12 +89,10 @@ def deviation_filter(
     of the candidates, so the last one has something to choose from. ``uncertain`` ([M]
     indices, most uncertain first): its first ``budget`` relocated, not forced tokens are
     protected up to the last check layer. ``n_cand``: the number of relocated, not forced
-    tokens when the caller knows it on the host (else it is counted on the device).
+    tokens (known on the host from the runs: ``forced_runs``).
     """
     top = max(0, asm.cache.keys.shape[0] - 2)
     checks = tuple(sorted({min(c, top) for c in check_layers}))
-    if n_cand is None:
-        n_cand = int((asm.relocated & ~forced).sum())
     wide = 2 * budget if threshold is None else max(2 * budget, round(0.2 * n_cand))
     protect = torch.zeros_like(forced)
     if uncertain is not None and len(checks) > 1:

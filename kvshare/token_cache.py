@@ -44,11 +44,11 @@ class PieceCache:
         """ids and character offsets of ``text``, equal to the backend's whole-text encode."""
         with self.lock:
             if not self.enabled:
-                return _whole(self.backend, text)
+                return encode_with_backend(self.backend, text)
             out = self._by_pieces(text)
             if self.checks_left > 0:
                 self.checks_left -= 1
-                whole = _whole(self.backend, text)
+                whole = encode_with_backend(self.backend, text)
                 if whole != out:
                     self.enabled = False
                     log.warning("kvshare: piecewise tokenization differs here; cache off")
@@ -73,7 +73,7 @@ class PieceCache:
     def _add(self, piece: str, at: int, ids: list[int], offsets: list[Span]) -> None:
         found = self.pieces.get(piece)
         if found is None:
-            found = _whole(self.backend, piece)
+            found = encode_with_backend(self.backend, piece)
             self._remember(piece, found)
         else:
             self.pieces.move_to_end(piece)
@@ -90,11 +90,18 @@ class PieceCache:
             self.tokens -= len(old[0])
 
 
-def _whole(backend: Any, text: str) -> Encoded:
-    if backend.encode_special_tokens:
-        backend.encode_special_tokens = False
+def encode_with_backend(backend: Any, text: str, split: bool = False) -> Encoded:
+    """A fast tokenizer's Rust backend on ``text`` (special-token text is plain text if
+    ``split``): what ``tokenizer(...)`` does underneath, without its batch conversion."""
+    if backend.encode_special_tokens != split:
+        backend.encode_special_tokens = split
     enc = backend.encode(text, add_special_tokens=False)
     return list(enc.ids), list(enc.offsets)
+
+
+def has_backend(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` is a fast tokenizer whose Rust backend can be called directly."""
+    return hasattr(getattr(tokenizer, "_tokenizer", None), "encode_special_tokens")
 
 
 def _splitter(tokenizer: Any) -> tuple[re.Pattern[str] | None, dict[str, int]]:
@@ -121,8 +128,7 @@ _CACHES_LOCK = threading.Lock()
 
 def piece_cache(tokenizer: Any) -> PieceCache | None:
     """The tokenizer's piece cache (created on first use); None for a slow tokenizer."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is None or not hasattr(backend, "encode_special_tokens"):
+    if not has_backend(tokenizer):
         return None
     with _CACHES_LOCK:
         cache = _CACHES.get(tokenizer)

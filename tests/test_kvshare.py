@@ -137,13 +137,15 @@ def test_deviation_threshold_grows_the_budget_where_kv_is_wrong(deep_engine):
 
 
 def test_recent_tokens_are_always_recomputed(tiny_engine):
+    import torch
+
     from kvshare.prompt import render
-    from kvshare.select import recent_mask
+    from kvshare.select import forced_runs
 
     eng = tiny_engine.fork(mode="kvshare", adaptive=False, recompute_ratio=0.0, recent_tokens=8)
     eng.chat(team("planner"), agent="planner", max_new_tokens=2)
     asm = eng._plan(TENANT_SCOPE, render(eng.tokenizer, team("critic")))
-    mask = recent_mask(asm, 8)
+    mask = torch.from_numpy(forced_runs(asm, 0, 8))
     last = asm.relocated.nonzero().flatten()[-8:]
     assert int(mask.sum()) == 8 and mask[last].all()
     s = eng.chat(team("critic"), agent="critic", max_new_tokens=2).stats

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvshare.kernels import KV, output_cache
+from kvshare.kernels import KV, TorchOps, output_cache
 
 from kvshare.relocate import assemble, find_runs
 from kvshare.scope import Scope
-from kvshare.select import score_deviation
 from tests.factories import DOC, team
 
 TENANT_SCOPE = Scope("tenant")  # the scope of calls without a tenant id
@@ -63,7 +62,7 @@ def test_assemble_moves_keys_to_their_new_positions(tiny_engine):
     sl = slice(run.start, run.end)
     assert (asm.cache.keys[0, :, sl] - exact.keys[0, :, sl]).abs().max() < 1e-4
     assert (asm.cache.values[0, :, sl] - exact.values[0, :, sl]).abs().max() < 1e-5
-    dev = score_deviation(
+    dev = TorchOps().deviation(
         KV(exact.keys[1:2, :, sl], exact.values[1:2, :, sl]),
         KV(asm.cache.keys[1:2, :, sl], asm.cache.values[1:2, :, sl]),
     )

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvshare.prompt import render
-from kvshare.token_cache import PieceCache, _whole
+from kvshare.token_cache import PieceCache, encode_with_backend
 from tests.factories import DOC, team
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_sta", "|>", "\n", " "]
@@ -19,13 +19,13 @@ SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_sta", "|>", "\n
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(st.lists(st.one_of(st.sampled_from(SPECIALS), st.text(max_size=12)), max_size=12))
-def test_pieces_equal_the_whole_text(tokenizer, parts):
+def test_pieces_equal_theencode_with_backend_text(tokenizer, parts):
     cache = PieceCache(tokenizer)
     cache.checks_left = 0  # the pieces path alone
     assert cache.enabled
     text = "".join(parts)
     for _ in range(2):  # cold, then from the cache
-        assert cache.encode(text) == _whole(tokenizer._tokenizer, text)
+        assert cache.encode(text) == encode_with_backend(tokenizer._tokenizer, text)
 
 
 def test_rendered_prompts_are_unchanged_and_pieces_are_reused(tokenizer):
@@ -43,8 +43,10 @@ def test_a_mismatch_turns_the_cache_off(tokenizer, monkeypatch):
     cache = PieceCache(tokenizer)
     monkeypatch.setattr(cache, "_by_pieces", lambda text: ([0], [(0, 1)]))
     text = "<|im_start|>user\nhello<|im_end|>\n"
-    assert cache.encode(text) == _whole(tokenizer._tokenizer, text) and not cache.enabled
-    assert cache.encode(text) == _whole(tokenizer._tokenizer, text)
+    assert (
+        cache.encode(text) == encode_with_backend(tokenizer._tokenizer, text) and not cache.enabled
+    )
+    assert cache.encode(text) == encode_with_backend(tokenizer._tokenizer, text)
 
 
 def test_added_tokens_that_eat_whitespace_disable_the_cache(tokenizer):
