@@ -126,11 +126,12 @@ class ChatKVShare(BaseChatModel):
 
         return RunnableLambda(run)
 
-    def _call_args(
+    def _start_call(
         self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
     ) -> dict[str, Any]:
-        """Engine.chat arguments: the model's defaults, per-call overrides, and the agent and
-        session of the LangGraph task this call runs in."""
+        """Engine.chat arguments (the model's defaults, per-call overrides, the agent and
+        session of the LangGraph task this call runs in), after hinting the engine where a
+        wrapped workflow stands (:meth:`_hint`): every call starts here, once."""
         config = ensure_config()
         meta, conf = config.get("metadata") or {}, config.get("configurable") or {}
         tools = kwargs.get("tools")
@@ -166,7 +167,7 @@ class ChatKVShare(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        result = self.engine.chat(**self._call_args(messages, stop, **kwargs))
+        result = self.engine.chat(**self._start_call(messages, stop, **kwargs))
         text, calls, bad = (
             parse_calls(result.text) if kwargs.get("tools") else (result.text, [], [])
         )
@@ -194,7 +195,7 @@ class ChatKVShare(BaseChatModel):
             assert isinstance(whole, AIMessage)
             yield ChatGenerationChunk(message=_as_chunk(whole))
             return
-        args = self._call_args(messages, stop, **kwargs)
+        args = self._start_call(messages, stop, **kwargs)
         stream = _TokenStream(self.engine, args)
         sent = ""
         for text in stream.texts():

@@ -32,7 +32,7 @@ from kvshare.prompt import Prompt, token_hash
 from kvshare.radix import RadixCache
 from kvshare.relocate import Assembly, Run, assemble, find_runs
 from kvshare.request import Request
-from kvshare.results import Prefilled, check_finite
+from kvshare.results import FittedGain, Prefilled, check_finite
 from kvshare.scope import Scope
 from kvshare.select import Plan
 from kvshare.stats import GREEDY_CAP
@@ -111,13 +111,13 @@ class Chosen(NamedTuple):
 
     plan: Plan
     narrow: Narrow | None
-    gains: list[tuple[str, float, float]]
+    gains: list[FittedGain]
 
 
 def choose(parts: Parts, asm: Assembly, ests: list[RunEstimate], state: ScopeState) -> Chosen:
     """The policy's token choice; anchor offsets placed into ``asm.cache`` (in place)."""
     chosen = parts.policy.choose(parts.config, asm, ests, state.ratio)
-    gains: list[tuple[str, float, float]] = []
+    gains: list[FittedGain] = []
     record = lambda *g: gains.append(g)  # noqa: E731 - committed after the call
     step = OffsetStep(parts.config, state.pool, asm, ests, chosen, parts.rotary, record)
     return Chosen(chosen, parts.policy.offsets(step), gains)

@@ -15,6 +15,10 @@ from kvshare.relocate import Assembly
 from kvshare.request import Request
 from kvshare.stats import CallStats
 
+FittedGain = tuple[str, torch.Tensor, torch.Tensor]
+"""(context key, K gain, V gain): 0-dim device tensors fitted in a prefill, NaN when a run
+had nothing to fit; read on the host only after the first token."""
+
 
 class Prefilled(NamedTuple):
     """A call's prefill: KV [L, H, S, D], last logits [V], recomputed mask [S], its
@@ -25,7 +29,7 @@ class Prefilled(NamedTuple):
     done: torch.Tensor
     asm: Assembly
     estimates: list[RunEstimate]
-    gains: list[tuple[str, float, float]]
+    gains: list[FittedGain]
 
 
 @dataclass(frozen=True)
