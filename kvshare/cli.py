@@ -9,7 +9,8 @@ from pathlib import Path
 from kvshare.config import IMPLEMENTED_MODES
 from kvshare.errors import KVShareError
 
-WORKLOADS = ["synthetic", "qa", "crossover", "overhead", "kernels", "wrapper"]
+TEAMS = ["rag", "debate", "code"]
+WORKLOADS = ["synthetic", "qa", "crossover", "overhead", "kernels", "wrapper", *TEAMS]
 
 
 def _engine(args: argparse.Namespace):
@@ -38,8 +39,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kvshare.demo import run_demo
+    from kvshare.demo import run_demo, run_team_demo
 
+    if args.workflow:
+        run_team_demo(_engine(args), args.workflow, items=args.items, out=sys.stdout)
+        return 0
     run_demo(_engine(args), max_new_tokens=args.max_new_tokens, out=sys.stdout)
     return 0
 
@@ -52,6 +56,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.workload == "kernels":
         return _kernels(args)
     engine = _engine(args)
+    if args.workload in TEAMS:
+        return _team_bench(args, engine)
     if args.workload == "overhead":
         return _overhead(args, engine)
     if args.workload == "wrapper":
@@ -115,6 +121,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         paths.update(profile_report.write(rep, out))
         print(profile_report.markdown(rep))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _team_bench(args: argparse.Namespace, engine) -> int:
+    from kvshare.agents.teams import get_team
+    from kvshare.bench import teams
+
+    team = get_team(args.workload)
+    items = team.items(args.items or team.default_items, args.item_offset)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.modes == ",".join(IMPLEMENTED_MODES):
+        modes = ["full", "prefix", "kvshare"]  # the comparison, unless asked
+    rep = teams.run_team_bench(engine, team, items, modes, shadow=not args.no_shadow)
+    paths = teams.write(rep, Path(args.out))
+    print(teams.markdown(rep))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -211,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="multi-agent workflow: full vs best mode, per agent")
     _add_model_args(demo)
     demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument(
+        "--workflow",
+        choices=TEAMS,
+        default=None,
+        help="run a reference team (a LangGraph graph on ChatKVShare) under full and kvshare "
+        "instead of the QA demo: rag (NarrativeQA), debate (GSM-style math), code (HumanEval)",
+    )
+    demo.add_argument("--items", type=int, default=None, help="--workflow: items to run")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="side-by-side benchmark of reuse modes")
@@ -246,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--items",
         type=int,
         default=None,
-        help="workflows per pass (qa: questions, default 12; synthetic: shared inputs, default 1)",
+        help="workflows per pass (qa: questions, default 12; synthetic: shared inputs, default "
+        "1; rag/debate: questions, code: problems, default 3)",
     )
     bench.add_argument("--item-offset", type=int, default=0, help="qa: first question")
     bench.add_argument(

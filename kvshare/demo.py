@@ -75,3 +75,25 @@ def run_demo(engine: Engine, max_new_tokens: int = 48, out: TextIO = sys.stdout)
     )
     for (name, _), answer in zip(QA_TEAM, answers, strict=True):
         print(f"[{name}] {answer}\n", file=out)
+
+
+def run_team_demo(
+    engine: Engine, name: str, items: int | None = None, out: TextIO = sys.stdout
+) -> None:
+    """A reference team (``kvshare.agents.teams``) under ``full`` and ``kvshare`` on the same
+    items: score, reuse, fidelity and per-agent TTFT, then each item's final answer."""
+    from kvshare.agents.teams import get_team
+    from kvshare.bench.teams import markdown, run_team_bench
+
+    team = get_team(name)
+    chosen = team.items(items or team.default_items)
+    print(f"{team.title}: {len(chosen)} item(s)", file=out)
+    for item in chosen:
+        print(f"- {team.describe(item)}", file=out)
+    t0 = time.perf_counter()
+    rep = run_team_bench(engine, team, chosen, ("full", BEST_MODE), wrapper=False)
+    print("\n" + markdown(rep), file=out)
+    print(f"wall time {time.perf_counter() - t0:.1f} s\n", file=out)
+    for m in rep.modes:
+        for answer in m.answers:
+            print(f"[{m.mode}] {answer[:300]}", file=out)

@@ -36,12 +36,18 @@ def markdown(report: BenchReport) -> str:
             f"{m.peak_kv_bytes / 2**20:.1f} | {m.anchor_pool_bytes / 2**20:.1f} |"
         )
     lines += ["", "TTFT per agent position (s), speedup vs full in brackets:", ""]
-    lines.append("| agent | " + " | ".join(m.mode for m in report.modes) + " |")
-    lines.append("|---|" + "---|" * len(report.modes))
-    for i, name in enumerate(report.agents):
-        cells = [f"{m.ttft_s[i]:.3f} ({m.speedup[i]:.2f}×)" for m in report.modes]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows = {
+        name: [f"{m.ttft_s[i]:.3f} ({m.speedup[i]:.2f}×)" for m in report.modes]
+        for i, name in enumerate(report.agents)
+    }
+    lines += agent_grid([m.mode for m in report.modes], rows)
     return "\n".join(lines) + "\n"
+
+
+def agent_grid(modes: list[str], rows: dict[str, list[str]]) -> list[str]:
+    """A markdown table: one row per agent, one column per mode."""
+    lines = ["| agent | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    return lines + [f"| {agent} | " + " | ".join(cells) + " |" for agent, cells in rows.items()]
 
 
 def plot(report: BenchReport, path: Path) -> None:
