@@ -121,6 +121,8 @@ def test_rag_rechecks_at_most_max_checks_then_answers(verdict, extractions):
     agents = [a for a, _ in log]
     assert agents.count("extractor") == extractions and agents[-1] == "answerer"
     assert team.score(item, state) == 1.0
+    answerer_text = " ".join(str(m.content) for m in log[-1][1])
+    assert ("Evidence: quote" in answerer_text) == verdict.startswith("Yes")  # only if accepted
     context = log[0][1][1].content
     assert all(p in context for p in item.passages) and len(item.passages) == 3
 

@@ -70,7 +70,7 @@ class DebateTeam(Team):
     name: ClassVar[str] = "debate"
     title: ClassVar[str] = "Math debate over GSM-style word problems"
     agents: ClassVar[tuple[str, ...]] = (*SOLVERS, "judge")
-    max_tokens: ClassVar[Mapping[str, int]] = {"solver_a": 64, "solver_b": 64, "judge": 16}
+    max_tokens: ClassVar[Mapping[str, int]] = {"solver_a": 64, "solver_b": 64, "judge": 12}
     default_items: ClassVar[int] = 3
     score_name: ClassVar[str] = "accuracy"
 
@@ -100,7 +100,7 @@ class DebateTeam(Team):
         def judge(state: DebateState) -> DebateState:
             msgs = [("system", PREAMBLE + ROLES["judge"]), ("user", state["question"])]
             msgs += [("user", f"Solver {a[-1].upper()}:\n{_latest(state, a)}") for a in SOLVERS]
-            msgs += [("user", "State the correct final answer as 'Answer: <number>'.")]
+            msgs += [("user", "Reply with only the correct final answer: 'Answer: <number>'.")]
             return {"verdict": text(models["judge"].invoke(msgs))}
 
         g = StateGraph(DebateState)

@@ -3,8 +3,9 @@
 Every agent reads the same retrieved passages (the gold NarrativeQA passage among
 distractors) behind its own role prompt, so the passages sit at a different position for
 each agent: exact prefix reuse cannot reach them, relocation can. The verifier sends the
-extractor back at most ``max_checks`` times. Scored by word F1 of the answer against the
-best gold answer (``kvshare.bench.workloads.token_f1``).
+extractor back at most ``max_checks`` times; the answerer sees the evidence only when the
+verifier accepted it (a 135M model otherwise answers from rejected evidence). Scored by word
+F1 of the answer against the best gold answer (``kvshare.bench.workloads.token_f1``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def _messages(agent: str, state: Mapping[str, Any], *extra: str) -> list[tuple[s
     return msgs + [("user", e) for e in extra]
 
 
+def _supported(state: Mapping[str, Any]) -> bool:
+    """The verifier accepted the evidence (its reply starts with yes)."""
+    return str(state.get("verdict", "")).lower().lstrip(" *\"'").startswith("yes")
+
+
 @dataclass(frozen=True)
 class RagTeam(Team):
     """``n_passages`` passages per question; at most ``max_checks`` re-checks."""
@@ -98,11 +104,8 @@ class RagTeam(Team):
 
         def extractor(state: RagState) -> RagState:
             extra = ["Quote the evidence."]
-            if state.get("evidence"):
-                extra += [
-                    f"Earlier evidence: {state['evidence']}",
-                    f"The verifier said: {state.get('verdict', '')}. Quote better evidence.",
-                ]
+            if state.get("evidence"):  # a re-check: the verifier rejected this evidence
+                extra += [f"Earlier evidence: {state['evidence']}", "Quote other sentences."]
             reply = models["extractor"].invoke(_messages("extractor", state, *extra))
             return {"evidence": text(reply), "checks": state.get("checks", -1) + 1}
 
@@ -111,13 +114,13 @@ class RagTeam(Team):
             return {"verdict": text(models["verifier"].invoke(_messages("verifier", state, ask)))}
 
         def route(state: RagState) -> Literal["answerer", "extractor"]:
-            supported = state["verdict"].lower().lstrip(" *\"'").startswith("yes")
-            done = supported or state["checks"] >= self.max_checks
+            done = _supported(state) or state["checks"] >= self.max_checks
             return "answerer" if done else "extractor"
 
         def answerer(state: RagState) -> RagState:
-            ask = f"Evidence: {state['evidence']}\n\nAnswer the question in a few words."
-            return {"answer": text(models["answerer"].invoke(_messages("answerer", state, ask)))}
+            evidence = [f"Evidence: {state['evidence']}"] if _supported(state) else []
+            msgs = _messages("answerer", state, *evidence, "Answer the question in a few words.")
+            return {"answer": text(models["answerer"].invoke(msgs))}
 
         g = StateGraph(RagState)
         g.add_node("extractor", extractor)
