@@ -95,6 +95,8 @@ class Session:
         return self.by_name[name].chat(messages, session=self.id, tenant=self.tenant, **kwargs)
 
     def __enter__(self) -> Session:
+        if self.order or self.successors:  # steps-to-execution of every agent (eviction)
+            self.engine.register_workflow(self.id, self)
         self.engine.hint(self.id, next=self.next_after(None))
         return self
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
-from kvshare.integrations.langgraph import successors
+from kvshare.integrations.langgraph import successors, workflow_of
 from kvshare.integrations.tools import parse_calls, tool_schemas, with_tools
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
@@ -202,6 +202,9 @@ class ChatKVShare(BaseChatModel):
             return
         nexts = successors(self.engine, node)
         if nexts is not None:
+            graph = workflow_of(self.engine, node)
+            if graph is not None and not self.engine.knows_workflow(session, graph):
+                self.engine.register_workflow(session, graph)  # steps-to-execution
             self.engine.hint(session, running=node, next=nexts)
 
     def _generate(

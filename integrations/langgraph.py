@@ -98,6 +98,13 @@ def wrap(graph: Any, engine: Any = None) -> Any:
     return graph
 
 
+def workflow_of(engine: Any, node: str) -> nx.DiGraph | None:
+    """The first step graph registered for ``engine`` (or any engine) that has ``node``."""
+    with _LOCK:
+        graphs = [*_BY_ENGINE.get(engine, ()), *_ANY_ENGINE]
+    return next((g for g in graphs if node in g), None)
+
+
 def successors(engine: Any, node: str) -> tuple[str, ...] | None:
     """The agents that may run after ``node`` in the workflows registered for ``engine``
     (None: no registered workflow has such a node)."""

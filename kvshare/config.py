@@ -2,10 +2,11 @@
 
 ``EngineConfig`` holds the mode, the sharing scope and the per-call limits, and one frozen
 sub-config per part of the engine: ``store`` (:class:`StoreConfig`), ``select``
-(:class:`SelectConfig`), ``anchors`` (:class:`AnchorsConfig`) and ``kernels``
-(:class:`KernelsConfig`). Sub-config fields keep their flat names, so
-``engine.fork(recompute_ratio=0.2)`` and ``config.with_options(recompute_ratio=0.2)`` reach
-``select.recompute_ratio`` (a name belongs to exactly one sub-config).
+(:class:`SelectConfig`), ``anchors`` (:class:`AnchorsConfig`), ``kernels``
+(:class:`KernelsConfig`) and ``tiers`` (:class:`TiersConfig`). Sub-config fields keep their
+flat names, so ``engine.fork(recompute_ratio=0.2)`` and
+``config.with_options(recompute_ratio=0.2)`` reach ``select.recompute_ratio`` (a name
+belongs to exactly one sub-config).
 """
 
 from __future__ import annotations
@@ -161,8 +162,44 @@ class KernelsConfig:
         })  # fmt: skip
 
 
+EVICTIONS = ("workflow", "lru")
+
+
+@dataclass(frozen=True)
+class TiersConfig:
+    """Where traces go when the device tier (``segment_store_bytes``) is full
+    (``kvshare.tiered``). host_tier_bytes: a host-memory tier (pinned on CUDA; 0: none);
+    disk_tier_dir, disk_tier_bytes: a disk tier that survives restarts (None: none);
+    eviction: ``workflow`` (segments of the agents that run soonest stay up, by the
+    steps-to-execution ``Engine.hint`` and wrapped workflows give; LRU breaks ties and is
+    all there is without hints) or ``lru``; prefetch: on a hint, promote the next agents'
+    segments in the background; pin_bytes: cap on shared prefixes (segments used by several
+    agents) kept on the device tier whatever their priority."""
+
+    host_tier_bytes: int = 0
+    disk_tier_dir: str | None = None
+    disk_tier_bytes: int = 8 << 30
+    eviction: str = "workflow"
+    prefetch: bool = True
+    pin_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if self.disk_tier_dir is not None and not isinstance(self.disk_tier_dir, str):
+            raise ConfigError(
+                f"disk_tier_dir must be a str path or None, got {self.disk_tier_dir!r}"
+            )
+        _set(self, {
+            "host_tier_bytes": check_int("host_tier_bytes", self.host_tier_bytes, 0, _BYTES_MAX),
+            "disk_tier_bytes": check_int("disk_tier_bytes", self.disk_tier_bytes, 0, _BYTES_MAX),
+            "eviction": check_choice("eviction", self.eviction, EVICTIONS),
+            "prefetch": check_bool("prefetch", self.prefetch),
+            "pin_bytes": check_int("pin_bytes", self.pin_bytes, 0, _BYTES_MAX),
+        })  # fmt: skip
+
+
 _PARTS = {"store": StoreConfig, "select": SelectConfig, "anchors": AnchorsConfig}
 _PARTS["kernels"] = KernelsConfig
+_PARTS["tiers"] = TiersConfig
 
 
 @dataclass(frozen=True)
@@ -218,6 +255,8 @@ class EngineConfig:
     special_token_roles: roles whose content may contain control tokens (``<|im_start|>``...)
         that are parsed as such; in every other role's content that text is plain text, so a
         user cannot forge a turn. Default: only ``system`` (the developer's own text).
+    host_tier_bytes, disk_tier_dir, disk_tier_bytes, eviction, prefetch, pin_bytes: the
+        tiers below the device tier and how segments move between them (:class:`TiersConfig`).
     profile: record seconds per pipeline stage in ``CallStats.stages`` (synchronising the
         device at stage edges: for measurement, not production; ``kvshare.profile``).
     """
@@ -228,6 +267,7 @@ class EngineConfig:
     select: SelectConfig = SelectConfig()
     anchors: AnchorsConfig = AnchorsConfig()
     kernels: KernelsConfig = KernelsConfig()
+    tiers: TiersConfig = TiersConfig()
     max_new_tokens_cap: int = 4096
     decode_slice: int = 16
     call_log_size: int = 10_000

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -21,15 +23,18 @@ from kvshare.hints import Hint, HintLog, make_hint
 from kvshare.kernels import kernels_for
 from kvshare.learned import LearnedState
 from kvshare.policy import POLICIES
+from kvshare.prefetch import Prefetcher
 from kvshare.profile import StageClock
 from kvshare.prompt import Prompt
 from kvshare.radix import RadixCache
 from kvshare.relocate import Assembly
 from kvshare.request import Request, make_request
 from kvshare.results import ChatResult, MemoryUsage, call_stats, check_finite
+from kvshare.schedule import BaseScheduler, LRUScheduler, Scheduler, SchedulerConfig
 from kvshare.scope import Scope, scope_of
 from kvshare.stats import CallLedger, CallStats, SessionStats
-from kvshare.store import LRUSegmentStore, NullSegmentStore
+from kvshare.store import LRUSegmentStore, NullSegmentStore, SegmentStore
+from kvshare.tiered import TieredStore, build_tiers, scheduler_priority
 from kvshare.turns import TurnLock
 
 
@@ -53,6 +58,12 @@ class Engine:
                 f"({layers} layers); pick one in [0, {layers - 1}]"
             )
         self.policy = POLICIES.create(self.config.mode)
+        tiers = self.config.tiers
+        self.scheduler: BaseScheduler = (
+            Scheduler(SchedulerConfig(pin_bytes=tiers.pin_bytes))
+            if tiers.eviction == "workflow"
+            else LRUScheduler()
+        )
         store = self.config.store
         traces = store.store_segments and self.policy.relocates
         backend = self.config.kernels.kernel_backend
@@ -63,7 +74,7 @@ class Engine:
             adapter=self.adapter,
             kernels=kernels_for(self.adapter.device, backend),  # KernelUnavailableError first
             prefix_cache=RadixCache(store.prefix_cache_bytes),
-            segments=LRUSegmentStore(store.segment_store_bytes) if traces else NullSegmentStore(),
+            segments=self._segment_store() if traces else NullSegmentStore(),
             learned=LearnedState(self.config, self.policy.anchored, self.adapter.device),
             eos_ids=frozenset(self._eos_ids()),
         )
@@ -73,6 +84,22 @@ class Engine:
         self.ledger = CallLedger(self.config.call_log_size)
         self.hint_log = HintLog(self.config.call_log_size)
         self._turns = TurnLock()
+        self.prefetcher = None
+        self._workflows: OrderedDict[str, int] = OrderedDict()  # session -> id(workflow)
+        if isinstance(self.segments, TieredStore) and self.config.tiers.prefetch:
+            on_cpu = self.adapter.device.type == "cpu"  # share the cores only between calls
+            turn = (lambda: self._turns) if on_cpu else nullcontext
+            self.prefetcher = Prefetcher(self.segments, turn)
+
+    def _segment_store(self) -> SegmentStore:
+        """The trace store: an LRU store, or a tiered one (``TiersConfig``) whose order comes
+        from the workflow scheduler (``kvshare.schedule``)."""
+        tiers, budget = self.config.tiers, self.config.store.segment_store_bytes
+        workflow = tiers.eviction == "workflow"
+        if not workflow and not tiers.host_tier_bytes and tiers.disk_tier_dir is None:
+            return LRUSegmentStore(budget)
+        stack = build_tiers(tiers, budget, self.adapter.device, self.model)
+        return TieredStore(stack, scheduler_priority(self.scheduler), self.scheduler.pinned)
 
     @classmethod
     def from_pretrained(
@@ -163,7 +190,23 @@ class Engine:
         ScopeError / ConfigError for bad ids, names or ttl; nothing recorded then."""
         h = make_hint(session, running, next, release, ttl)
         self.hint_log.add(h)
+        self.scheduler.observe(h)
+        if self.prefetcher is not None and h.next:
+            self.prefetcher.request(session, [(session, a) for a in h.next])
         return h
+
+    def register_workflow(self, session: str, workflow: Any) -> None:
+        """The step graph ``session`` runs (a networkx graph, a LangGraph graph, an order
+        list or a successors mapping): steps-to-execution for eviction (``kvshare.schedule``)."""
+        self.scheduler.register(session, workflow)
+        self._workflows[session] = id(workflow)
+        self._workflows.move_to_end(session)
+        while len(self._workflows) > self.scheduler.config.max_sessions:
+            self._workflows.popitem(last=False)
+
+    def knows_workflow(self, session: str, workflow: Any) -> bool:
+        """Whether ``workflow`` (the same object) is registered for ``session``."""
+        return self._workflows.get(session) == id(workflow)
 
     def hints(self, session: str | None = None) -> list[Hint]:
         """The most recent hints (at most ``call_log_size``), of ``session`` or all."""
@@ -255,7 +298,10 @@ class Engine:
     def _plan(self, scope: Scope, prompt: Prompt) -> Assembly:
         """The assembly a call with ``prompt`` in ``scope`` would prefill over (for tests)."""
         planned = pipeline.plan(self.parts, scope, prompt)
-        return pipeline.assemble_prompt(self.parts, len(prompt), planned)
+        try:
+            return pipeline.assemble_prompt(self.parts, len(prompt), planned)
+        finally:
+            self.parts.segments.release(r.segment.key for r in planned.runs)
 
     def _call(self, req: Request, on_token: Callable[[int], None] | None = None) -> ChatResult:
         """The pipeline, in order, with stage times (``kvshare.pipeline`` does the work)."""
@@ -264,8 +310,13 @@ class Engine:
         state = self.learned.get(req.scope)
         with clock.stage("plan"):
             planned = pipeline.plan(parts, req.scope, req.prompt)
-        with clock.stage("assemble"):
-            asm = pipeline.assemble_prompt(parts, len(req.prompt), planned)
+        keys = [r.segment.key for r in planned.runs]
+        parts.segments.used_by(keys, (req.session, req.agent))
+        try:  # stored KV is read here; a tiered store keeps it leased (unmoved) until then
+            with clock.stage("assemble"):
+                asm = pipeline.assemble_prompt(parts, len(req.prompt), planned)
+        finally:
+            parts.segments.release(keys)
         with clock.stage("estimate"):
             ests = pipeline.estimate(parts, req, asm, state)
         with clock.stage("choose"):

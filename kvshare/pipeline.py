@@ -86,6 +86,7 @@ def plan(parts: Parts, scope: Scope, prompt: Prompt) -> Planned:
     hit, found = parts.prefix_cache.match(scope, prompt.ids[:-1])  # the last is computed
     runs = find_runs(prompt, hit, scope, parts.segments) if policy.relocates else []
     if hit + sum(r.length for r in runs) < max(1, parts.config.store.min_reuse_share * len(prompt)):
+        parts.segments.release(r.segment.key for r in runs)
         return Planned([], [])
     return Planned(found, runs)
 
@@ -236,7 +237,8 @@ def remember(parts: Parts, req: Request, tokens: list[int], kv: KV) -> None:
     bounds = tuple((s.start, f"m{s.index}") for s in prompt.segments)
     bounds += ((prompt.tail.start, "reply"),)
     trace = StoredSegment(scope, digest, ids, kv, "trace", "", req.agent, 0, "m0", bounds)
-    parts.segments.put(trace)
+    if parts.segments.put(trace):
+        parts.segments.used_by([trace.key], (req.session, req.agent))
 
 
 def shadow(

@@ -43,3 +43,23 @@ def fingerprint(engine: Any) -> tuple:
         (s.calls, s.prompt_tokens, s.computed_tokens, s.mean_kl),
         len(engine.calls),
     )
+
+
+def run_threads(work: Any, n: int = 4) -> list[BaseException]:
+    """Run ``work(i)`` on ``n`` threads at once; the exceptions they raised."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

@@ -149,6 +149,7 @@ def test_evicted_traces_leave_the_window_index():
     assert store.match("t:", first)[0].length == 40
     store.put(seg(second))  # 80 tokens > budget: the first is evicted
     assert store.match("t:", first) == [] and store.match("t:", second)[0].length == 40
-    assert set(store._windows) == {"t:"} and list(store._ids) == [seg(second).key]
-    entries = [e for v in store._windows["t:"].values() for e in ([v] if isinstance(v, int) else v)]
-    assert {e >> 32 for e in entries} == {store._ids[seg(second).key]}
+    index = store._index
+    assert set(index._windows) == {"t:"} and list(index._ids) == [seg(second).key]
+    entries = [e for v in index._windows["t:"].values() for e in ([v] if isinstance(v, int) else v)]
+    assert {e >> 32 for e in entries} == {index._ids[seg(second).key]}

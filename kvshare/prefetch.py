@@ -1,0 +1,82 @@
+"""Background prefetch: promote the segments the next agents will use before they run.
+
+``Engine.hint(session, next=[...])`` asks for the segments those agents used (or computed)
+before; one daemon thread per engine promotes them up the tiers (``TieredStore.prefetch``),
+one segment at a time, so a demand load waits for at most one segment's move and a caller
+never waits for a prefetch of another agent. On a CPU-only engine the worker moves a
+segment only inside a turn on the model (``kvshare.turns``), between calls: a background
+copy on 2 cores would otherwise slow the running call.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+from kvshare.tiered import TieredStore, User
+
+
+class Prefetcher:
+    """Prefetch worker of one engine's tiered store. ``turn()`` returns the context the
+    worker holds while it moves a segment (the engine's turn lock on CPU, nothing on CUDA)."""
+
+    def __init__(
+        self, store: TieredStore, turn: Callable[[], AbstractContextManager[Any]] = nullcontext
+    ) -> None:
+        self.store, self.turn = store, turn
+        self._wanted: dict[str, list[User]] = {}  # session -> users (latest request wins)
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._busy = False  # a popped request is being worked on
+        self.promoted = 0
+        self.requests = 0
+
+    def request(self, session: str, users: Iterable[User]) -> None:
+        """Prefetch for ``users`` of ``session`` (replaces that session's pending request)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._wanted[session] = list(users)
+            self.requests += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, daemon=True, name="kvshare-prefetch"
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def _next(self) -> list[User] | None:
+        with self._cond:
+            while not self._wanted and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            session = next(iter(self._wanted))
+            self._busy = True
+            return self._wanted.pop(session)
+
+    def _run(self) -> None:
+        while (users := self._next()) is not None:
+            try:
+                for key in self.store.keys_used_by(users):
+                    if self._closed:
+                        return
+                    with self.turn():
+                        self.promoted += self.store.prefetch([key])
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until no request is pending and the worker is idle (tests, benchmarks)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._wanted and not self._busy, timeout)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

@@ -1,0 +1,378 @@
+"""``TieredStore``: one segment store over a stack of tiers (device, host, disk).
+
+A segment lives in exactly one tier. ``put`` stores on the top (device) tier, making room by
+demoting the segments that sort first by priority one tier down (the bottom tier drops
+them: an eviction). A lookup (``get``/``match``) finds a segment in any tier; one found below
+the top is a *demand miss*: it is promoted to the top tier before use. ``prefetch`` promotes
+ahead of time, displacing only segments that sort before the ones it brings up. Every move
+and byte is counted per tier pair, and a bounded timeline of events is kept.
+
+Priority: ``priority(users, last_used)`` returns a sort key, smallest evicted first
+(``kvshare.schedule``: steps-to-execution of the agents that use a segment, LRU as
+tie-break); ``None`` is plain LRU. Segments matched by a call are *leased* until the call
+releases them (``release``): a leased segment is never moved or freed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kvshare.store import (
+    MIN_MATCH,
+    Match,
+    SegmentStore,
+    StoredSegment,
+    StoreKey,
+    WindowIndex,
+    match_indexed,
+)
+from kvshare.tiers import KVTier, kv_to
+
+User = tuple[str | None, str | None]  # (session, agent)
+Priority = Callable[[Iterable[User], int], tuple[Any, ...]]
+Pinned = Callable[[Iterable[Any]], frozenset[Any]]  # SegmentInfos -> keys kept on top
+
+
+def scheduler_priority(scheduler: Any) -> Priority:
+    """A scheduler's priority over the (session, agent) users that have both ids."""
+
+    def rank(users: Iterable[User], tick: int) -> tuple[Any, ...]:
+        known = [(s, a) for s, a in users if s is not None and a is not None]
+        return tuple(scheduler.priority(known, tick))
+
+    return rank
+
+
+@dataclass
+class _Entry:
+    """Where one segment lives and who uses it (tokens kept for matching in any tier)."""
+
+    key: StoreKey
+    tokens: tuple[int, ...]
+    nbytes: int
+    tier: int
+    tick: int
+    users: set[User] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class TierEvent:
+    """One timeline event: ``kind`` in put/hit/miss/promote/demote/evict/prefetch."""
+
+    at: float
+    kind: str
+    key: StoreKey
+    src: str | None
+    dst: str | None
+    nbytes: int
+
+
+class TieredStore(SegmentStore):
+    """Segments over ``tiers`` (fastest first; ``tiers[0]`` is where calls read KV)."""
+
+    def __init__(
+        self,
+        tiers: Sequence[KVTier],
+        priority: Priority | None = None,
+        pinned: Pinned | None = None,
+        events: int = 10_000,
+    ) -> None:
+        if not tiers:
+            raise ValueError("a TieredStore needs at least one tier")
+        self.tiers = list(tiers)
+        self.budget_bytes = self.tiers[0].budget_bytes
+        self.priority: Priority = priority or (lambda users, tick: (tick,))
+        self.pinned = pinned
+        self._entries: dict[StoreKey, _Entry] = {}
+        self._index = WindowIndex()
+        self._leases: Counter[StoreKey] = Counter()
+        self._lock = threading.RLock()
+        self._tick = 0
+        self.moves: Counter[tuple[str, str]] = Counter()
+        self.moved_bytes: Counter[tuple[str, str]] = Counter()
+        self.demand_misses: Counter[str] = Counter()
+        self.hits: Counter[str] = Counter()
+        self.evictions = 0
+        self.events: deque[TierEvent] = deque(maxlen=events)
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Index what the tiers already hold (a disk tier after a restart), oldest first."""
+        for t, tier in enumerate(self.tiers):
+            for key, tokens, nbytes in tier.listing():
+                if key not in self._entries:
+                    self._entries[key] = _Entry(key, tokens, nbytes, t, 0)
+                    self._index.add(key, tokens)
+
+    # --- bookkeeping -------------------------------------------------------------------
+
+    def _event(self, kind: str, e: _Entry, src: int | None, dst: int | None) -> None:
+        a = None if src is None else self.tiers[src].name
+        b = None if dst is None else self.tiers[dst].name
+        self.events.append(TierEvent(time.monotonic(), kind, e.key, a, b, e.nbytes))
+        if src is not None and dst is not None:
+            pair = (self.tiers[src].name, self.tiers[dst].name)
+            self.moves[pair] += 1
+            self.moved_bytes[pair] += e.nbytes
+
+    def _touch(self, e: _Entry) -> None:
+        self._tick += 1
+        e.tick = self._tick
+
+    def _rank(self, e: _Entry) -> tuple[Any, ...]:
+        return self.priority(e.users, e.tick)
+
+    def _pinned(self) -> frozenset[Any]:
+        """Keys kept on the top tier whatever their priority: segments used by several
+        agents (shared prefixes), as many as the pin cap holds (``pinned``)."""
+        if self.pinned is None:
+            return frozenset()
+        from kvshare.schedule import SegmentInfo
+
+        infos = [
+            SegmentInfo(
+                e.key,
+                e.nbytes,
+                [(s, a) for s, a in e.users if s is not None and a is not None],
+                e.tick,
+                len({a for _, a in e.users}) > 1,
+            )
+            for e in self._entries.values()
+            if e.tier == 0
+        ]
+        return self.pinned(infos)
+
+    def _drop(self, e: _Entry) -> None:
+        self.tiers[e.tier].remove(e.key)
+        self._index.remove(e.key, e.tokens)
+        del self._entries[e.key]
+
+    # --- moving ------------------------------------------------------------------------
+
+    def _make_room(self, t: int, nbytes: int, keep: tuple[Any, ...] | None = None) -> bool:
+        """Free ``nbytes`` on tier ``t`` by demoting its lowest-priority unleased segments
+        (only those that sort before ``keep``, when given)."""
+        tier = self.tiers[t]
+        if nbytes > tier.budget_bytes:
+            return False
+        while tier.free_bytes() < nbytes:
+            movable = [e for e in self._entries.values() if e.tier == t and not self._leases[e.key]]
+            if not movable:
+                return False
+            victim = min(movable, key=self._rank)
+            if keep is not None and self._rank(victim) >= keep:
+                return False
+            self._demote(victim)
+        return True
+
+    def _demote(self, e: _Entry) -> None:
+        src = e.tier
+        seg = self.tiers[src].get(e.key, e.tokens)
+        dst = src + 1
+        room = seg is not None and dst < len(self.tiers) and self._make_room(dst, e.nbytes)
+        if room and seg is not None and self.tiers[dst].put(seg):
+            self.tiers[src].remove(e.key)
+            e.tier = dst
+            self._event("demote", e, src, dst)
+            return
+        self._event("evict", e, src, None)
+        self.evictions += 1
+        self._drop(e)
+
+    def _promote(self, e: _Entry, kind: str, keep: tuple[Any, ...] | None = None) -> bool:
+        """Move ``e`` up to the top tier. Its copy below is taken out first, so the room it
+        frees can take what the top tier demotes (a swap); put back when the top tier cannot
+        make room (evicted if even that fails)."""
+        src = e.tier
+        seg = self.tiers[src].get(e.key, e.tokens)
+        if seg is None:  # lost below (a corrupt file): a miss, and forgotten
+            self._drop(e)
+            return False
+        self.tiers[src].remove(e.key)
+        self._leases[e.key] += 1  # in flight: no demotion may pick it
+        try:
+            moved = self._make_room(0, e.nbytes, keep) and self.tiers[0].put(seg)
+        finally:
+            self._unlease(e.key)
+        if moved:
+            e.tier = 0
+            self._event(kind, e, src, 0)
+            return True
+        if not self.tiers[src].put(seg):
+            self._event("evict", e, src, None)
+            self.evictions += 1
+            self._index.remove(e.key, e.tokens)
+            del self._entries[e.key]
+        return False
+
+    def _resolve(self, e: _Entry) -> StoredSegment | None:
+        """The segment with its KV on the top tier's device (promoted on a demand miss;
+        copied without storing when the top tier cannot make room)."""
+        if e.tier == 0:
+            self.hits[self.tiers[0].name] += 1
+            return self.tiers[0].get(e.key, e.tokens)
+        self.demand_misses[self.tiers[e.tier].name] += 1
+        src = e.tier
+        seg = self.tiers[src].get(e.key, e.tokens)
+        if seg is None:
+            self._drop(e)
+            return None
+        if self._promote(e, "promote"):
+            return self.tiers[0].get(e.key, e.tokens)
+        device = getattr(self.tiers[0], "device", seg.kv.keys.device)
+        return replace(seg, kv=kv_to(seg.kv, device))
+
+    # --- SegmentStore --------------------------------------------------------------------
+
+    def put(self, segment: StoredSegment) -> bool:
+        with self._lock:
+            e = self._entries.get(segment.key)
+            if e is not None:
+                self._touch(e)
+                return True
+            e = _Entry(segment.key, segment.tokens, segment.nbytes, 0, 0)
+            self._touch(e)
+            for t in range(len(self.tiers)):  # the fastest tier that can hold it
+                if self._make_room(t, e.nbytes) and self.tiers[t].put(segment):
+                    e.tier = t
+                    self._entries[e.key] = e
+                    self._index.add(e.key, e.tokens)
+                    self._event("put", e, None, t)
+                    return True
+            return False
+
+    def get(
+        self, scope: Hashable, content_hash: str, tokens: Sequence[int]
+    ) -> StoredSegment | None:
+        with self._lock:
+            e = self._entries.get((scope, content_hash))
+            if e is None or e.tokens != tuple(tokens):
+                return None
+            self._touch(e)
+            return self._resolve(e)
+
+    def match(
+        self, scope: Hashable, tokens: Sequence[int], min_len: int = MIN_MATCH
+    ) -> list[Match]:
+        """Verified runs as in every store; each matched segment is resolved onto the top
+        tier and *leased* until :meth:`release` (the caller's, once it has read the KV)."""
+        with self._lock:
+            found = match_indexed(self._index, scope, tokens, min_len, self._entries.__getitem__)
+            out = []
+            for m in found:
+                e = self._entries.get(m.segment.key)
+                seg = None if e is None else self._resolve(e)
+                if e is None or seg is None:
+                    continue
+                self._touch(e)
+                self._leases[e.key] += 1
+                out.append(Match(m.start, m.length, seg, m.offset))
+            return out
+
+    def release(self, keys: Iterable[StoreKey]) -> None:
+        """End the leases that :meth:`match` took on ``keys``."""
+        with self._lock:
+            for key in keys:
+                self._unlease(key)
+
+    def _unlease(self, key: StoreKey) -> None:
+        if self._leases.get(key, 0) > 1:
+            self._leases[key] -= 1
+        else:
+            self._leases.pop(key, None)
+
+    def used_by(self, keys: Iterable[StoreKey], user: User) -> None:
+        """Record that ``user`` (session, agent) used these segments (their priority)."""
+        with self._lock:
+            for key in keys:
+                e = self._entries.get(key)
+                if e is not None:
+                    e.users.add(user)
+
+    def prefetch(self, keys: Iterable[StoreKey]) -> int:
+        """Promote ``keys`` to the top tier, displacing only segments that sort before each
+        one; returns how many moved. Holds the lock per segment, so a demand load waits for
+        at most one segment's move."""
+        moved = 0
+        for key in keys:
+            with self._lock:
+                e = self._entries.get(key)
+                if e is None or e.tier == 0:
+                    continue
+                moved += self._promote(e, "prefetch", keep=self._rank(e))
+        return moved
+
+    def keys_used_by(self, users: Iterable[User]) -> list[StoreKey]:
+        """Keys of the segments any of ``users`` used, highest priority first."""
+        wanted = set(users)
+        with self._lock:
+            hit = [e for e in self._entries.values() if e.users & wanted]
+            return [e.key for e in sorted(hit, key=self._rank, reverse=True)]
+
+    def tier_of(self, key: StoreKey) -> str | None:
+        with self._lock:
+            e = self._entries.get(key)
+            return None if e is None else self.tiers[e.tier].name
+
+    def __contains__(self, key: StoreKey) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes_used(self) -> int:
+        """Bytes on the top tier (the budget ``budget_bytes`` bounds); per tier:
+        :meth:`tier_bytes`."""
+        return self.tiers[0].bytes_used
+
+    def tier_bytes(self) -> dict[str, int]:
+        return {t.name: t.bytes_used for t in self.tiers}
+
+    def clear(self) -> None:
+        with self._lock:
+            for t in self.tiers:
+                t.clear()
+            self._entries.clear()
+            self._index.clear()
+            self._leases.clear()
+
+
+def weights_digest(model: Any) -> str:
+    """A fingerprint of a model's weights (a strided sample of every parameter, with names,
+    shapes and dtypes): stored KV is only valid for the exact weights that computed it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def build_tiers(cfg: Any, device_bytes: int, device: Any, model: Any) -> list[KVTier]:
+    """The tiers a ``TiersConfig`` asks for: device (the model's device), then host memory
+    (``host_tier_bytes`` > 0), then disk (``disk_tier_dir``), under a directory named by
+    the weights' fingerprint so no other model ever reads them."""
+    from kvshare.tiers import MemoryTier
+
+    tiers: list[KVTier] = [MemoryTier("device", device, device_bytes)]
+    if cfg.host_tier_bytes:
+        tiers.append(MemoryTier("host", "cpu", cfg.host_tier_bytes))
+    if cfg.disk_tier_dir is not None:
+        from pathlib import Path
+
+        from kvshare.anchors import ModelIdentity
+        from kvshare.disk_tier import DiskTier
+
+        where = Path(cfg.disk_tier_dir) / weights_digest(model)
+        tiers.append(DiskTier(where, cfg.disk_tier_bytes, ModelIdentity.of(model)))
+    return tiers

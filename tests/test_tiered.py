@@ -1,0 +1,179 @@
+"""TieredStore over memory tiers: demotion, promotion, priority, leases, prefetch, counters."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kvshare.store import LRUSegmentStore
+from kvshare.tiered import TieredStore
+from kvshare.tiers import MemoryTier, NullTier
+from tests.factories import run_threads
+from tests.test_store import TOKEN_BYTES, seg
+
+
+def stack(device_tokens: int, host_tokens: int, priority=None) -> TieredStore:
+    tiers = [MemoryTier("device", "cpu", device_tokens * TOKEN_BYTES)]
+    if host_tokens:
+        tiers.append(MemoryTier("host", "cpu", host_tokens * TOKEN_BYTES))
+    return TieredStore(tiers, priority)
+
+
+def segs(n: int, length: int = 20, base: int = 1000) -> list:
+    return [seg(range(base + 100 * i, base + 100 * i + length)) for i in range(n)]
+
+
+def test_full_device_tier_demotes_the_least_recently_used_then_promotes_on_demand():
+    store = stack(40, 100)
+    a, b, c = segs(3)
+    assert store.put(a) and store.put(b)
+    assert store.get("t:", a.content_hash, a.tokens) is not None  # b is now the LRU
+    assert store.put(c)
+    assert store.tier_of(b.key) == "host" and store.tier_of(a.key) == "device"
+    got = store.get("t:", b.content_hash, b.tokens)
+    assert got is not None and torch.equal(got.kv.keys, b.kv.keys)  # bit-exact round trip
+    assert store.tier_of(b.key) == "device" and store.demand_misses["host"] == 1
+    assert store.moves[("device", "host")] == 2 and store.moves[("host", "device")] == 1
+    assert store.moved_bytes[("device", "host")] == 2 * 20 * TOKEN_BYTES
+    assert store.bytes_used <= store.budget_bytes and store.evictions == 0
+
+
+def test_the_bottom_tier_evicts_and_an_evicted_segment_is_gone_from_matching():
+    store = stack(20, 20)
+    a, b, c = segs(3)
+    for s in (a, b, c):
+        assert store.put(s)
+    assert a.key not in store and store.evictions == 1
+    assert store.match("t:", a.tokens) == [] and len(store.match("t:", b.tokens)) == 1
+    assert store.tier_of(b.key) == "device" and store.tier_of(c.key) == "host"  # a swap
+    kinds = [e.kind for e in store.events]
+    assert kinds.count("evict") == 1 and kinds.count("demote") == 3
+
+
+def test_single_tier_lru_equals_the_lru_store_on_a_random_trace():
+    rng = random.Random(0)
+    pool = segs(12, length=16)
+    tiered, lru = stack(64, 0), LRUSegmentStore(64 * TOKEN_BYTES)
+    for _ in range(300):
+        s = rng.choice(pool)
+        if rng.random() < 0.5:
+            assert tiered.put(s) == lru.put(s)
+        else:
+            a = tiered.get("t:", s.content_hash, s.tokens)
+            b = lru.get("t:", s.content_hash, s.tokens)
+            assert (a is None) == (b is None)
+        assert {x.key for x in pool if x.key in tiered} == {x.key for x in pool if x.key in lru}
+
+
+def test_priority_keeps_the_next_agents_segment_and_demotes_a_released_one():
+    steps = {"next": 1, "later": 5, "released": float("inf")}
+
+    def priority(users, tick):  # evict first: largest steps, then least recently used
+        best = min((steps.get(agent, float("inf")) for _, agent in users), default=float("inf"))
+        return (-best, tick)
+
+    store = stack(40, 100, priority)
+    nxt, gone, new = segs(3)
+    store.put(nxt)
+    store.used_by([nxt.key], ("s", "next"))
+    store.put(gone)  # more recent than nxt: plain LRU would demote nxt
+    store.used_by([gone.key], ("s", "released"))
+    store.put(new)
+    store.used_by([new.key], ("s", "later"))
+    assert store.tier_of(nxt.key) == "device" and store.tier_of(gone.key) == "host"
+
+
+def test_a_matched_segment_is_leased_until_released():
+    store = stack(40, 100)
+    a, b, c = segs(3)
+    store.put(a)
+    store.put(b)
+    found = store.match("t:", a.tokens)  # a is leased now
+    assert len(found) == 1 and torch.equal(found[0].segment.kv.values, a.kv.values)
+    store.get("t:", b.content_hash, b.tokens)  # b more recent: a would be the LRU victim
+    store.put(c)
+    assert store.tier_of(a.key) == "device" and store.tier_of(b.key) == "host"
+    store.release([a.key])
+    store.put(seg(range(9000, 9020)))
+    assert store.tier_of(a.key) == "host"  # movable once released
+
+
+def test_match_across_tiers_returns_top_tier_kv_and_counts_the_miss():
+    store = stack(20, 100)
+    a, b = segs(2)
+    store.put(a)
+    store.put(b)  # a demoted
+    query = (7, 7, *a.tokens[2:18], 8)
+    found = store.match("t:", query)
+    assert [(m.start, m.length, m.offset) for m in found] == [(2, 16, 2)]
+    assert store.tier_of(a.key) == "device" and store.demand_misses["host"] == 1
+    store.release([a.key])
+
+
+def test_prefetch_promotes_only_over_lower_priority_segments():
+    rank = {"keep": 2, "low": 0, "mid": 1}
+
+    def priority(users, tick):
+        return (max((rank[a] for _, a in users), default=-1), tick)
+
+    store = stack(20, 100, priority)
+    low, keep = segs(2)
+    store.put(low)
+    store.used_by([low.key], ("s", "low"))
+    store.put(keep)
+    store.used_by([keep.key], ("s", "keep"))  # low was demoted when keep came in
+    assert store.tier_of(low.key) == "host"
+    assert store.prefetch([low.key]) == 0  # would displace keep, which ranks higher
+    store.used_by([low.key], ("s", "mid"))
+    store.used_by([keep.key], ("s", "low"))
+    rank["keep"] = -2  # keep's agents will not run again
+    assert store.prefetch([low.key]) == 1
+    assert store.tier_of(low.key) == "device" and store.tier_of(keep.key) == "host"
+    assert [e.kind for e in store.events][-1] == "prefetch"
+
+
+def test_oversized_segments_go_to_a_lower_tier_or_are_refused():
+    store = stack(10, 30)
+    big = segs(1, length=20)[0]
+    assert store.put(big) and store.tier_of(big.key) == "host"
+    assert not stack(10, 0).put(big)
+    assert not TieredStore([NullTier()]).put(big)
+
+
+def test_concurrent_puts_matches_and_prefetches_keep_every_invariant():
+    store = stack(60, 120)
+    pool = segs(16, length=16)
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(150):
+            s = rng.choice(pool)
+            op = rng.random()
+            if op < 0.4:
+                store.put(s)
+            elif op < 0.8:
+                found = store.match("t:", s.tokens)
+                for m in found:
+                    assert m.segment.tokens[m.offset : m.offset + m.length] == tuple(
+                        s.tokens[m.start : m.start + m.length]
+                    )
+                store.release([m.segment.key for m in found])
+            else:
+                store.prefetch([s.key])
+
+    assert run_threads(worker) == []
+    for tier in store.tiers:
+        assert tier.bytes_used <= tier.budget_bytes
+        assert tier.bytes_used == sum(
+            e.nbytes for e in store._entries.values() if store.tiers[e.tier] is tier
+        )
+    assert not store._leases
+    placed = [k for t in store.tiers for k in t.keys()]  # noqa: SIM118 (a tier is no dict)
+    assert sorted(placed, key=str) == sorted(store._entries, key=str)  # each in one tier
+
+
+def test_a_tiered_store_needs_a_tier():
+    with pytest.raises(ValueError):
+        TieredStore([])
