@@ -97,6 +97,8 @@ class Session:
     def __enter__(self) -> Session:
         if self.order or self.successors:  # steps-to-execution of every agent (eviction)
             self.engine.register_workflow(self.id, self)
+        for agent in self.agents:  # precomputed when a hint names the agent as next
+            self.engine.register_static(self.id, agent.name, agent.messages([]))
         self.engine.hint(self.id, next=self.next_after(None))
         return self
 

@@ -10,7 +10,7 @@ from kvshare.config import IMPLEMENTED_MODES
 from kvshare.errors import KVShareError
 
 TEAMS = ["rag", "debate", "code"]
-WORKLOADS = ["synthetic", "qa", "crossover", "overhead", "kernels", "wrapper", *TEAMS]
+WORKLOADS = ["synthetic", "qa", "crossover", "overhead", "kernels", "wrapper", "tiers", *TEAMS]
 
 
 def _engine(args: argparse.Namespace):
@@ -58,6 +58,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     engine = _engine(args)
     if args.workload in TEAMS:
         return _team_bench(args, engine)
+    if args.workload == "tiers":
+        return _tiers(args, engine)
     if args.workload == "overhead":
         return _overhead(args, engine)
     if args.workload == "wrapper":
@@ -138,6 +140,44 @@ def _team_bench(args: argparse.Namespace, engine) -> int:
     paths = teams.write(rep, Path(args.out))
     print(teams.markdown(rep))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _tiers(args: argparse.Namespace, engine) -> int:
+    import json
+
+    from kvshare.bench import tiers
+    from kvshare.bench.corpus import long_text
+    from kvshare.bench.harness import machine_description
+    from kvshare.bench.workloads import SyntheticWorkload
+
+    wl = SyntheticWorkload(
+        engine.tokenizer,
+        long_text(),
+        n_agents=args.agents,
+        prefix_len=args.prefix,
+        input_len=args.input,
+        output_len=args.output,
+        n_items=args.items or 6,
+    )
+    fractions = [float(x) for x in args.fractions.split(",") if x.strip()]
+    if not fractions or min(fractions) <= 0:
+        raise KVShareError(f"--fractions wants positive shares like 0.25,0.5; got {args.fractions}")
+    total, rows, timelines = tiers.measure(engine, wl, fractions, gap_s=args.gap_ms / 1000)
+    warm = tiers.precompute_gain(engine, wl)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = tiers.markdown(total, rows, machine_description(engine))
+    text += "\n" + tiers.warm_markdown(warm, "kvshare")
+    (out / "tiers.md").write_text(text)
+    (out / "tiers.json").write_text(json.dumps([r.model_dump() for r in rows], indent=1))
+    for fraction, timeline in timelines.items():
+        name = f"tiers-timeline-{int(fraction * 100)}.png"
+        title = (
+            f"workflow policy, device tier {fraction:.0%} of the working set: calls and tier events"
+        )
+        tiers.plot_timeline(timeline, out / name, title)
+    print(text)
     return 0
 
 
@@ -297,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="float16",
         choices=["float32", "float16", "int8"],
         help="dtype the anchor pool stores deviations in",
+    )
+    bench.add_argument(
+        "--fractions",
+        default="0.25,0.5,1.0",
+        help="tiers: device-tier budgets as shares of the workflow's working set",
+    )
+    bench.add_argument(
+        "--gap-ms", type=float, default=50.0, help="tiers: time between two agents' turns"
     )
     bench.add_argument("--out", default="bench-out", help="directory for JSON/markdown/PNG")
     bench.set_defaults(func=cmd_bench)

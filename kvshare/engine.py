@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import torch
@@ -86,10 +87,13 @@ class Engine:
         self._turns = TurnLock()
         self.prefetcher = None
         self._workflows: OrderedDict[str, int] = OrderedDict()  # session -> id(workflow)
-        if isinstance(self.segments, TieredStore) and self.config.tiers.prefetch:
+        self._next: OrderedDict[tuple[str, str], tuple[str, ...]] = OrderedDict()
+        self._static: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        if self.config.tiers.prefetch and self.policy.keeps_kv:
             on_cpu = self.adapter.device.type == "cpu"  # share the cores only between calls
             turn = (lambda: self._turns) if on_cpu else nullcontext
-            self.prefetcher = Prefetcher(self.segments, turn)
+            tiered = self.segments if isinstance(self.segments, TieredStore) else None
+            self.prefetcher = Prefetcher(tiered, turn)
 
     def _segment_store(self) -> SegmentStore:
         """The trace store: an LRU store, or a tiered one (``TiersConfig``) whose order comes
@@ -191,9 +195,56 @@ class Engine:
         h = make_hint(session, running, next, release, ttl)
         self.hint_log.add(h)
         self.scheduler.observe(h)
+        if h.running is not None:  # who reads what it writes (``record_call``)
+            self._next[(session, h.running)] = h.next
+            self._next.move_to_end((session, h.running))
+            while len(self._next) > self.config.call_log_size:
+                self._next.popitem(last=False)
         if self.prefetcher is not None and h.next:
-            self.prefetcher.request(session, [(session, a) for a in h.next])
+            static = [self._static[(session, a)] for a in h.next if (session, a) in self._static]
+            warm = [partial(self.precompute, m, session=session) for m in static]
+            self.prefetcher.request(session, [(session, a) for a in h.next], warm)
         return h
+
+    def precompute(
+        self,
+        messages: Any,
+        agent: str | None = None,
+        session: str | None = None,
+        tenant: str | None = None,
+    ) -> int:
+        """Prefill ``messages`` — an agent's static prompt (tool block, system prompt, known
+        shared context) — and keep their KV, so the agent's next call that starts with them
+        is an exact-prefix hit. Not a call: no reply, no CallStats. Returns the prompt's
+        tokens. Errors as ``chat`` (nothing stored then)."""
+        req = make_request(
+            self.config, self.tokenizer, self.loaded.context_length, messages,
+            agent=agent, session=session, tenant=tenant, max_new_tokens=1,
+        )  # fmt: skip
+        parts = self.parts
+        with self._turns:
+            planned = pipeline.plan(parts, req.scope, req.prompt)
+            if sum(kv.length for kv in planned.prefix) >= len(req.prompt) - 1:  # cached already
+                parts.segments.release(r.segment.key for r in planned.runs)
+                return len(req.prompt)
+            try:
+                asm = pipeline.assemble_prompt(parts, len(req.prompt), planned)
+            finally:
+                parts.segments.release(r.segment.key for r in planned.runs)
+            state = self.learned.get(req.scope)
+            ests = pipeline.estimate(parts, req, asm, state)
+            pre = pipeline.prefill(parts, req, asm, ests, pipeline.choose(parts, asm, ests, state))
+            check_finite("the KV of a precomputed prompt", pre.kv.keys, pre.kv.values)
+            pipeline.remember(parts, req, [0], pre.kv)  # the placeholder reply token: no KV
+        return len(req.prompt)
+
+    def register_static(self, session: str, agent: str, messages: Any) -> None:
+        """``agent``'s static prompt in ``session`` (its system prompt and tool block): when a
+        hint names it as next, the prefetcher precomputes it (``precompute``) in the gap."""
+        self._static[(session, agent)] = messages
+        self._static.move_to_end((session, agent))
+        while len(self._static) > self.config.call_log_size:
+            self._static.popitem(last=False)
 
     def register_workflow(self, session: str, workflow: Any) -> None:
         """The step graph ``session`` runs (a networkx graph, a LangGraph graph, an order
@@ -203,6 +254,12 @@ class Engine:
         self._workflows.move_to_end(session)
         while len(self._workflows) > self.scheduler.config.max_sessions:
             self._workflows.popitem(last=False)
+
+    def _readers(self, session: str | None, agent: str | None) -> tuple[str, ...]:
+        """The agents the last hint said run after ``agent`` (they read what it writes)."""
+        if session is None or agent is None:
+            return ()
+        return self._next.get((session, agent), ())
 
     def knows_workflow(self, session: str, workflow: Any) -> bool:
         """Whether ``workflow`` (the same object) is registered for ``session``."""
@@ -311,7 +368,6 @@ class Engine:
         with clock.stage("plan"):
             planned = pipeline.plan(parts, req.scope, req.prompt)
         keys = [r.segment.key for r in planned.runs]
-        parts.segments.used_by(keys, (req.session, req.agent))
         try:  # stored KV is read here; a tiered store keeps it leased (unmoved) until then
             with clock.stage("assemble"):
                 asm = pipeline.assemble_prompt(parts, len(req.prompt), planned)
@@ -335,7 +391,9 @@ class Engine:
         with clock.stage("remember"):
             check_finite("the KV of this call", dec.kv.keys, dec.kv.values)
             text = self.tokenizer.decode(dec.tokens, skip_special_tokens=True)
-            pipeline.remember(parts, req, dec.tokens, dec.kv)
+            wrote = pipeline.remember(parts, req, dec.tokens, dec.kv)
+            readers = self._readers(req.session, req.agent)
+            parts.segments.record_call(keys, wrote, (req.session, req.agent), readers)
         with clock.stage("shadow"):
             fidelity = pipeline.shadow(parts, req, state, pre, dec.tokens) if req.shadow else {}
         stats = call_stats(

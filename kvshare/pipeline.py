@@ -36,7 +36,7 @@ from kvshare.results import FittedGain, Prefilled, check_finite
 from kvshare.scope import Scope
 from kvshare.select import Plan
 from kvshare.stats import GREEDY_CAP
-from kvshare.store import SegmentStore, StoredSegment
+from kvshare.store import SegmentStore, StoredSegment, StoreKey
 
 
 @dataclass(frozen=True)
@@ -219,26 +219,28 @@ def teach(
     learn_offsets(pool, pre.estimates, true_kv, known, parts.rotary)
 
 
-def remember(parts: Parts, req: Request, tokens: list[int], kv: KV) -> None:
-    """Keep what this call computed: radix prefix and (relocating modes) its trace.
+def remember(parts: Parts, req: Request, tokens: list[int], kv: KV) -> StoreKey | None:
+    """Keep what this call computed: radix prefix and (relocating modes) its trace; returns
+    the trace's key (None when no trace is kept).
 
     kv: KV [L, H, S + R - 1, D] of the prompt and the reply's fed tokens, owned by this call
     (the trace keeps it without a copy). ``full`` mode is the no-reuse oracle and keeps
     nothing; an anonymous scope (no session in session scope) shares with no one.
     """
     if not parts.policy.keeps_kv or req.scope.anonymous:
-        return
+        return None
     prompt, scope = req.prompt, req.scope
     ids = tuple(prompt.ids) + tuple(tokens[:-1])  # the last token was never fed: no KV
     parts.prefix_cache.insert(scope, ids, kv)
     digest = token_hash(ids) if parts.segments.budget_bytes else ""
-    if not digest or (scope, digest) in parts.segments:
-        return
+    if not digest:
+        return None
+    if (scope, digest) in parts.segments:
+        return (scope, digest)
     bounds = tuple((s.start, f"m{s.index}") for s in prompt.segments)
     bounds += ((prompt.tail.start, "reply"),)
     trace = StoredSegment(scope, digest, ids, kv, "trace", "", req.agent, 0, "m0", bounds)
-    if parts.segments.put(trace):
-        parts.segments.used_by([trace.key], (req.session, req.agent))
+    return trace.key if parts.segments.put(trace) else None
 
 
 def shadow(

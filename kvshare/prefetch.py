@@ -12,34 +12,43 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any
 
 from kvshare.tiered import TieredStore, User
 
 
 class Prefetcher:
-    """Prefetch worker of one engine's tiered store. ``turn()`` returns the context the
-    worker holds while it moves a segment (the engine's turn lock on CPU, nothing on CUDA)."""
+    """Prefetch worker of one engine (its tiered store, if any, and its precompute jobs).
+    ``turn()`` returns the context the worker holds while it moves a segment (the engine's
+    turn lock on CPU, nothing on CUDA)."""
 
     def __init__(
-        self, store: TieredStore, turn: Callable[[], AbstractContextManager[Any]] = nullcontext
+        self,
+        store: TieredStore | None,
+        turn: Callable[[], AbstractContextManager[Any]] = nullcontext,
     ) -> None:
         self.store, self.turn = store, turn
-        self._wanted: dict[str, list[User]] = {}  # session -> users (latest request wins)
+        # session -> (users, precompute jobs); the latest request of a session wins
+        self._wanted: dict[str, tuple[list[User], list[Callable[[], Any]]]] = {}
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._busy = False  # a popped request is being worked on
         self.promoted = 0
+        self.warmed = 0
         self.requests = 0
 
-    def request(self, session: str, users: Iterable[User]) -> None:
-        """Prefetch for ``users`` of ``session`` (replaces that session's pending request)."""
+    def request(
+        self, session: str, users: Iterable[User], warm: Iterable[Callable[[], Any]] = ()
+    ) -> None:
+        """Prefetch for ``users`` of ``session`` and run the ``warm`` jobs (precomputing the
+        next agents' static prompts; each takes its own turn on the model), replacing that
+        session's pending request."""
         with self._cond:
             if self._closed:
                 return
-            self._wanted[session] = list(users)
+            self._wanted[session] = (list(users), list(warm))
             self.requests += 1
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -48,7 +57,7 @@ class Prefetcher:
                 self._thread.start()
             self._cond.notify()
 
-    def _next(self) -> list[User] | None:
+    def _next(self) -> tuple[list[User], list[Callable[[], Any]]] | None:
         with self._cond:
             while not self._wanted and not self._closed:
                 self._cond.wait()
@@ -59,13 +68,21 @@ class Prefetcher:
             return self._wanted.pop(session)
 
     def _run(self) -> None:
-        while (users := self._next()) is not None:
+        while (job := self._next()) is not None:
+            users, warm = job
             try:
-                for key in self.store.keys_used_by(users):
-                    if self._closed:
+                store = self.store
+                for key in store.keys_used_by(users) if store is not None else ():
+                    if self._closed or store is None:
                         return
                     with self.turn():
-                        self.promoted += self.store.prefetch([key])
+                        self.promoted += store.prefetch([key])
+                for precompute in warm:
+                    if self._closed:
+                        return
+                    with suppress(Exception):  # a failed warm-up only loses the head start
+                        precompute()
+                        self.warmed += 1
             finally:
                 with self._cond:
                     self._busy = False

@@ -170,6 +170,18 @@ class SegmentStore(ABC):
         it; the others ignore it)."""
         return None
 
+    def record_call(
+        self,
+        read: Iterable[StoreKey],
+        wrote: StoreKey | None,
+        user: tuple[str | None, str | None],
+        readers: Iterable[str] = (),
+    ) -> None:
+        """One finished call of ``user``: it read ``read`` and wrote ``wrote``; ``readers``:
+        the agents expected to read what it wrote (its successors). Tiered stores rank by it
+        (a user is kept only on what its latest call used); the others ignore it."""
+        return None
+
 
 class NullSegmentStore(SegmentStore):
     """Stores nothing (the naive implementation; every lookup misses)."""

@@ -294,6 +294,28 @@ class TieredStore(SegmentStore):
                 if e is not None:
                     e.users.add(user)
 
+    def record_call(
+        self,
+        read: Iterable[StoreKey],
+        wrote: StoreKey | None,
+        user: User,
+        readers: Iterable[str] = (),
+    ) -> None:
+        """``user``'s latest call read ``read`` and wrote ``wrote``: ``user`` now counts as a
+        user of exactly those (what it used before but not now, it has moved past), and the
+        ``readers`` (agents of the same session that follow it) as users of ``wrote``."""
+        used = {*read, *([wrote] if wrote is not None else [])}
+        with self._lock:
+            if user[1] is not None:
+                for e in self._entries.values():
+                    if user in e.users and e.key not in used:
+                        e.users.discard(user)
+            for key in used:
+                if (entry := self._entries.get(key)) is not None:
+                    entry.users.add(user)
+            if wrote is not None and (entry := self._entries.get(wrote)) is not None:
+                entry.users.update((user[0], r) for r in readers)
+
     def prefetch(self, keys: Iterable[StoreKey]) -> int:
         """Promote ``keys`` to the top tier, displacing only segments that sort before each
         one; returns how many moved. Holds the lock per segment, so a demand load waits for

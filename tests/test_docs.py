@@ -34,7 +34,7 @@ def test_notebook_runs_on_a_tiny_model(tiny_dirs, monkeypatch):
 @pytest.mark.model
 def test_readme_example_runs(capsys):
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     namespace: dict = {}
     for block in blocks:  # the second continues the first
         exec(compile(block, "README", "exec"), namespace)  # noqa: S102 - our own README
@@ -42,3 +42,4 @@ def test_readme_example_runs(capsys):
     assert "|" in out and "SessionStats" in out
     assert "('france', 't1'," in out and "('germany', 't1'," in out
     assert "Hint(session='run-2', running='reader', next=('judge',)" in out
+    assert "{'device': " in out and "'disk': 0} 2" in out  # nothing spilled; critic 2 steps away

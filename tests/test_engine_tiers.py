@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from kvshare import Engine, EngineConfig
-from kvshare.errors import ConfigError
+from kvshare.errors import ConfigError, ScopeError
 from kvshare.tiered import TieredStore
 from tests.factories import DOC, team
 
 DOCS = [DOC, *(DOC.replace("ships", w) for w in ("whales", "boats", "yachts"))]
+WORDS = ("apple", "river", "engine", "violin")
 
 
 def engine(tiny_dirs, **options) -> Engine:
@@ -17,10 +18,10 @@ def engine(tiny_dirs, **options) -> Engine:
     return Engine.from_pretrained(str(tiny_dirs["llama"]), config=config)
 
 
-def trace_bytes(tiny_dirs) -> int:
-    """Bytes of one call's trace on the tiny model (one DOC prompt + 4 reply tokens)."""
+def trace_bytes(tiny_dirs, doc: str = DOC) -> int:
+    """Bytes of one call's trace on the tiny model (one ``doc`` prompt + 4 reply tokens)."""
     probe = engine(tiny_dirs, mode="blend")
-    probe.chat(team("probe"), max_new_tokens=4)
+    probe.chat(team("probe", doc), max_new_tokens=4)
     return probe.segments.bytes_used
 
 
@@ -69,8 +70,11 @@ def test_a_disk_tier_survives_a_restart_and_a_new_engine_reuses_it(tiny_dirs, tm
     assert cold.chat(team("someone else", DOCS[0]), max_new_tokens=4).text == res.text
 
 
-def test_workflow_eviction_keeps_the_hinted_next_agents_trace_where_lru_demotes_it(tiny_dirs):
-    one = trace_bytes(tiny_dirs)
+def test_workflow_eviction_keeps_the_next_agents_trace_where_lru_demotes_it(tiny_dirs):
+    """Distinct documents (no call reads another's trace); the registered order says agent0
+    runs right after agent3, so while agent3 runs agent0's trace is the one to keep."""
+    docs = [f"Note {w}: the {w} report lists every {w} we counted this week. " * 6 for w in WORDS]
+    one = trace_bytes(tiny_dirs, docs[0])
     kept = {}
     for eviction in ("workflow", "lru"):
         e = engine(
@@ -81,13 +85,14 @@ def test_workflow_eviction_keeps_the_hinted_next_agents_trace_where_lru_demotes_
             segment_store_bytes=int(2.5 * one),
             host_tier_bytes=100 * one,
         )
-        e.chat(team("agent0", DOCS[0]), agent="agent0", session="s", max_new_tokens=4)
-        for i in (1, 2, 3):  # agent0 (the judge) runs again after these three
-            e.hint("s", running=f"agent{i}", next=["agent0"])
-            e.chat(team(f"agent{i}", DOCS[i]), agent=f"agent{i}", session="s", max_new_tokens=4)
-        first = [k for k in e.segments._entries if ("s", "agent0") in e.segments._entries[k].users]
-        kept[eviction] = e.segments.tier_of(first[0])
-    assert kept == {"workflow": "device", "lru": "host"}
+        e.chat(team("agent0", docs[0]), agent="agent0", session="s", max_new_tokens=4)
+        e.register_workflow("s", ["agent1", "agent2", "agent3", "agent0"])
+        for i in (1, 2, 3):
+            e.hint("s", running=f"agent{i}")
+            e.chat(team(f"agent{i}", docs[i]), agent=f"agent{i}", session="s", max_new_tokens=4)
+        first = [k for k, v in e.segments._entries.items() if ("s", "agent0") in v.users]
+        kept[eviction] = e.segments.tier_of(first[0]), e.scheduler.steps("s", "agent0")
+    assert kept == {"workflow": ("device", 1), "lru": ("host", float("inf"))}
 
 
 def test_a_hint_prefetches_the_next_agents_traces_before_they_run(tiny_dirs):
@@ -115,3 +120,36 @@ def test_bad_tier_options_are_named_errors():
         EngineConfig.of(host_tier_bytes=-1)
     with pytest.raises(ConfigError):
         EngineConfig.of(disk_tier_dir=3)
+
+
+def test_precompute_makes_the_next_call_an_exact_prefix_hit_and_is_not_a_call(tiny_dirs):
+    e = Engine.from_pretrained(str(tiny_dirs["llama"]), config=EngineConfig(mode="prefix"))
+    system = [{"role": "system", "content": "You are the archivist. " + DOC}]
+    n = e.precompute(system, agent="archivist", session="s")
+    assert n > 40 and e.stats().calls == 0 and e.memory().prefix_cache > 0
+    msgs = [*system, {"role": "user", "content": "Which ships came?"}]
+    hot = e.chat(msgs, agent="archivist", session="s", max_new_tokens=4)
+    cold = Engine.from_pretrained(str(tiny_dirs["llama"]), config=EngineConfig(mode="full"))
+    assert hot.stats.prefix_hit_tokens >= n - 4  # all but the generation header
+    assert hot.text == cold.chat(msgs, max_new_tokens=4).text
+    before = e.memory()
+    with pytest.raises(ScopeError):
+        e.precompute([{"role": "system", "content": "x"}], session=3)  # type: ignore[arg-type]
+    assert e.memory() == before
+
+
+def test_a_session_precomputes_the_next_agents_static_prompt_in_the_gap(tiny_dirs):
+    from kvshare.agents import Agent, Session
+
+    e = Engine.from_pretrained(str(tiny_dirs["llama"]), config=EngineConfig(mode="prefix"))
+    agents = [Agent(n, f"You are the {n}. " + DOC, e) for n in ("reader", "writer")]
+    with Session(agents, id="run", order=["reader", "writer"]) as s:
+        assert e.prefetcher is not None and e.prefetcher.drain()
+        assert e.prefetcher.warmed == 2  # the order: both agents are named next on entry
+        cached = e.memory().prefix_cache
+        first = s.chat("reader", "Summarise.", max_new_tokens=4)
+        assert e.prefetcher.drain() and e.prefetcher.warmed == 3  # the writer, again: a no-op
+        assert e.memory().prefix_cache > cached  # the reader's call, nothing more
+        second = s.chat("writer", "Write it up.", max_new_tokens=4)
+    assert first.stats.prefix_hit_tokens > 40 and second.stats.prefix_hit_tokens > 40
+    assert e.stats().calls == 2

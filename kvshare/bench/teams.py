@@ -141,7 +141,7 @@ def run_team_bench(
         team=team.name,
         title=team.title,
         score_name=team.score_name,
-        items=len(items),
+        items=sum(len(i) if isinstance(i, tuple) else 1 for i in items),  # code: problems
         machine=machine_description(base),
         torch=torch.__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
