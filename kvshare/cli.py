@@ -147,19 +147,9 @@ def _tiers(args: argparse.Namespace, engine) -> int:
     import json
 
     from kvshare.bench import tiers
-    from kvshare.bench.corpus import long_text
     from kvshare.bench.harness import machine_description
-    from kvshare.bench.workloads import SyntheticWorkload
 
-    wl = SyntheticWorkload(
-        engine.tokenizer,
-        long_text(),
-        n_agents=args.agents,
-        prefix_len=args.prefix,
-        input_len=args.input,
-        output_len=args.output,
-        n_items=args.items or 6,
-    )
+    wl = _synthetic(args, engine, default_items=6)
     fractions = [float(x) for x in args.fractions.split(",") if x.strip()]
     if not fractions or min(fractions) <= 0:
         raise KVShareError(f"--fractions wants positive shares like 0.25,0.5; got {args.fractions}")
@@ -233,13 +223,20 @@ def _kernels(args: argparse.Namespace) -> int:
 
 
 def _workload(args: argparse.Namespace, engine):
-    from kvshare.bench.corpus import NARRATIVEQA, long_text, qa_items
-    from kvshare.bench.workloads import QAWorkload, SyntheticWorkload
+    from kvshare.bench.corpus import NARRATIVEQA, qa_items
+    from kvshare.bench.workloads import QAWorkload
 
     if args.workload == "qa":
         n = args.items or 12
         items = qa_items(NARRATIVEQA)[args.item_offset : args.item_offset + n]
         return QAWorkload(items, n_agents=min(args.agents, 4), output_len=args.output)
+    return _synthetic(args, engine, default_items=1)
+
+
+def _synthetic(args: argparse.Namespace, engine, default_items: int):
+    from kvshare.bench.corpus import long_text
+    from kvshare.bench.workloads import SyntheticWorkload
+
     return SyntheticWorkload(
         engine.tokenizer,
         long_text(),
@@ -247,7 +244,7 @@ def _workload(args: argparse.Namespace, engine):
         prefix_len=args.prefix,
         input_len=args.input,
         output_len=args.output,
-        n_items=args.items or 1,
+        n_items=args.items or default_items,
     )
 
 

@@ -144,3 +144,15 @@ def test_qa_bench_and_pareto_cli(tiny_dirs, tmp_path, capsys):
     reuse = {p["setting"]: p["token_reuse"] for p in points if p["mode"] == "blend"}
     assert reuse["ratio=0.0"] > reuse["ratio=0.5"]  # more recompute, less reuse
     assert "| kvshare | ratio=0.15 |" in capsys.readouterr().out
+
+
+def test_tiers_bench_cli_compares_policies_on_the_same_outputs(tiny_dirs, tmp_path, capsys):
+    args = ["bench", "--workload", "tiers", "--model", str(tiny_dirs["llama"]), "--items", "3"]
+    args += ["--agents", "3", "--prefix", "32", "--input", "48", "--output", "2"]
+    assert main([*args, "--fractions", "0.3", "--gap-ms", "5", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 30% |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["workflow", "lru", "none"]
+    assert all(r.rstrip(" |").endswith(("yes", "(full mode)")) for r in rows)
+    assert (tmp_path / "tiers.md").exists() and (tmp_path / "tiers-timeline-30.png").exists()
+    assert main([*args, "--fractions", "0,1", "--out", str(tmp_path)]) == 2
