@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from functools import partial
@@ -37,6 +36,7 @@ from kvshare.stats import CallLedger, CallStats, SessionStats
 from kvshare.store import LRUSegmentStore, NullSegmentStore, SegmentStore
 from kvshare.tiered import TieredStore, build_tiers, scheduler_priority
 from kvshare.turns import TurnLock
+from kvshare.workflow import WorkflowMemory
 
 
 class Engine:
@@ -86,9 +86,7 @@ class Engine:
         self.hint_log = HintLog(self.config.call_log_size)
         self._turns = TurnLock()
         self.prefetcher = None
-        self._workflows: OrderedDict[str, int] = OrderedDict()  # session -> id(workflow)
-        self._next: OrderedDict[tuple[str, str], tuple[str, ...]] = OrderedDict()
-        self._static: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.workflows = WorkflowMemory(self.config.call_log_size)
         if self.config.tiers.prefetch and self.policy.keeps_kv:
             on_cpu = self.adapter.device.type == "cpu"  # share the cores only between calls
             turn = (lambda: self._turns) if on_cpu else nullcontext
@@ -189,19 +187,16 @@ class Engine:
         ttl: float | None = None,
     ) -> Hint:
         """Tell the cache which agent of ``session`` runs now, which run next (in order) and
-        which will not run again (``kvshare.hints``). Hints never change outputs; for now they
-        are recorded (``hints()``, ``stats().hints``) for the tiered store to act on.
+        which will not run again (``kvshare.hints``). Hints never change outputs: they feed the
+        scheduler (what the tiered store keeps up), start a prefetch of the next agents'
+        segments and static prompts, and are recorded (``hints()``, ``stats().hints``).
         ScopeError / ConfigError for bad ids, names or ttl; nothing recorded then."""
         h = make_hint(session, running, next, release, ttl)
         self.hint_log.add(h)
         self.scheduler.observe(h)
-        if h.running is not None:  # who reads what it writes (``record_call``)
-            self._next[(session, h.running)] = h.next
-            self._next.move_to_end((session, h.running))
-            while len(self._next) > self.config.call_log_size:
-                self._next.popitem(last=False)
+        self.workflows.observe(h)
         if self.prefetcher is not None and h.next:
-            static = [self._static[(session, a)] for a in h.next if (session, a) in self._static]
+            static = self.workflows.static(session, h.next)
             warm = [partial(self.precompute, m, session=session) for m in static]
             self.prefetcher.request(session, [(session, a) for a in h.next], warm)
         return h
@@ -221,49 +216,24 @@ class Engine:
             self.config, self.tokenizer, self.loaded.context_length, messages,
             agent=agent, session=session, tenant=tenant, max_new_tokens=1,
         )  # fmt: skip
-        parts = self.parts
         with self._turns:
-            planned = pipeline.plan(parts, req.scope, req.prompt)
-            if sum(kv.length for kv in planned.prefix) >= len(req.prompt) - 1:  # cached already
-                parts.segments.release(r.segment.key for r in planned.runs)
-                return len(req.prompt)
-            try:
-                asm = pipeline.assemble_prompt(parts, len(req.prompt), planned)
-            finally:
-                parts.segments.release(r.segment.key for r in planned.runs)
-            state = self.learned.get(req.scope)
-            ests = pipeline.estimate(parts, req, asm, state)
-            pre = pipeline.prefill(parts, req, asm, ests, pipeline.choose(parts, asm, ests, state))
-            check_finite("the KV of a precomputed prompt", pre.kv.keys, pre.kv.values)
-            pipeline.remember(parts, req, [0], pre.kv)  # the placeholder reply token: no KV
+            pipeline.precompute(self.parts, req, self.learned.get(req.scope))
         return len(req.prompt)
 
     def register_static(self, session: str, agent: str, messages: Any) -> None:
         """``agent``'s static prompt in ``session`` (its system prompt and tool block): when a
         hint names it as next, the prefetcher precomputes it (``precompute``) in the gap."""
-        self._static[(session, agent)] = messages
-        self._static.move_to_end((session, agent))
-        while len(self._static) > self.config.call_log_size:
-            self._static.popitem(last=False)
+        self.workflows.set_static(session, agent, messages)
 
     def register_workflow(self, session: str, workflow: Any) -> None:
         """The step graph ``session`` runs (a networkx graph, a LangGraph graph, an order
         list or a successors mapping): steps-to-execution for eviction (``kvshare.schedule``)."""
         self.scheduler.register(session, workflow)
-        self._workflows[session] = id(workflow)
-        self._workflows.move_to_end(session)
-        while len(self._workflows) > self.scheduler.config.max_sessions:
-            self._workflows.popitem(last=False)
-
-    def _readers(self, session: str | None, agent: str | None) -> tuple[str, ...]:
-        """The agents the last hint said run after ``agent`` (they read what it writes)."""
-        if session is None or agent is None:
-            return ()
-        return self._next.get((session, agent), ())
+        self.workflows.set_graph(session, workflow)
 
     def knows_workflow(self, session: str, workflow: Any) -> bool:
         """Whether ``workflow`` (the same object) is registered for ``session``."""
-        return self._workflows.get(session) == id(workflow)
+        return self.workflows.has_graph(session, workflow)
 
     def hints(self, session: str | None = None) -> list[Hint]:
         """The most recent hints (at most ``call_log_size``), of ``session`` or all."""
@@ -392,7 +362,7 @@ class Engine:
             check_finite("the KV of this call", dec.kv.keys, dec.kv.values)
             text = self.tokenizer.decode(dec.tokens, skip_special_tokens=True)
             wrote = pipeline.remember(parts, req, dec.tokens, dec.kv)
-            readers = self._readers(req.session, req.agent)
+            readers = self.workflows.readers(req.session, req.agent)
             parts.segments.record_call(keys, wrote, (req.session, req.agent), readers)
         with clock.stage("shadow"):
             fidelity = pipeline.shadow(parts, req, state, pre, dec.tokens) if req.shadow else {}

@@ -243,6 +243,22 @@ def remember(parts: Parts, req: Request, tokens: list[int], kv: KV) -> StoreKey 
     return trace.key if parts.segments.put(trace) else None
 
 
+def precompute(parts: Parts, req: Request, state: ScopeState) -> None:
+    """Prefill ``req``'s prompt and keep it (``remember``) without a reply: an agent's static
+    prompt made ready before its turn. A prompt already cached is left as it is."""
+    planned = plan(parts, req.scope, req.prompt)
+    try:
+        if sum(kv.length for kv in planned.prefix) >= len(req.prompt) - 1:
+            return
+        asm = assemble_prompt(parts, len(req.prompt), planned)
+    finally:
+        parts.segments.release(r.segment.key for r in planned.runs)
+    ests = estimate(parts, req, asm, state)
+    pre = prefill(parts, req, asm, ests, choose(parts, asm, ests, state))
+    check_finite("the KV of a precomputed prompt", pre.kv.keys, pre.kv.values)
+    remember(parts, req, [0], pre.kv)  # a placeholder reply token, never fed: no KV
+
+
 def shadow(
     parts: Parts, req: Request, state: ScopeState, pre: Prefilled, tokens: list[int]
 ) -> dict[str, Any]:

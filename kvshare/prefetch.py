@@ -10,7 +10,9 @@ copy on 2 cores would otherwise slow the running call.
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any
@@ -37,6 +39,8 @@ class Prefetcher:
         self._busy = False  # a popped request is being worked on
         self.promoted = 0
         self.warmed = 0
+        # a worker killed mid-copy at interpreter exit aborts the process: stop it first
+        atexit.register(_close_at_exit, weakref.ref(self))
         self.requests = 0
 
     def request(
@@ -93,7 +97,17 @@ class Prefetcher:
         with self._cond:
             return self._cond.wait_for(lambda: not self._wanted and not self._busy, timeout)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker and wait for it (it finishes the segment it is moving)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+
+def _close_at_exit(ref: weakref.ref[Prefetcher]) -> None:
+    found = ref()
+    if found is not None:
+        found.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -177,3 +178,34 @@ def test_concurrent_puts_matches_and_prefetches_keep_every_invariant():
 def test_a_tiered_store_needs_a_tier():
     with pytest.raises(ValueError):
         TieredStore([])
+
+
+class SlowTier(MemoryTier):
+    """A lower tier whose loads take ``delay`` seconds (a disk stand-in)."""
+
+    delay = 0.04
+
+    def get(self, key, tokens):
+        time.sleep(self.delay)
+        return super().get(key, tokens)
+
+
+def test_a_demand_load_preempts_a_prefetch_after_at_most_one_segment():
+    from kvshare.prefetch import Prefetcher
+
+    slow = SlowTier("disk", "cpu", 1000 * TOKEN_BYTES)
+    wanted, other = segs(12), segs(1, base=50_000)[0]
+    for s in (*wanted, other):
+        slow.put(s)
+    store = TieredStore([MemoryTier("device", "cpu", 1000 * TOKEN_BYTES), slow])
+    assert all(store.tier_of(s.key) == "disk" for s in wanted)  # adopted from the tier
+    store.used_by([s.key for s in wanted], ("s", "next"))
+    prefetcher = Prefetcher(store)
+    prefetcher.request("s", [("s", "next")])
+    time.sleep(SlowTier.delay * 1.5)  # the worker is inside its first or second segment
+    got = store.get(other.scope, other.content_hash, other.tokens)
+    # served between two prefetched segments, not after the whole prefetch
+    assert got is not None and prefetcher.promoted < len(wanted) - 2
+    assert prefetcher.drain() and prefetcher.promoted == len(wanted)
+    assert store.demand_misses["disk"] == 1
+    prefetcher.close()
