@@ -336,6 +336,17 @@ class TieredStore(SegmentStore):
             hit = [e for e in self._entries.values() if e.users & wanted]
             return [e.key for e in sorted(hit, key=self._rank, reverse=True)]
 
+    def placement(self) -> dict[StoreKey, tuple[str, int]]:
+        """Every segment's tier and bytes (for checks and reports)."""
+        with self._lock:
+            return {k: (self.tiers[e.tier].name, e.nbytes) for k, e in self._entries.items()}
+
+    @property
+    def leased(self) -> int:
+        """Segments leased now (a call is reading them)."""
+        with self._lock:
+            return len(self._leases)
+
     def tier_of(self, key: StoreKey) -> str | None:
         with self._lock:
             e = self._entries.get(key)

@@ -1,8 +1,15 @@
-"""Builders shared by tests: team messages and a fingerprint of everything an engine holds."""
+"""Builders shared by tests: team messages, a fingerprint of everything an engine holds,
+small stored segments, and a thread runner."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
+from kvshare.kernels import KV
+
+from kvshare.prompt import token_hash
+from kvshare.store import StoredSegment
 
 DOC = "The lighthouse keeper counted ships every night and wrote each name in a ledger. " * 4
 
@@ -63,3 +70,22 @@ def run_threads(work: Any, n: int = 4) -> list[BaseException]:
     for t in threads:
         t.join()
     return errors
+
+
+TOKEN_BYTES = 2 * 2 * 1 * 4 * 4  # keys+values, L=2, H=1, D=4, fp32
+
+
+def kv_for(ids: Any, fill: float | None = None) -> KV:
+    """KV [2, 1, n, 4] whose keys hold each token id (values: id + 0.5), or ``fill``."""
+    n = len(ids)
+    base = torch.tensor(ids, dtype=torch.float32).reshape(1, 1, n, 1).expand(2, 1, n, 4)
+    t = base.clone() if fill is None else torch.full((2, 1, n, 4), fill)
+    return KV(t, t + 0.5)
+
+
+def seg(tokens: Any, scope: Any = "t:", chash: str | None = None) -> StoredSegment:
+    """A stored prompt segment of ``tokens`` in ``scope`` (content hash of the tokens)."""
+    tokens = tuple(tokens)
+    return StoredSegment(
+        scope, chash or token_hash(tokens), tokens, kv_for(tokens), "prompt", "user", None, 0
+    )

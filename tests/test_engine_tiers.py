@@ -90,7 +90,7 @@ def test_workflow_eviction_keeps_the_next_agents_trace_where_lru_demotes_it(tiny
         for i in (1, 2, 3):
             e.hint("s", running=f"agent{i}")
             e.chat(team(f"agent{i}", docs[i]), agent=f"agent{i}", session="s", max_new_tokens=4)
-        first = [k for k, v in e.segments._entries.items() if ("s", "agent0") in v.users]
+        first = e.segments.keys_used_by([("s", "agent0")])
         kept[eviction] = e.segments.tier_of(first[0]), e.scheduler.steps("s", "agent0")
     assert kept == {"workflow": ("device", 1), "lru": ("host", float("inf"))}
 
@@ -103,7 +103,7 @@ def test_a_hint_prefetches_the_next_agents_traces_before_they_run(tiny_dirs):
     for i, doc in enumerate(DOCS):
         e.chat(team(f"agent{i}", doc), agent=f"agent{i}", session="s", max_new_tokens=4)
     store = e.segments
-    key = next(k for k, v in store._entries.items() if ("s", "agent0") in v.users)
+    key = store.keys_used_by([("s", "agent0")])[0]
     assert store.tier_of(key) == "host"
     e.hint("s", running="agent3", next=["agent0"], release=["agent1", "agent2"])
     assert e.prefetcher is not None and e.prefetcher.drain()

@@ -5,27 +5,11 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvshare.kernels import KV
 
 from kvshare.prompt import token_hash
 from kvshare.radix import RadixCache
-from kvshare.store import LRUSegmentStore, NullSegmentStore, StoredSegment
-
-TOKEN_BYTES = 2 * 2 * 1 * 4 * 4  # keys+values, L=2, H=1, D=4, fp32
-
-
-def kv_for(ids, fill: float | None = None) -> KV:
-    n = len(ids)
-    base = torch.tensor(ids, dtype=torch.float32).reshape(1, 1, n, 1).expand(2, 1, n, 4)
-    t = base.clone() if fill is None else torch.full((2, 1, n, 4), fill)
-    return KV(t, t + 0.5)
-
-
-def seg(tokens, scope="t:", chash=None) -> StoredSegment:
-    tokens = tuple(tokens)
-    return StoredSegment(
-        scope, chash or token_hash(tokens), tokens, kv_for(tokens), "prompt", "user", None, 0
-    )
+from kvshare.store import LRUSegmentStore, NullSegmentStore
+from tests.factories import TOKEN_BYTES, kv_for, seg
 
 
 def test_lru_budget_and_eviction_order():

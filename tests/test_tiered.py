@@ -11,8 +11,7 @@ import torch
 from kvshare.store import LRUSegmentStore
 from kvshare.tiered import TieredStore
 from kvshare.tiers import MemoryTier, NullTier
-from tests.factories import run_threads
-from tests.test_store import TOKEN_BYTES, seg
+from tests.factories import TOKEN_BYTES, run_threads, seg
 
 
 def stack(device_tokens: int, host_tokens: int, priority=None) -> TieredStore:
@@ -165,14 +164,13 @@ def test_concurrent_puts_matches_and_prefetches_keep_every_invariant():
                 store.prefetch([s.key])
 
     assert run_threads(worker) == []
+    where = store.placement()
     for tier in store.tiers:
         assert tier.bytes_used <= tier.budget_bytes
-        assert tier.bytes_used == sum(
-            e.nbytes for e in store._entries.values() if store.tiers[e.tier] is tier
-        )
-    assert not store._leases
+        assert tier.bytes_used == sum(n for name, n in where.values() if name == tier.name)
+    assert store.leased == 0
     placed = [k for t in store.tiers for k in t.keys()]  # noqa: SIM118 (a tier is no dict)
-    assert sorted(placed, key=str) == sorted(store._entries, key=str)  # each in one tier
+    assert sorted(placed, key=str) == sorted(where, key=str)  # each in exactly one tier
 
 
 def test_a_tiered_store_needs_a_tier():
