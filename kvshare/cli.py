@@ -149,10 +149,23 @@ def _tiers(args: argparse.Namespace, engine) -> int:
     from kvshare.bench import tiers
     from kvshare.bench.harness import machine_description
 
-    wl = _synthetic(args, engine, default_items=6)
     fractions = [float(x) for x in args.fractions.split(",") if x.strip()]
     if not fractions or min(fractions) <= 0:
         raise KVShareError(f"--fractions wants positive shares like 0.25,0.5; got {args.fractions}")
+    if args.team:
+        from kvshare.agents.teams import get_team
+
+        team = get_team(args.team)
+        items = team.items(args.items or team.default_items, args.item_offset)
+        total, rows = tiers.team_pressure(engine, team, items, fractions[0])
+        text = f"Team `{team.name}`, {len(items)} item(s).\n" + tiers.markdown(
+            total, rows, machine_description(engine), over="every call"
+        )
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"tiers-team-{team.name}.md").write_text(text)
+        print(text)
+        return 0
+    wl = _synthetic(args, engine, default_items=6)
     total, rows, timelines = tiers.measure(engine, wl, fractions, gap_s=args.gap_ms / 1000)
     warm = tiers.precompute_gain(engine, wl)
     out = Path(args.out)
@@ -342,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--gap-ms", type=float, default=50.0, help="tiers: time between two agents' turns"
+    )
+    bench.add_argument(
+        "--team",
+        choices=TEAMS,
+        default=None,
+        help="tiers: run a reference team under pressure (first --fractions share) instead",
     )
     bench.add_argument("--out", default="bench-out", help="directory for JSON/markdown/PNG")
     bench.set_defaults(func=cmd_bench)

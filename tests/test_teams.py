@@ -212,3 +212,15 @@ def test_rag_team_on_the_real_model_reuses_earlier_agents_kv(real_engine):
     assert all(c.relocated_tokens + c.prefix_hit_tokens > 0 for c in later)
     assert sum(c.computed_tokens for c in later) < 0.5 * sum(c.prompt_tokens for c in later)
     assert 0.0 <= run.score <= 100.0 and run.answers[0]
+
+
+def test_a_team_under_memory_pressure_gives_the_same_answers_per_policy(tiny_dirs):
+    from kvshare import Engine
+    from kvshare.bench.tiers import team_pressure
+
+    engine = Engine.from_pretrained(str(tiny_dirs["llama"]))
+    team = RagTeam(n_passages=1, max_checks=0)
+    total, rows = team_pressure(engine, team, team.items(2), fraction=0.3)
+    assert total > 0 and [r.policy for r in rows] == ["workflow", "lru"]
+    assert all(r.same_outputs and r.device_bytes == int(0.3 * total) for r in rows)
+    assert all(sum(r.moved_bytes.values()) > 0 for r in rows)  # the disk tier was used

@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 from tqdm.auto import tqdm
@@ -176,10 +177,12 @@ def measure(
     return total, rows, timelines
 
 
-def markdown(total: int, rows: list[TierRow], machine: str) -> str:
+def markdown(
+    total: int, rows: list[TierRow], machine: str, over: str = "every call after the first item"
+) -> str:
     lines = [
         f"Working set {total / 2**20:.0f} MiB of traces; device tier = share of it, disk tier "
-        f"below. Machine: {machine}. TTFT over every call after the first item.",
+        f"below. Machine: {machine}. TTFT over {over}.",
         "",
         "| device tier | policy | mean TTFT (s) | p95 TTFT (s) | vs LRU (mean) | token reuse | "
         "demand misses | prefetched | bytes moved (MiB) | same outputs as workflow |",
@@ -297,3 +300,34 @@ def warm_markdown(rows: list[WarmRow], mode: str) -> str:
             f"{'yes' if r.same_output else 'no'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def team_pressure(
+    base: Engine, team: Any, items: Sequence[Any], fraction: float = 0.25
+) -> tuple[int, list[TierRow]]:
+    """A reference team (wrapped LangGraph graph: its calls hint the engine) under memory
+    pressure: the device tier at ``fraction`` of the team's working set, a disk tier below,
+    workflow policy + prefetch vs LRU without prefetch, ``kvshare`` mode, radix cache off."""
+    from kvshare.agents.teams.base import run_team
+
+    def fork(policy: str, device: int, disk: str | None) -> Engine:
+        return _fork(base, policy, device, disk)
+
+    probe = fork("workflow", 1 << 40, None)
+    run_team(probe, team, items)
+    total = int(probe.segments.bytes_used)
+    device = max(1, int(fraction * total))
+    rows, reference = [], None
+    for policy in ("workflow", "lru"):
+        disk = tempfile.mkdtemp(prefix="kvshare-team-tiers-")
+        try:
+            engine = fork(policy, device, disk)
+            run = run_team(engine, team, items)
+        finally:
+            shutil.rmtree(disk, ignore_errors=True)
+        reference = run.answers if reference is None else reference
+        calls = list(run.calls)
+        rows.append(_row(policy, fraction, device, engine, calls, run.answers == reference, 0))
+        if engine.prefetcher is not None:
+            engine.prefetcher.close()
+    return total, rows
