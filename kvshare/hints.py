@@ -2,9 +2,10 @@
 
 ``Engine.hint(session, running=..., next=[...], release=[...], ttl=...)`` is the in-process
 form of vLLM's agent-hint RFC and SGLang's agent hints. Hints only order work and memory;
-they never change outputs. Until the tiered store lands they are recorded (the last
-``EngineConfig.call_log_size`` hints per engine) and counted in ``SessionStats.hints``; the
-tiered-store issue makes them act.
+they never change outputs. They are recorded (the last ``EngineConfig.call_log_size`` hints
+per engine, counted in ``SessionStats.hints``) and act on memory: the scheduler ranks stored
+segments by the steps until their agents run (``kvshare.schedule``), and a hint's ``next``
+starts a prefetch of those agents' segments and static prompts (``kvshare.prefetch``).
 """
 
 from __future__ import annotations
