@@ -251,7 +251,8 @@ class Engine:
         )
 
     def reset(self) -> None:
-        """Drop every stored KV, everything learned and every recorded statistic."""
+        """Drop every stored KV (in every tier: a disk tier's files too), everything learned
+        and every recorded statistic."""
         with self._turns:
             self.prefix_cache.clear()
             self.segments.clear()
