@@ -91,6 +91,7 @@ class TieredStore(SegmentStore):
         self._entries: dict[StoreKey, _Entry] = {}
         self._index = WindowIndex()
         self._leases: Counter[StoreKey] = Counter()
+        self._by_user: dict[User, set[StoreKey]] = {}  # user -> keys it uses (its entries)
         self._lock = threading.RLock()
         self._tick = 0
         self.moves: Counter[tuple[str, str]] = Counter()
@@ -149,8 +150,26 @@ class TieredStore(SegmentStore):
 
     def _drop(self, e: _Entry) -> None:
         self.tiers[e.tier].remove(e.key)
+        self._forget(e)
+
+    def _forget(self, e: _Entry) -> None:
+        """Drop ``e`` from the index, the entries and its users' sets (no tier touched)."""
         self._index.remove(e.key, e.tokens)
         del self._entries[e.key]
+        for user in list(e.users):
+            self._unlink(e, user)
+
+    def _link(self, e: _Entry, user: User) -> None:
+        e.users.add(user)
+        self._by_user.setdefault(user, set()).add(e.key)
+
+    def _unlink(self, e: _Entry, user: User) -> None:
+        e.users.discard(user)
+        keys = self._by_user.get(user)
+        if keys is not None:
+            keys.discard(e.key)
+            if not keys:
+                del self._by_user[user]
 
     # --- moving ------------------------------------------------------------------------
 
@@ -184,15 +203,21 @@ class TieredStore(SegmentStore):
         self.evictions += 1
         self._drop(e)
 
-    def _promote(self, e: _Entry, kind: str, keep: tuple[Any, ...] | None = None) -> bool:
-        """Move ``e`` up to the top tier. Its copy below is taken out first, so the room it
-        frees can take what the top tier demotes (a swap); put back when the top tier cannot
-        make room (evicted if even that fails)."""
-        src = e.tier
-        seg = self.tiers[src].get(e.key, e.tokens)
-        if seg is None:  # lost below (a corrupt file): a miss, and forgotten
+    def _load(self, e: _Entry) -> StoredSegment | None:
+        """``e``'s segment from its tier (one read; a disk tier verifies it); a segment lost
+        below (a corrupt file) is a miss, and forgotten."""
+        seg = self.tiers[e.tier].get(e.key, e.tokens)
+        if seg is None:
             self._drop(e)
-            return False
+        return seg
+
+    def _promote(
+        self, e: _Entry, seg: StoredSegment, kind: str, keep: tuple[Any, ...] | None = None
+    ) -> bool:
+        """Move ``e`` (``seg``, read from its tier) up to the top tier. Its copy below is taken
+        out first, so the room it frees can take what the top tier demotes (a swap); put back
+        when the top tier cannot make room (evicted if even that fails)."""
+        src = e.tier
         self.tiers[src].remove(e.key)
         self._leases[e.key] += 1  # in flight: no demotion may pick it
         try:
@@ -206,8 +231,7 @@ class TieredStore(SegmentStore):
         if not self.tiers[src].put(seg):
             self._event("evict", e, src, None)
             self.evictions += 1
-            self._index.remove(e.key, e.tokens)
-            del self._entries[e.key]
+            self._forget(e)
         return False
 
     def _resolve(self, e: _Entry) -> StoredSegment | None:
@@ -217,12 +241,10 @@ class TieredStore(SegmentStore):
             self.hits[self.tiers[0].name] += 1
             return self.tiers[0].get(e.key, e.tokens)
         self.demand_misses[self.tiers[e.tier].name] += 1
-        src = e.tier
-        seg = self.tiers[src].get(e.key, e.tokens)
+        seg = self._load(e)
         if seg is None:
-            self._drop(e)
             return None
-        if self._promote(e, "promote"):
+        if self._promote(e, seg, "promote"):
             return self.tiers[0].get(e.key, e.tokens)
         device = getattr(self.tiers[0], "device", seg.kv.keys.device)
         return replace(seg, kv=kv_to(seg.kv, device))
@@ -292,7 +314,7 @@ class TieredStore(SegmentStore):
             for key in keys:
                 e = self._entries.get(key)
                 if e is not None:
-                    e.users.add(user)
+                    self._link(e, user)
 
     def record_call(
         self,
@@ -307,14 +329,14 @@ class TieredStore(SegmentStore):
         used = {*read, *([wrote] if wrote is not None else [])}
         with self._lock:
             if user[1] is not None:
-                for e in self._entries.values():
-                    if user in e.users and e.key not in used:
-                        e.users.discard(user)
+                for key in self._by_user.get(user, set()) - used:
+                    self._unlink(self._entries[key], user)
             for key in used:
                 if (entry := self._entries.get(key)) is not None:
-                    entry.users.add(user)
+                    self._link(entry, user)
             if wrote is not None and (entry := self._entries.get(wrote)) is not None:
-                entry.users.update((user[0], r) for r in readers)
+                for reader in readers:
+                    self._link(entry, (user[0], reader))
 
     def prefetch(self, keys: Iterable[StoreKey]) -> int:
         """Promote ``keys`` to the top tier, displacing only segments that sort before each
@@ -326,14 +348,15 @@ class TieredStore(SegmentStore):
                 e = self._entries.get(key)
                 if e is None or e.tier == 0:
                     continue
-                moved += self._promote(e, "prefetch", keep=self._rank(e))
+                seg = self._load(e)
+                moved += seg is not None and self._promote(e, seg, "prefetch", self._rank(e))
         return moved
 
     def keys_used_by(self, users: Iterable[User]) -> list[StoreKey]:
         """Keys of the segments any of ``users`` used, highest priority first."""
-        wanted = set(users)
         with self._lock:
-            hit = [e for e in self._entries.values() if e.users & wanted]
+            keys = set().union(*(self._by_user.get(u, set()) for u in users))
+            hit = [self._entries[k] for k in keys]
             return [e.key for e in sorted(hit, key=self._rank, reverse=True)]
 
     def placement(self) -> dict[StoreKey, tuple[str, int]]:
@@ -375,6 +398,7 @@ class TieredStore(SegmentStore):
             self._entries.clear()
             self._index.clear()
             self._leases.clear()
+            self._by_user.clear()
 
 
 def weights_digest(model: Any) -> str:

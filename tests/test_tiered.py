@@ -50,6 +50,10 @@ def test_the_bottom_tier_evicts_and_an_evicted_segment_is_gone_from_matching():
     assert store.tier_of(b.key) == "device" and store.tier_of(c.key) == "host"  # a swap
     kinds = [e.kind for e in store.events]
     assert kinds.count("evict") == 1 and kinds.count("demote") == 3
+    store.used_by([b.key, c.key], ("s", "x"))
+    store.put(seg(range(7000, 7020)))
+    store.put(seg(range(8000, 8020)))  # b and c go down and out
+    assert set(store.keys_used_by([("s", "x")])) == {k for k in (b.key, c.key) if k in store}
 
 
 def test_single_tier_lru_equals_the_lru_store_on_a_random_trace():
@@ -207,3 +211,19 @@ def test_a_demand_load_preempts_a_prefetch_after_at_most_one_segment():
     assert prefetcher.drain() and prefetcher.promoted == len(wanted)
     assert store.demand_misses["disk"] == 1
     prefetcher.close()
+
+
+def test_a_demand_miss_reads_the_lower_tier_once():
+    class Counting(MemoryTier):
+        reads = 0
+
+        def get(self, key, tokens):
+            Counting.reads += 1
+            return super().get(key, tokens)
+
+    below = Counting("disk", "cpu", 100 * TOKEN_BYTES)
+    a = segs(1)[0]
+    below.put(a)
+    store = TieredStore([MemoryTier("device", "cpu", 100 * TOKEN_BYTES), below])
+    assert store.get(a.scope, a.content_hash, a.tokens) is not None
+    assert Counting.reads == 1 and store.tier_of(a.key) == "device"
