@@ -152,21 +152,15 @@ def _tiers(args: argparse.Namespace, engine) -> int:
     fractions = [float(x) for x in args.fractions.split(",") if x.strip()]
     if not fractions or min(fractions) <= 0:
         raise KVShareError(f"--fractions wants positive shares like 0.25,0.5; got {args.fractions}")
+    lowers = [x.strip() for x in args.lowers.split(",") if x.strip()]
+    if not lowers or set(lowers) - set(tiers.LOWERS):
+        raise KVShareError(f"--lowers wants some of {','.join(tiers.LOWERS)}; got {args.lowers}")
     if args.team:
-        from kvshare.agents.teams import get_team
-
-        team = get_team(args.team)
-        items = team.items(args.items or team.default_items, args.item_offset)
-        total, rows = tiers.team_pressure(engine, team, items, fractions[0])
-        text = f"Team `{team.name}`, {len(items)} item(s).\n" + tiers.markdown(
-            total, rows, machine_description(engine), over="every call"
-        )
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"tiers-team-{team.name}.md").write_text(text)
-        print(text)
-        return 0
+        return _team_tiers(args, engine, fractions[0], lowers)
     wl = _synthetic(args, engine, default_items=6)
-    total, rows, timelines = tiers.measure(engine, wl, fractions, gap_s=args.gap_ms / 1000)
+    total, rows, timelines = tiers.measure(
+        engine, wl, fractions, gap_s=args.gap_ms / 1000, lowers=lowers
+    )
     warm = tiers.precompute_gain(engine, wl)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -180,6 +174,31 @@ def _tiers(args: argparse.Namespace, engine) -> int:
             f"workflow policy, device tier {fraction:.0%} of the working set: calls and tier events"
         )
         tiers.plot_timeline(timeline, out / name, title)
+    print(text)
+    return 0
+
+
+def _team_tiers(args: argparse.Namespace, engine, fraction: float, lowers: list[str]) -> int:
+    """A reference team under memory pressure, and its agents' first calls with their static
+    prompts precomputed (ahead of the run, and live by the prefetcher) vs not."""
+    from kvshare.agents.teams import get_team
+    from kvshare.bench import team_tiers, tiers
+    from kvshare.bench.harness import machine_description
+
+    team = get_team(args.team)
+    items = team.items(args.items or team.default_items, args.item_offset)
+    total, rows = team_tiers.team_pressure(engine, team, items, fraction, lowers)
+    text = f"Team `{team.name}`, {len(items)} item(s).\n\n" + tiers.markdown(
+        total, rows, machine_description(engine), over="every call"
+    )
+    for mode in ("prefix", "kvshare"):
+        gain = team_tiers.precompute_gain(engine, team, items, mode)
+        text += "\n" + tiers.warm_markdown(gain, mode, "ahead of the run")
+    live, cold_s, live_s = team_tiers.live_prefetch(engine, team, items)
+    text += "\n" + tiers.warm_markdown(live, "kvshare", "by the prefetcher during the run")
+    text += f"\nWall time of the run: prefetcher off {cold_s:.1f} s, on {live_s:.1f} s.\n"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"tiers-team-{team.name}.md").write_text(text)
     print(text)
     return 0
 
@@ -355,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--gap-ms", type=float, default=50.0, help="tiers: time between two agents' turns"
+    )
+    bench.add_argument(
+        "--lowers",
+        default="disk,none",
+        help="tiers: what sits below the device tier (disk: misses load; none: they recompute)",
     )
     bench.add_argument(
         "--team",

@@ -91,7 +91,7 @@ class Engine:
             on_cpu = self.adapter.device.type == "cpu"  # share the cores only between calls
             turn = (lambda: self._turns) if on_cpu else nullcontext
             tiered = self.segments if isinstance(self.segments, TieredStore) else None
-            self.prefetcher = Prefetcher(tiered, turn)
+            self.prefetcher = Prefetcher(tiered, turn, overlap=not on_cpu)
 
     def _segment_store(self) -> SegmentStore:
         """The trace store: an LRU store, or a tiered one (``TiersConfig``) whose order comes
@@ -169,8 +169,12 @@ class Engine:
         )
         if on_token is not None and not callable(on_token):
             raise ConfigError(f"on_token must be callable (token id -> None), got {on_token!r}")
-        with self._turns:
-            return self._call(req, on_token)
+        try:
+            with self._turns:
+                return self._call(req, on_token)
+        finally:  # the gap after a call: what the session's last hint parked starts now
+            if self.prefetcher is not None:
+                self.prefetcher.call_ended(req.session)
 
     def stats(self, session: str | None = None, agent: str | None = None) -> SessionStats:
         """Aggregate CallStats over every call (or those of ``session`` / ``agent``), and the
@@ -198,7 +202,8 @@ class Engine:
         if self.prefetcher is not None and h.next:
             static = self.workflows.static(session, h.next)
             warm = [partial(self.precompute, m, session=session) for m in static]
-            self.prefetcher.request(session, [(session, a) for a in h.next], warm)
+            users = [(session, a) for a in h.next]
+            self.prefetcher.request(session, users, warm, after_call=h.running is not None)
         return h
 
     def precompute(

@@ -6,6 +6,12 @@ one segment at a time, so a demand load waits for at most one segment's move and
 never waits for a prefetch of another agent. On a CPU-only engine the worker moves a
 segment only inside a turn on the model (``kvshare.turns``), between calls: a background
 copy on 2 cores would otherwise slow the running call.
+
+A hint that names the agent running now comes right before that agent's call, so what it
+asks for is parked until a call of its session ends (:meth:`Prefetcher.call_ended`): the
+precompute of the next agents' prompts (a prefill, which takes the model's turn) and, on a
+CPU-only engine, the segment moves too, would otherwise queue for the model ahead of the
+very call the hint announced. On CUDA the moves start at once (they overlap the call).
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ class Prefetcher:
         self,
         store: TieredStore | None,
         turn: Callable[[], AbstractContextManager[Any]] = nullcontext,
+        overlap: bool = False,
     ) -> None:
-        self.store, self.turn = store, turn
+        self.store, self.turn, self.overlap = store, turn, overlap
         # session -> (users, precompute jobs); the latest request of a session wins
         self._wanted: dict[str, tuple[list[User], list[Callable[[], Any]]]] = {}
+        self._parked: dict[str, tuple[list[User], list[Callable[[], Any]]]] = {}
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -44,22 +52,46 @@ class Prefetcher:
         self.requests = 0
 
     def request(
-        self, session: str, users: Iterable[User], warm: Iterable[Callable[[], Any]] = ()
+        self,
+        session: str,
+        users: Iterable[User],
+        warm: Iterable[Callable[[], Any]] = (),
+        after_call: bool = False,
     ) -> None:
         """Prefetch for ``users`` of ``session`` and run the ``warm`` jobs (precomputing the
         next agents' static prompts; each takes its own turn on the model), replacing that
-        session's pending request."""
+        session's pending request. ``after_call``: a call of ``session`` is about to run;
+        park what would take the model's turn until it ends (``call_ended``)."""
+        users, warm = list(users), list(warm)
         with self._cond:
             if self._closed:
                 return
-            self._wanted[session] = (list(users), list(warm))
             self.requests += 1
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, daemon=True, name="kvshare-prefetch"
-                )
-                self._thread.start()
-            self._cond.notify()
+            if not after_call:
+                self._start(session, users, warm)
+            elif self.overlap:  # moves overlap the call; the prefill waits for its end
+                self._parked[session] = ([], warm)
+                self._start(session, users, [])
+            else:
+                self._parked[session] = (users, warm)
+                self._wanted.pop(session, None)
+
+    def call_ended(self, session: str | None) -> None:
+        """A call of ``session`` ended: start what its last hint parked."""
+        with self._cond:
+            parked = self._parked.pop(session, None) if session is not None else None
+            if parked is not None and session is not None and not self._closed:
+                self._start(session, *parked)
+
+    def _start(self, session: str, users: list[User], warm: list[Callable[[], Any]]) -> None:
+        """Queue a request (``_cond`` held); an empty one replaces nothing."""
+        if not users and not warm:
+            return
+        self._wanted[session] = (users, warm)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="kvshare-prefetch")
+            self._thread.start()
+        self._cond.notify()
 
     def _next(self) -> tuple[list[User], list[Callable[[], Any]]] | None:
         with self._cond:

@@ -218,8 +218,11 @@ class BaseScheduler(ABC):
       ``forget(session)``: drop all that is known of it; ``observe(hint)``: act on a hint.
     - ``steps(session, agent)``: steps until ``agent`` runs next in ``session``: 0 running
       now, ``inf`` never again or unknown.
-    - ``priority(users, last_used_tick)``: a :class:`Priority`; sorted ascending, the
-      segment to evict first comes first.
+    - ``need(session, agent)``: steps until ``agent`` needs what it used again: ``steps``,
+      except for an agent running now, whose KV in use is leased by the store: its next
+      run after this one.
+    - ``priority(users, last_used_tick)``: a :class:`Priority` by ``need``; sorted
+      ascending, the segment to evict first comes first.
     - ``pinned(segments)``: keys of the ``shared_prefix`` segments kept whatever their
       priority: most users first, while their bytes fit ``config.pin_bytes``.
     - ``eviction_order(segments)``: keys of the other segments, the first to evict first.
@@ -246,8 +249,11 @@ class BaseScheduler(ABC):
         """Whether (session, agent) counts as a user of a pinned prefix."""
         return True
 
+    def need(self, session: str, agent: str) -> float:
+        return self.steps(session, agent)
+
     def priority(self, users: Iterable[tuple[str, str]], last_used_tick: int) -> Priority:
-        steps = min((self.steps(s, a) for s, a in users), default=math.inf)
+        steps = min((self.need(s, a) for s, a in users), default=math.inf)
         return Priority(-steps, last_used_tick)
 
     def pinned(self, segments: Iterable[SegmentInfo]) -> frozenset[Hashable]:
@@ -309,13 +315,14 @@ class _Run:
     ranks_until: float | None = None
     released: dict[str, float | None] = field(default_factory=dict)  # agent -> until
     estimate: dict[str, float] | None = None
+    after: dict[str, float] | None = None  # steps from the step after the running one
 
     def advance(self, agent: str) -> None:
         """``agent`` runs now (the position rules in :class:`Scheduler`'s docstring)."""
         self.released.pop(agent, None)
         if agent in self.running:
             return
-        g, self.estimate = self.graph, None
+        g, self.estimate, self.after = self.graph, None, None
         after = {
             p for p in self.running | self.holders if _kind(g, p, agent) not in (None, "subgraph")
         }
@@ -339,7 +346,7 @@ class _Run:
             self.running.discard(agent)
             self.holders.discard(agent)
             self.done.add(agent)
-            self.estimate = None
+            self.estimate = self.after = None
 
     def steps(self, agent: str, now: float, max_loop: int) -> float:
         """running > live release > live hinted rank > the graph's estimate."""
@@ -355,6 +362,21 @@ class _Run:
             view = nx.restricted_view(g, (), cut) if cut else g
             self.estimate = steps_to_execution(view, self.running | held, self.done, max_loop)
         return self.estimate.get(agent, math.inf)
+
+    def again(self, agent: str, now: float, max_loop: int) -> float:
+        """Steps until a running ``agent`` runs after this run: 1 + its steps from the next
+        step (the running agents' successors, every branch taken), or its hinted rank."""
+        if agent in self.released and _live(self.released[agent], now):
+            return math.inf
+        if agent in self.ranks and _live(self.ranks_until, now):
+            return float(self.ranks[agent])
+        if self.after is None:
+            g = self.graph
+            nxt = {n for p in self.running & set(g) for n in g.succ[p] if _kind(g, p, n) != "join"}
+            nxt -= {END}
+            done = self.done | self.running
+            self.after = steps_to_execution(g, nxt, done, max_loop) if nxt else {}
+        return 1.0 + self.after.get(agent, math.inf)
 
 
 class Scheduler(BaseScheduler):
@@ -400,7 +422,7 @@ class Scheduler(BaseScheduler):
         graph = as_step_graph(workflow)
         with self._lock:
             run = self._run(session)
-            run.graph, run.estimate = graph, None
+            run.graph, run.estimate, run.after = graph, None, None
             if not run.running and START in graph:
                 run.running = {START}
 
@@ -429,6 +451,16 @@ class Scheduler(BaseScheduler):
             if run is None:
                 return math.inf
             return run.steps(agent, self._clock(), self.config.max_loop)
+
+    def need(self, session: str, agent: str) -> float:
+        with self._lock:
+            run = self._runs.get(session)
+            if run is None:
+                return math.inf
+            now, loops = self._clock(), self.config.max_loop
+            if agent in run.running:
+                return run.again(agent, now, loops)
+            return run.steps(agent, now, loops)
 
     def _pin_user(self, session: str, agent: str) -> bool:
         """Agents released (and not hinted back) no longer hold a prefix pinned."""

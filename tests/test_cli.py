@@ -151,8 +151,11 @@ def test_tiers_bench_cli_compares_policies_on_the_same_outputs(tiny_dirs, tmp_pa
     args += ["--agents", "3", "--prefix", "32", "--input", "48", "--output", "2"]
     assert main([*args, "--fractions", "0.3", "--gap-ms", "5", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| 30% |")]
-    assert [r.split("|")[2].strip() for r in rows] == ["workflow", "lru", "none"]
-    assert all(r.rstrip(" |").endswith(("yes", "(full mode)")) for r in rows)
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 30% |")]
+    assert [(r[2].strip(), r[3].strip()) for r in rows] == [
+        ("disk", "workflow"), ("disk", "lru"), ("none", "workflow"), ("none", "lru"), ("-", "none")
+    ]  # fmt: skip
+    assert [r[-2].strip() for r in rows[:2]] == ["yes", "yes"]  # a disk miss loads: same KV
     assert (tmp_path / "tiers.md").exists() and (tmp_path / "tiers-timeline-30.png").exists()
     assert main([*args, "--fractions", "0,1", "--out", str(tmp_path)]) == 2
+    assert main([*args, "--lowers", "tape", "--out", str(tmp_path)]) == 2

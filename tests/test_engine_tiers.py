@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from kvshare import Engine, EngineConfig
@@ -105,12 +107,35 @@ def test_a_hint_prefetches_the_next_agents_traces_before_they_run(tiny_dirs):
     store = e.segments
     key = store.keys_used_by([("s", "agent0")])[0]
     assert store.tier_of(key) == "host"
-    e.hint("s", running="agent3", next=["agent0"], release=["agent1", "agent2"])
+    e.hint("s", next=["agent0"], release=["agent1", "agent2"])  # nobody runs: at once
     assert e.prefetcher is not None and e.prefetcher.drain()
     assert store.tier_of(key) == "device" and e.prefetcher.promoted >= 1
     misses = store.demand_misses["host"]
     e.chat(team("agent0", DOCS[0]), agent="agent0", session="s", max_new_tokens=4)
     assert store.demand_misses["host"] == misses  # served from the device tier
+
+
+def test_a_hint_naming_the_running_agent_waits_for_its_call_to_end(tiny_dirs):
+    """The hint comes right before the running agent's call: what it asks for (a precompute
+    of the next agent's prompt, moves on CPU) must not queue for the model ahead of that call."""
+    e = engine(tiny_dirs, mode="prefix", segment_store_bytes=1 << 30, prefetch=True)
+    started: list[float] = []
+    real = e.precompute
+
+    def recording(*args, **kwargs):
+        started.append(time.perf_counter())
+        return real(*args, **kwargs)
+
+    e.precompute = recording  # type: ignore[method-assign]
+    e.register_static("s", "writer", [{"role": "system", "content": "You write. " + DOC}])
+    e.hint("s", running="reader", next=["writer"])
+    assert e.prefetcher is not None and e.prefetcher.drain() and started == []  # parked
+    before = time.perf_counter()
+    r = e.chat(team("reader", DOCS[0]), agent="reader", session="s", max_new_tokens=4)
+    assert e.prefetcher.drain() and len(started) == 1
+    assert started[0] > before + r.stats.ttft_s  # after the call's first token, not before
+    e.chat(team("other", DOCS[1]), agent="other", session="t", max_new_tokens=2)
+    assert e.prefetcher.drain() and len(started) == 1  # another session's call: nothing parked
 
 
 def test_bad_tier_options_are_named_errors():

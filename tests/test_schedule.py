@@ -257,8 +257,27 @@ def test_eviction_order_keeps_the_next_agent_and_drops_released_first():
         _seg("bc", [("s", "c"), ("s", "b")], tick=0),  # the nearest user counts
     ]
     assert sched.eviction_order(segs) == ["d", "gone", "c-old", "c-new", "bc", "b-old"]
-    assert sched.priority([("s", "b")], 3) < sched.priority([("s", "a")], 1)
+    assert sched.priority([("s", "a")], 1) < sched.priority([("s", "b")], 3)  # a: not again
     assert sched.priority([], 5).steps == INF
+
+
+def test_a_running_agent_needs_its_kv_again_at_its_next_run_not_now():
+    """What the running agent reads is leased by the store while it reads; for eviction it
+    counts from the agent's next run: the way round a cycle, its hinted rank, or never."""
+    sched = Scheduler()
+    sched.register("s", {"a": ["b"], "b": ["c"], "c": ["a"]})
+    sched.observe(_hint(running="a", next=["b"]))
+    assert sched.steps("s", "a") == 0 and sched.need("s", "a") == 3  # b, c, then a
+    assert sched.need("s", "b") == 1 and sched.need("s", "c") == 2
+    assert sched.priority([("s", "a")], 9) < sched.priority([("s", "c")], 0)
+    sched.observe(_hint(running="a", next=["a"]))  # it calls itself again next
+    assert sched.need("s", "a") == 1
+    sched.observe(_hint(release=["a"]))
+    assert sched.need("s", "a") == INF
+    chain = Scheduler()
+    chain.register("t", ["x", "y"])
+    chain.observe(_hint(session="t", running="x"))
+    assert chain.need("t", "x") == INF and chain.need("t", "y") == 1
 
 
 def test_lru_scheduler_is_lru_only():

@@ -216,11 +216,48 @@ def test_rag_team_on_the_real_model_reuses_earlier_agents_kv(real_engine):
 
 def test_a_team_under_memory_pressure_gives_the_same_answers_per_policy(tiny_dirs):
     from kvshare import Engine
-    from kvshare.bench.tiers import team_pressure
+    from kvshare.bench.team_tiers import team_pressure
 
     engine = Engine.from_pretrained(str(tiny_dirs["llama"]))
     team = RagTeam(n_passages=1, max_checks=0)
-    total, rows = team_pressure(engine, team, team.items(2), fraction=0.3)
+    total, rows = team_pressure(engine, team, team.items(2), fraction=0.3, lowers=("disk",))
     assert total > 0 and [r.policy for r in rows] == ["workflow", "lru"]
     assert all(r.same_outputs and r.device_bytes == int(0.3 * total) for r in rows)
     assert all(sum(r.moved_bytes.values()) > 0 for r in rows)  # the disk tier was used
+
+
+@pytest.mark.parametrize("name", TEAM_NAMES)
+def test_static_prompts_are_exact_prefixes_of_each_agents_first_call(tiny_dirs, name):
+    """Precomputed before the run, every agent's static prompt makes its first call an exact
+    prefix hit over all of it (but the generation header), and nothing else changes."""
+    from kvshare import Engine, EngineConfig
+
+    team = get_team(name)
+    items = team.items(1)
+    statics = team.static_prompts(items[0])
+    assert set(statics) == set(team.agents)
+    engine = Engine.from_pretrained(str(tiny_dirs["llama"]), config=EngineConfig(mode="prefix"))
+    sizes: dict[str, int] = {}
+
+    def before(thread: str, item: Any) -> None:
+        for agent, messages in team.static_prompts(item).items():
+            sizes[agent] = engine.precompute(messages, agent=agent, session=thread)
+
+    warm = run_team(engine, team, items, before_item=before)
+    cold = run_team(engine.fork(), team, items)
+    firsts = {c.agent: c for c in reversed(warm.calls)}
+    assert firsts and all(firsts[a].prefix_hit_tokens >= sizes[a] - 4 for a in firsts)
+    assert warm.answers == cold.answers  # prefix mode is exact
+    assert engine.stats().calls == len(warm.calls)  # a precompute is not a call
+
+
+def test_run_team_releases_each_items_agents_and_registers_static_prompts(tiny_dirs):
+    from kvshare import Engine
+
+    engine = Engine.from_pretrained(str(tiny_dirs["llama"]))
+    team = RagTeam(n_passages=1, max_checks=0)
+    run_team(engine, team, team.items(1), static=True)
+    last = engine.hints("rag-0")[-1]
+    assert last.release == team.agents and last.running is None
+    assert engine.prefetcher is not None and engine.prefetcher.drain()
+    assert engine.prefetcher.warmed >= 2  # verifier and answerer, each after the call before

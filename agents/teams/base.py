@@ -49,6 +49,13 @@ class Team(ABC):
     @abstractmethod
     def answer(self, state: Mapping[str, Any]) -> str: ...
 
+    def static_prompts(self, item: Any) -> dict[str, list[Any]]:
+        """Per agent, the messages its prompts in ``item``'s run start with that are known
+        before the run (system prompt, tool block, the item's shared context): what the
+        prefetcher may precompute before the agent's turn (``Engine.register_static``).
+        Each must render as an exact prefix of the agent's calls. None by default."""
+        return {}
+
     def describe(self, item: Any) -> str:
         """One line naming the item (for the demo)."""
         return str(getattr(item, "question", item))[:160]
@@ -97,6 +104,8 @@ def run_team(
     progress: Callable[[int], None] | None = None,
     first: int = 0,
     graph: Any = None,
+    static: bool = False,
+    before_item: Callable[[str, Any], None] | None = None,
 ) -> TeamRun:
     """Run ``team``'s graph, wrapped for ``engine``, once per item (item k on thread
     ``<team>-<first + k>``);
@@ -105,6 +114,10 @@ def run_team(
     Tasks of one superstep run one at a time (``max_concurrency=1``), so a run is
     reproducible: which parallel branch is served first decides what the other can reuse.
     ``graph``: one built by :func:`team_graph` for this engine (built here when None).
+    ``static``: register each item's :meth:`Team.static_prompts` for its thread (the
+    prefetcher precomputes them when a hint names the agent next). ``before_item(thread,
+    item)``: called before each item's run (benchmarks). After each item the thread's agents
+    are released (``Engine.hint(release=...)``): none of them runs in that thread again.
     """
     graph = graph if graph is not None else team_graph(team, engine, shadow)
     threads = [f"{team.name}-{first + k}" for k in range(len(items))]
@@ -112,7 +125,13 @@ def run_team(
     t0 = time.perf_counter()
     for thread, item in zip(threads, items, strict=True):
         config = {"configurable": {"thread_id": thread}, "max_concurrency": 1}
+        if static:
+            for agent, messages in team.static_prompts(item).items():
+                engine.register_static(thread, agent, messages)
+        if before_item is not None:
+            before_item(thread, item)
         state = graph.invoke(team.inputs(item), config)
+        engine.hint(thread, release=team.agents)
         scores.append(team.score(item, state))
         answers.append(team.answer(state))
         if progress is not None:

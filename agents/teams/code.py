@@ -184,6 +184,15 @@ class CodeTeam(Team):
         g.add_edge("fixer", END)
         return g.compile()
 
+    def static_prompts(self, item: Sequence[CodeItem]) -> dict[str, list[Any]]:
+        """Every agent's tool block and role prompt (one thread serves every problem of the
+        fan-out, so no problem text is static)."""
+        from kvshare.integrations.tools import tool_schemas, with_tools
+        from langchain_core.messages import SystemMessage
+
+        tools = tool_schemas([run_tests])
+        return {a: with_tools([SystemMessage(PREAMBLE + ROLES[a])], tools) for a in self.agents}
+
     def inputs(self, item: Sequence[CodeItem]) -> dict[str, Any]:
         return {"problems": list(item), "results": []}
 

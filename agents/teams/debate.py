@@ -114,6 +114,10 @@ class DebateTeam(Team):
         g.add_edge("judge", END)
         return g.compile()
 
+    def static_prompts(self, item: MathItem) -> dict[str, list[Any]]:
+        """Every agent's role prompt and the problem."""
+        return {a: [("system", PREAMBLE + ROLES[a]), ("user", item.question)] for a in self.agents}
+
     def inputs(self, item: MathItem) -> dict[str, Any]:
         return {"question": item.question, "round": 1, "replies": []}
 

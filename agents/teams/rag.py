@@ -132,6 +132,11 @@ class RagTeam(Team):
         g.add_edge("answerer", END)
         return g.compile()
 
+    def static_prompts(self, item: RagItem) -> dict[str, list[Any]]:
+        """Every agent's role prompt and the passages with the question."""
+        state = self.inputs(item)
+        return {a: _messages(a, state) for a in self.agents}
+
     def inputs(self, item: RagItem) -> dict[str, Any]:
         return {"question": item.question, "passages": list(item.passages)}
 

@@ -5,16 +5,20 @@ under each policy on a fresh fork of one engine, same inputs, same order:
 
 - ``workflow``: the device tier ranks segments by the steps-to-execution of the agents that
   use them (a registered cyclic order and a hint before every call) and prefetches the next
-  agent's segments from the disk tier in the gap before its turn;
+  agent's segments from the disk tier in the gap after the running agent's call;
 - ``lru``: the same tiers, least recently used first, no prefetch (a hierarchical cache);
 - ``none``: ``full`` mode, no reuse.
 
-The device tier gets a share (``fractions``) of the working set (every trace the run keeps,
-measured in a first pass with no limit); below it a disk tier holds the rest (so nothing is
-lost: both policies find the same KV and give the same outputs; what differs is how often a
-call waits for a disk load). Reuse goes through the trace store only (radix prefix cache
-off). ``gap_s`` models the time between two agents' turns (a tool, the runtime): prefetch
-uses it, demand loads cannot. TTFT: mean and p95 over every call after the first item.
+The working set is what one cycle of the workflow reads back: the largest number of trace
+bytes written by any ``n_agents`` consecutive calls, measured in a first pass with no limit
+(every agent's latest trace: its own prefix for its next turn, the shared input and the
+replies for the agents after it). The device tier gets a share (``fractions``) of it. Below
+it (``lowers``) either a disk tier holds the rest (nothing is lost: a miss is a disk load,
+both policies give the same outputs) or nothing (a segment pushed out of the device tier is
+gone: a miss is a recompute, which also changes what the call reuses). Reuse goes through the
+trace store only (radix prefix cache off). ``gap_s`` models the time between two agents'
+turns (a tool, the runtime): prefetch uses it, demand loads cannot. TTFT: mean and p95 over
+every call after the first item.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel
 from tqdm.auto import tqdm
@@ -34,13 +37,16 @@ from kvshare.bench.workloads import SyntheticWorkload
 from kvshare.engine import Engine
 from kvshare.stats import CallStats
 
-POLICIES = ("workflow", "lru", "none")
+POLICIES = ("workflow", "lru")
+LOWERS = ("disk", "none")
 
 
 class TierRow(BaseModel):
-    """One policy at one device-tier share of the working set."""
+    """One policy at one device-tier share of the working set, over one lower tier
+    (``disk`` or ``none``; ``-`` for the no-reuse row)."""
 
     policy: str
+    lower: str = "disk"
     fraction: float
     device_bytes: int
     mean_ttft_s: float
@@ -58,9 +64,10 @@ class Timeline(BaseModel):
 
     calls: list[tuple[str, float, float]]
     events: list[tuple[str, float, str, str]]  # kind, at, src, dst
+    held: list[int] = []  # trace bytes the store held after each call
 
 
-def _fork(base: Engine, policy: str, device_bytes: int, disk: str | None) -> Engine:
+def policy_engine(base: Engine, policy: str, device_bytes: int, disk: str | None) -> Engine:
     if policy == "none":
         return base.fork(mode="full")
     return base.fork(
@@ -74,16 +81,25 @@ def _fork(base: Engine, policy: str, device_bytes: int, disk: str | None) -> Eng
 
 
 def run_policy(
-    base: Engine, wl: SyntheticWorkload, policy: str, device_bytes: int, gap_s: float
+    base: Engine,
+    wl: SyntheticWorkload,
+    policy: str,
+    device_bytes: int,
+    gap_s: float,
+    lower: str = "disk",
 ) -> tuple[Engine, list[CallStats], list[str], Timeline]:
-    """The whole workflow under ``policy``; returns the engine, its calls, outputs, timeline."""
-    disk = tempfile.mkdtemp(prefix="kvshare-tiers-") if policy != "none" else None
-    engine = _fork(base, policy, device_bytes, disk)
+    """The whole workflow under ``policy`` (``workflow``, ``lru`` or ``none``) with ``lower``
+    (``disk`` or ``none``) below the device tier; returns the engine, its calls, outputs,
+    timeline. The timeline's calls are (agent, start, end) and also give, per call, the trace
+    bytes the store held after it (``held``)."""
+    use_disk = policy != "none" and lower == "disk"
+    disk = tempfile.mkdtemp(prefix="kvshare-tiers-") if use_disk else None
+    engine = policy_engine(base, policy, device_bytes, disk)
     names = [wl.agent_name(i) for i in range(wl.n_agents)]
     engine.register_workflow(
         "bench", {a: [names[(i + 1) % len(names)]] for i, a in enumerate(names)}
     )
-    calls, texts, spans = [], [], []
+    calls, texts, spans, held = [], [], [], []
     t0 = time.monotonic()
     try:
         for item in range(wl.n_items):
@@ -98,6 +114,7 @@ def run_policy(
                     max_new_tokens=wl.max_new_tokens,
                 )
                 spans.append((name, start, time.monotonic() - t0))
+                held.append(int(engine.segments.bytes_used))
                 outputs.append(r.text)
                 calls.append(r.stats)
                 texts.append(r.text)
@@ -109,16 +126,24 @@ def run_policy(
         (e.kind, e.at - t0, e.src or "", e.dst or "")
         for e in getattr(engine.segments, "events", [])
     ]
-    return engine, calls, texts, Timeline(calls=spans, events=events)
+    return engine, calls, texts, Timeline(calls=spans, events=events, held=held)
+
+
+def cycle_bytes(held: Sequence[int], cycle: int) -> int:
+    """The most bytes written by any ``cycle`` consecutive calls, from the bytes a store with
+    no limit held after each call (it only grows)."""
+    after = [0, *held]
+    return max(after[i + cycle] - after[i] for i in range(max(1, len(held) - cycle + 1)))
 
 
 def working_set(base: Engine, wl: SyntheticWorkload) -> int:
-    """Bytes of every trace the workflow keeps, with no limit (the first pass)."""
-    engine, _, _, _ = run_policy(base, wl, "workflow", 1 << 40, 0.0)
-    return int(engine.segments.bytes_used)
+    """Bytes one cycle of the workflow reads back (see the module doc), from a first pass with
+    no limit."""
+    _, _, _, timeline = run_policy(base, wl, "workflow", 1 << 40, 0.0, lower="none")
+    return cycle_bytes(timeline.held, wl.n_agents)
 
 
-def _row(
+def tier_row(
     policy: str,
     fraction: float,
     device: int,
@@ -126,6 +151,7 @@ def _row(
     calls: list[CallStats],
     same: bool,
     n_first: int,
+    lower: str = "disk",
 ) -> TierRow:
     later = [c.ttft_s for c in calls[n_first:]] or [c.ttft_s for c in calls]
     store = engine.segments
@@ -134,6 +160,7 @@ def _row(
     moved = getattr(store, "moved_bytes", {})
     return TierRow(
         policy=policy,
+        lower=lower if policy != "none" else "-",
         fraction=fraction,
         device_bytes=device,
         mean_ttft_s=statistics.fmean(later),
@@ -153,22 +180,24 @@ def measure(
     fractions: Sequence[float] = (0.25, 0.5, 1.0),
     gap_s: float = 0.05,
     progress: bool = True,
+    lowers: Sequence[str] = LOWERS,
 ) -> tuple[int, list[TierRow], dict[float, Timeline]]:
-    """Working set, one row per (fraction, policy), and the ``workflow`` timelines."""
+    """Working set, one row per (fraction, lower tier, policy) plus one ``none`` row per
+    fraction, and the ``workflow`` timelines over the first of ``lowers``. Outputs are
+    compared with the workflow policy's over the same lower tier."""
     base.fork(mode="full").chat([{"role": "user", "content": "Hello"}], max_new_tokens=2)
     total = working_set(base, wl)
+    runs = [(lower, policy) for lower in lowers for policy in POLICIES] + [("-", "none")]
     rows, timelines = [], {}
-    bar = tqdm(total=len(fractions) * len(POLICIES), desc="tiers", unit="run", disable=not progress)
+    bar = tqdm(total=len(fractions) * len(runs), desc="tiers", unit="run", disable=not progress)
     for fraction in fractions:
         device = max(1, int(fraction * total))
-        reference: list[str] | None = None
-        for policy in POLICIES:
-            engine, calls, texts, timeline = run_policy(base, wl, policy, device, gap_s)
-            reference = texts if reference is None else reference
-            rows.append(
-                _row(policy, fraction, device, engine, calls, texts == reference, wl.n_agents)
-            )
-            if policy == "workflow":
+        reference: dict[str, list[str]] = {}
+        for lower, policy in runs:
+            engine, calls, texts, timeline = run_policy(base, wl, policy, device, gap_s, lower)
+            same = texts == reference.setdefault(lower, texts)
+            rows.append(tier_row(policy, fraction, device, engine, calls, same, wl.n_agents, lower))
+            if policy == "workflow" and lower == lowers[0]:
                 timelines[fraction] = timeline
             if engine.prefetcher is not None:
                 engine.prefetcher.close()
@@ -181,20 +210,25 @@ def markdown(
     total: int, rows: list[TierRow], machine: str, over: str = "every call after the first item"
 ) -> str:
     lines = [
-        f"Working set {total / 2**20:.0f} MiB of traces; device tier = share of it, disk tier "
-        f"below. Machine: {machine}. TTFT over {over}.",
+        f"Working set {total / 2**20:.0f} MiB of traces; device tier = share of it, below it "
+        f"a disk tier or nothing. Machine: {machine}. TTFT over {over}.",
         "",
-        "| device tier | policy | mean TTFT (s) | p95 TTFT (s) | vs LRU (mean) | token reuse | "
-        "demand misses | prefetched | bytes moved (MiB) | same outputs as workflow |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| device tier | below | policy | mean TTFT (s) | p95 TTFT (s) | vs LRU (mean) | "
+        "token reuse | demand misses | prefetched | evicted | bytes moved (MiB) | "
+        "same outputs as workflow |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lru = next(x for x in rows if x.fraction == r.fraction and x.policy == "lru")
+        lru = sorted(  # the LRU row over the same lower tier (any, for the no-reuse row)
+            (x for x in rows if x.fraction == r.fraction and x.policy == "lru"),
+            key=lambda x: x.lower != r.lower,
+        )
+        ratio = f"{lru[0].mean_ttft_s / r.mean_ttft_s:.2f}×" if lru else "–"
         moved = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(r.moved_bytes.items()))
         lines.append(
-            f"| {r.fraction:.0%} | {r.policy} | {r.mean_ttft_s:.3f} | {r.p95_ttft_s:.3f} | "
-            f"{lru.mean_ttft_s / r.mean_ttft_s:.2f}× | {r.token_reuse:.1%} | {r.demand_misses} | "
-            f"{r.prefetched} | {moved or '–'} | {_same(r)} |"
+            f"| {r.fraction:.0%} | {r.lower} | {r.policy} | {r.mean_ttft_s:.3f} | "
+            f"{r.p95_ttft_s:.3f} | {ratio} | {r.token_reuse:.1%} | {r.demand_misses} | "
+            f"{r.prefetched} | {r.evictions} | {moved or '–'} | {_same(r)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -284,10 +318,10 @@ def precompute_gain(base: Engine, wl: SyntheticWorkload, mode: str = "kvshare") 
     ]
 
 
-def warm_markdown(rows: list[WarmRow], mode: str) -> str:
+def warm_markdown(rows: list[WarmRow], mode: str, when: str = "beforehand") -> str:
     lines = [
-        f"First call of each agent ({mode} mode), with and without its system prompt "
-        "precomputed beforehand:",
+        f"First call of each agent ({mode} mode), with and without its static prompt "
+        f"precomputed {when}:",
         "",
         "| agent | prompt tokens | TTFT cold (s) | TTFT precomputed (s) | ratio | reuse cold | "
         "reuse precomputed | same output |",
@@ -300,34 +334,3 @@ def warm_markdown(rows: list[WarmRow], mode: str) -> str:
             f"{'yes' if r.same_output else 'no'} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def team_pressure(
-    base: Engine, team: Any, items: Sequence[Any], fraction: float = 0.25
-) -> tuple[int, list[TierRow]]:
-    """A reference team (wrapped LangGraph graph: its calls hint the engine) under memory
-    pressure: the device tier at ``fraction`` of the team's working set, a disk tier below,
-    workflow policy + prefetch vs LRU without prefetch, ``kvshare`` mode, radix cache off."""
-    from kvshare.agents.teams.base import run_team
-
-    def fork(policy: str, device: int, disk: str | None) -> Engine:
-        return _fork(base, policy, device, disk)
-
-    probe = fork("workflow", 1 << 40, None)
-    run_team(probe, team, items)
-    total = int(probe.segments.bytes_used)
-    device = max(1, int(fraction * total))
-    rows, reference = [], None
-    for policy in ("workflow", "lru"):
-        disk = tempfile.mkdtemp(prefix="kvshare-team-tiers-")
-        try:
-            engine = fork(policy, device, disk)
-            run = run_team(engine, team, items)
-        finally:
-            shutil.rmtree(disk, ignore_errors=True)
-        reference = run.answers if reference is None else reference
-        calls = list(run.calls)
-        rows.append(_row(policy, fraction, device, engine, calls, run.answers == reference, 0))
-        if engine.prefetcher is not None:
-            engine.prefetcher.close()
-    return total, rows
