@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvshare-installed
 
-.PHONY: demo test lint typecheck unit install bench clean
+.PHONY: demo test lint typecheck unit install bench notebooks clean
 
 demo: $(STAMP)
 	$(BIN)/kvshare demo
@@ -21,6 +21,11 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/kvshare bench
+
+# Executes notebooks/0*_*.ipynb in place (nbclient), each under a wall-clock cap in seconds.
+NOTEBOOK_CAP ?= 600
+notebooks: $(STAMP)
+	$(BIN)/python notebooks/run.py --cap $(NOTEBOOK_CAP)
 
 install: $(STAMP)
 

@@ -56,6 +56,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.workload == "kernels":
         return _kernels(args)
     engine = _engine(args)
+    if args.plots:
+        from kvshare.bench.plots import write_plots
+
+        out = Path("docs" if args.out == "bench-out" else args.out)
+        names = tuple(n.strip() for n in args.figures.split(",") if n.strip())
+        print(f"wrote {write_plots(engine, out, names=names)} and its figures")
+        return 0
     if args.workload in TEAMS:
         return _team_bench(args, engine)
     if args.workload == "tiers":
@@ -387,6 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiers: run a reference team under pressure (first --fractions share) instead",
     )
     bench.add_argument("--out", default="bench-out", help="directory for JSON/markdown/PNG")
+    bench.add_argument(
+        "--plots",
+        action="store_true",
+        help="write the notebooks' key figures (reuse, Pareto, stages, tiers) to --out "
+        "(default docs/) instead of running a workload",
+    )
+    bench.add_argument(
+        "--figures",
+        default="teams,topologies,pareto,stages,tiers",
+        help="--plots: which figures to (re)draw",
+    )
     bench.set_defaults(func=cmd_bench)
 
     chat = sub.add_parser("chat", help="one chat call")

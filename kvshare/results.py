@@ -11,9 +11,10 @@ from kvshare.correct import RunEstimate
 from kvshare.decode import DecodeResult
 from kvshare.errors import NonFiniteError
 from kvshare.kernels import KV
+from kvshare.prompt import Prompt
 from kvshare.relocate import Assembly
 from kvshare.request import Request
-from kvshare.stats import CallStats
+from kvshare.stats import CallStats, MessageReuse
 
 FittedGain = tuple[str, torch.Tensor, torch.Tensor]
 """(context key, K gain, V gain): 0-dim device tensors fitted in a prefill, NaN when a run
@@ -89,5 +90,30 @@ def call_stats(
         session=req.session,
         tenant=req.tenant,
         stages=stages,
+        message_reuse=message_reuse(req.prompt, asm, done),
+        relocated_runs=tuple((run.start, run.end) for run in asm.runs),
         **fidelity,
+    )
+
+
+def message_reuse(prompt: Prompt, asm: Assembly, done: torch.Tensor) -> tuple[MessageReuse, ...]:
+    """Per message of ``prompt`` (tail last): prefix-hit, relocated-and-kept and relocated-
+    but-recomputed tokens. done: [S] bool, the tokens the prefill computed. One host read
+    (the cumulative counts at the message bounds), after the first token."""
+    segs = (*prompt.segments, prompt.tail)
+    kept, redone = asm.relocated & ~done, asm.relocated & done
+    cum = torch.nn.functional.pad(torch.stack([kept, redone]).long().cumsum(1), (1, 0))
+    bounds = torch.tensor([s.start for s in segs] + [len(prompt)], device=cum.device)
+    k, r = cum[:, bounds].tolist()  # [2, len(segs) + 1] cumulative counts
+    return tuple(
+        MessageReuse(
+            s.index,
+            s.role,
+            s.start,
+            s.end,
+            max(0, min(s.end, asm.prefix) - s.start),
+            k[i + 1] - k[i],
+            r[i + 1] - r[i],
+        )  # fmt: skip
+        for i, s in enumerate(segs)
     )

@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -14,6 +15,36 @@ from torch import Tensor
 from kvshare.prompt import common_prefix
 
 GREEDY_CAP = 32
+
+
+class MessageReuse(NamedTuple):
+    """How the tokens ``[start, end)`` of one message of a call's prompt were served.
+
+    message: the message's index in the call's list (``-1``: the generation-prompt tail,
+    role ``generation``); role: its standard role. As in :class:`CallStats`, prefix_hit +
+    relocated + computed = end - start, and recomputed (relocated tokens recomputed after
+    all) is part of computed. Summed over a call's messages they give the call's counts.
+    """
+
+    message: int
+    role: str
+    start: int
+    end: int
+    prefix_hit: int
+    relocated: int
+    recomputed: int
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+    @property
+    def computed(self) -> int:
+        return self.tokens - self.prefix_hit - self.relocated
+
+    @property
+    def reuse_rate(self) -> float:
+        return 1.0 - self.computed / self.tokens if self.tokens else 0.0
 
 
 @dataclass(frozen=True)
@@ -26,7 +57,10 @@ class CallStats:
     ttft_s counts everything on the call's critical path up to the first generated token.
     Fidelity fields (kl, top1_agree, greedy_match) are filled only with ``shadow=True``;
     ``stages`` (seconds per pipeline stage, ``kvshare.profile``) only with
-    ``EngineConfig(profile=True)``.
+    ``EngineConfig(profile=True)``. ``message_reuse``: the same counts per message
+    (:class:`MessageReuse`, in prompt order, the generation tail last); ``relocated_runs``:
+    the prompt spans ``[start, end)`` that relocated runs filled (tokens of them may have
+    been recomputed after all).
     """
 
     mode: str
@@ -46,6 +80,8 @@ class CallStats:
     top1_agree: bool | None = None
     greedy_match: int | None = None
     stages: dict[str, float] | None = None
+    message_reuse: tuple[MessageReuse, ...] = ()
+    relocated_runs: tuple[tuple[int, int], ...] = ()
 
     @property
     def reuse_rate(self) -> float:

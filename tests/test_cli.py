@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -159,3 +160,17 @@ def test_tiers_bench_cli_compares_policies_on_the_same_outputs(tiny_dirs, tmp_pa
     assert (tmp_path / "tiers.md").exists() and (tmp_path / "tiers-timeline-30.png").exists()
     assert main([*args, "--fractions", "0,1", "--out", str(tmp_path)]) == 2
     assert main([*args, "--lowers", "tape", "--out", str(tmp_path)]) == 2
+
+
+def test_bench_plots_writes_every_key_figure_with_its_numbers(tiny_dirs, tmp_path):
+    from kvshare import Engine
+    from kvshare.bench.plots import PlotSizes, write_plots
+
+    engine = Engine.from_pretrained(str(tiny_dirs["llama"]))
+    small = PlotSizes(agents=3, prefix=24, input=48, output=2, items=1, ratios=(0.0, 0.5))
+    text = write_plots(engine, tmp_path, dataclasses.replace(small, gammas=(1.0,))).read_text()
+    names = ["reuse-per-agent", "reuse-kinds", "reuse-topology", "pareto-synthetic"]
+    names += ["stage-profile", "tiers-ttft", "tiers-timeline"]
+    assert all((tmp_path / f"{n}.png").read_bytes()[:4] == b"\x89PNG" for n in names)
+    assert all(f"## {s}" in text for s in ("teams", "topologies", "pareto", "stages", "tiers"))
+    assert "fully connected" in text and "extractor" in text

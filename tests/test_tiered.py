@@ -185,7 +185,7 @@ def test_a_tiered_store_needs_a_tier():
 class SlowTier(MemoryTier):
     """A lower tier whose loads take ``delay`` seconds (a disk stand-in)."""
 
-    delay = 0.04
+    delay = 0.1
 
     def get(self, key, tokens):
         time.sleep(self.delay)
@@ -204,7 +204,9 @@ def test_a_demand_load_preempts_a_prefetch_after_at_most_one_segment():
     store.used_by([s.key for s in wanted], ("s", "next"))
     prefetcher = Prefetcher(store)
     prefetcher.request("s", [("s", "next")])
-    time.sleep(SlowTier.delay * 1.5)  # the worker is inside its first or second segment
+    deadline = time.monotonic() + 5
+    while prefetcher.promoted < 1 and time.monotonic() < deadline:  # the worker has begun
+        time.sleep(0.005)
     got = store.get(other.scope, other.content_hash, other.tokens)
     # served between two prefetched segments, not after the whole prefetch
     assert got is not None and prefetcher.promoted < len(wanted) - 2
