@@ -198,10 +198,11 @@ def _team_tiers(args: argparse.Namespace, engine, fraction: float, lowers: list[
     text = f"Team `{team.name}`, {len(items)} item(s).\n\n" + tiers.markdown(
         total, rows, machine_description(engine), over="every call"
     )
-    for mode in ("prefix", "kvshare"):
-        gain = team_tiers.precompute_gain(engine, team, items, mode)
+    colds = {m: team_tiers.cold_run(engine, team, items, m) for m in ("prefix", "kvshare")}
+    for mode, cold in colds.items():
+        gain = team_tiers.precompute_gain(engine, team, items, mode, cold)
         text += "\n" + tiers.warm_markdown(gain, mode, "ahead of the run")
-    live, cold_s, live_s = team_tiers.live_prefetch(engine, team, items)
+    live, cold_s, live_s = team_tiers.live_prefetch(engine, team, items, cold=colds["kvshare"])
     text += "\n" + tiers.warm_markdown(live, "kvshare", "by the prefetcher during the run")
     text += f"\nWall time of the run: prefetcher off {cold_s:.1f} s, on {live_s:.1f} s.\n"
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -174,3 +174,13 @@ def test_bench_plots_writes_every_key_figure_with_its_numbers(tiny_dirs, tmp_pat
     assert all((tmp_path / f"{n}.png").read_bytes()[:4] == b"\x89PNG" for n in names)
     assert all(f"## {s}" in text for s in ("teams", "topologies", "pareto", "stages", "tiers"))
     assert "fully connected" in text and "extractor" in text
+
+
+def test_tiers_bench_on_a_team_reports_pressure_and_precompute(tiny_dirs, tmp_path, capsys):
+    args = ["bench", "--workload", "tiers", "--team", "rag", "--items", "1", "--fractions", "0.5"]
+    args += ["--lowers", "disk", "--model", str(tiny_dirs["llama"]), "--out", str(tmp_path)]
+    assert main(args) == 0
+    text = (tmp_path / "tiers-team-rag.md").read_text()
+    assert "| 50% | disk | workflow |" in text and "| 50% | disk | lru |" in text
+    assert text.count("| extractor |") == 3  # prefix and kvshare ahead of the run, then live
+    assert "Wall time of the run: prefetcher off" in capsys.readouterr().out

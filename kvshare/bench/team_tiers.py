@@ -93,12 +93,19 @@ def _pair(team: Any, cold: Any, warm: Any) -> list[WarmRow]:
     ]
 
 
+def cold_run(base: Engine, team: Any, items: Sequence[Any], mode: str = "kvshare") -> Any:
+    """``team`` over ``items`` on a fresh fork in ``mode``, prefetcher off: the baseline of
+    :func:`precompute_gain` and :func:`live_prefetch` (run it once, pass it to both)."""
+    return _run(base.fork(mode=mode, prefetch=False), team, items)
+
+
 def precompute_gain(
-    base: Engine, team: Any, items: Sequence[Any], mode: str = "kvshare"
+    base: Engine, team: Any, items: Sequence[Any], mode: str = "kvshare", cold: Any = None
 ) -> list[WarmRow]:
     """Per agent, its first call in a run of ``team`` over ``items`` (fresh forks, prefetcher
-    off): as is, and with every agent's static prompts of the item precomputed before the
-    item's run (not timed). ``same_output``: the whole run's answers agree."""
+    off): as is (``cold``, from :func:`cold_run` when None), and with every agent's static
+    prompts of the item precomputed before the item's run (not timed). ``same_output``: the
+    whole run's answers agree."""
 
     def warm_up(engine: Engine) -> Callable[[str, Any], None]:
         def before(thread: str, item: Any) -> None:
@@ -107,19 +114,19 @@ def precompute_gain(
 
         return before
 
-    cold = _run(base.fork(mode=mode, prefetch=False), team, items)
+    cold = cold if cold is not None else cold_run(base, team, items, mode)
     engine = base.fork(mode=mode, prefetch=False)
     warm = _run(engine, team, items, before_item=warm_up(engine))
     return _pair(team, cold, warm)
 
 
 def live_prefetch(
-    base: Engine, team: Any, items: Sequence[Any], mode: str = "kvshare"
+    base: Engine, team: Any, items: Sequence[Any], mode: str = "kvshare", cold: Any = None
 ) -> tuple[list[WarmRow], float, float]:
-    """Per agent, its first call with the prefetcher off vs on (static prompts registered,
-    precomputed when a wrapped node's hint names the agent next, after the running call):
-    rows, and the two runs' wall times (s)."""
-    cold = _run(base.fork(mode=mode, prefetch=False), team, items)
+    """Per agent, its first call with the prefetcher off (``cold``, from :func:`cold_run`
+    when None) vs on (static prompts registered, precomputed when a wrapped node's hint
+    names the agent next, after the running call): rows, and the two runs' wall times (s)."""
+    cold = cold if cold is not None else cold_run(base, team, items, mode)
     engine = base.fork(mode=mode, prefetch=True)
     try:
         live = _run(engine, team, items, static=True)
