@@ -367,8 +367,8 @@ class Engine:
         with clock.stage("remember"):
             check_finite("the KV of this call", dec.kv.keys, dec.kv.values)
             text = self.tokenizer.decode(dec.tokens, skip_special_tokens=True)
-            wrote = pipeline.remember(parts, req, dec.tokens, dec.kv)
             readers = self.workflows.readers(req.session, req.agent)
+            wrote = pipeline.remember(parts, req, dec.tokens, dec.kv, readers)
             parts.segments.record_call(keys, wrote, (req.session, req.agent), readers)
         with clock.stage("shadow"):
             fidelity = pipeline.shadow(parts, req, state, pre, dec.tokens) if req.shadow else {}

@@ -9,7 +9,7 @@ render (``kvshare.request``) → :func:`plan` → :func:`assemble_prompt` → :f
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -219,9 +219,12 @@ def teach(
     learn_offsets(pool, pre.estimates, true_kv, known, parts.rotary)
 
 
-def remember(parts: Parts, req: Request, tokens: list[int], kv: KV) -> StoreKey | None:
+def remember(
+    parts: Parts, req: Request, tokens: list[int], kv: KV, readers: Sequence[str] = ()
+) -> StoreKey | None:
     """Keep what this call computed: radix prefix and (relocating modes) its trace; returns
-    the trace's key (None when no trace is kept).
+    the trace's key (None when no trace is kept). ``readers``: the agents of the session
+    expected to read the trace next (a tiered store ranks it by them and by the caller).
 
     kv: KV [L, H, S + R - 1, D] of the prompt and the reply's fed tokens, owned by this call
     (the trace keeps it without a copy). ``full`` mode is the no-reuse oracle and keeps
@@ -240,7 +243,8 @@ def remember(parts: Parts, req: Request, tokens: list[int], kv: KV) -> StoreKey 
     bounds = tuple((s.start, f"m{s.index}") for s in prompt.segments)
     bounds += ((prompt.tail.start, "reply"),)
     trace = StoredSegment(scope, digest, ids, kv, "trace", "", req.agent, 0, "m0", bounds)
-    return trace.key if parts.segments.put(trace) else None
+    stored = parts.segments.put(trace, (req.session, req.agent), readers)
+    return trace.key if stored else None
 
 
 def precompute(parts: Parts, req: Request, state: ScopeState) -> None:

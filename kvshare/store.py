@@ -22,6 +22,7 @@ from kvshare.kernels import KV
 from kvshare.prompt import common_prefix
 
 StoreKey = tuple[Hashable, str]  # (scope, content hash)
+User = tuple[str | None, str | None]  # (session, agent)
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,10 @@ def window_hashes(tokens: Sequence[int]) -> list[int]:
 def greedy_matches(query: Sequence[int], candidates: Any, min_len: int) -> list[Match]:
     """Left-to-right longest verified matches of ``query`` against stored segments.
 
-    candidates(i) yields (segment, offset) pairs that may match ``query[i:i+min_len]``; every
-    candidate is verified token by token and extended as far as it goes.
+    candidates(i) yields (segment, offset) pairs that may match ``query[i:i+min_len]``, oldest
+    first; every candidate is verified token by token and extended as far as it goes. Among
+    equally long runs the last candidate (the newest segment) wins: an agent reads its prefix
+    from its latest trace, so the older copies fall out of use and can go first.
     """
     out: list[Match] = []
     i, n = 0, len(query)
@@ -109,7 +112,7 @@ def greedy_matches(query: Sequence[int], candidates: Any, min_len: int) -> list[
         best: Match | None = None
         for seg, off in candidates(i):
             length = common_prefix(islice(seg.tokens, off, None), islice(query, i, None))
-            if length >= min_len and (best is None or length > best.length):
+            if length >= min_len and (best is None or length >= best.length):
                 best = Match(i, length, seg, off)
         if best is None:
             i += 1
@@ -124,7 +127,9 @@ class SegmentStore(ABC):
 
     - ``bytes_used <= budget_bytes`` after every call.
     - ``put`` never stores a segment larger than the budget (returns False) and may evict
-      others to make room; a key already present is refreshed, not replaced.
+      others to make room; a key already present is refreshed, not replaced. ``user``: the
+      (session, agent) whose call computed it; ``readers``: agents of that session expected
+      to read it next (tiered stores rank by them before making room; others ignore them).
     - ``get`` returns a segment only if its scope and hash match *and* its tokens equal
       ``tokens`` exactly; it never returns another scope's segment.
     - Thread-safe.
@@ -133,7 +138,9 @@ class SegmentStore(ABC):
     budget_bytes: int
 
     @abstractmethod
-    def put(self, segment: StoredSegment) -> bool: ...
+    def put(
+        self, segment: StoredSegment, user: User = (None, None), readers: Iterable[str] = ()
+    ) -> bool: ...
 
     @abstractmethod
     def get(
@@ -165,7 +172,7 @@ class SegmentStore(ABC):
         lease what they hand out; the others have nothing to release)."""
         return None
 
-    def used_by(self, keys: Iterable[StoreKey], user: tuple[str | None, str | None]) -> None:
+    def used_by(self, keys: Iterable[StoreKey], user: User) -> None:
         """Record that ``user`` (session, agent) used these segments (tiered stores rank by
         it; the others ignore it)."""
         return None
@@ -174,7 +181,7 @@ class SegmentStore(ABC):
         self,
         read: Iterable[StoreKey],
         wrote: StoreKey | None,
-        user: tuple[str | None, str | None],
+        user: User,
         readers: Iterable[str] = (),
     ) -> None:
         """One finished call of ``user``: it read ``read`` and wrote ``wrote``; ``readers``:
@@ -188,7 +195,9 @@ class NullSegmentStore(SegmentStore):
 
     budget_bytes = 0
 
-    def put(self, segment: StoredSegment) -> bool:
+    def put(
+        self, segment: StoredSegment, user: User = (None, None), readers: Iterable[str] = ()
+    ) -> bool:
         return False
 
     def get(
@@ -296,7 +305,9 @@ class LRUSegmentStore(SegmentStore):
         self.evictions = 0
         self._index = WindowIndex()
 
-    def put(self, segment: StoredSegment) -> bool:
+    def put(
+        self, segment: StoredSegment, user: User = (None, None), readers: Iterable[str] = ()
+    ) -> bool:
         with self._lock:
             if segment.key in self._items:
                 self._items.move_to_end(segment.key)

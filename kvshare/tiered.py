@@ -11,6 +11,13 @@ Priority: ``priority(users, last_used)`` returns a sort key, smallest evicted fi
 (``kvshare.schedule``: steps-to-execution of the agents that use a segment, LRU as
 tie-break); ``None`` is plain LRU. Segments matched by a call are *leased* until the call
 releases them (``release``): a leased segment is never moved or freed.
+
+Users: a call's new trace holds its whole prompt, so its writer needs only that trace from
+then on (whatever it read before is in it), and the agents expected to read it (``readers``)
+need it instead of the writer's older traces. ``put`` drops the links a new trace supersedes
+*before* it makes room (else an agent's last trace, kept alive by links that are already
+stale, pushes out what the next agent needs); a user whose call left no trace keeps exactly
+what it read (``record_call``).
 """
 
 from __future__ import annotations
@@ -28,12 +35,12 @@ from kvshare.store import (
     SegmentStore,
     StoredSegment,
     StoreKey,
+    User,
     WindowIndex,
     match_indexed,
 )
 from kvshare.tiers import KVTier, kv_to
 
-User = tuple[str | None, str | None]  # (session, agent)
 Priority = Callable[[Iterable[User], int], tuple[Any, ...]]
 Pinned = Callable[[Iterable[Any]], frozenset[Any]]  # SegmentInfos -> keys kept on top
 
@@ -58,6 +65,7 @@ class _Entry:
     tier: int
     tick: int
     users: set[User] = field(default_factory=set)
+    writer: User | None = None  # whose call computed it (None: unknown, e.g. adopted)
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,32 @@ class TieredStore(SegmentStore):
         e.users.add(user)
         self._by_user.setdefault(user, set()).add(e.key)
 
+    def _retire(self, user: User, readers: Iterable[str], keep: StoreKey | None = None) -> None:
+        """Drop the links a new trace (``keep``, once stored) of ``user`` supersedes: all of
+        ``user``'s own, and the ``readers``' links to older traces ``user`` wrote."""
+        session, agent = user
+        if session is None or agent is None:
+            return
+        for key in self._by_user.get(user, set()) - {keep}:
+            self._unlink(self._entries[key], user)
+        for reader in readers:
+            for key in self._by_user.get((session, reader), set()) - {keep}:
+                if self._entries[key].writer == user:
+                    self._unlink(self._entries[key], (session, reader))
+
+    def _written(self, e: _Entry, user: User, readers: Iterable[str]) -> None:
+        """``e`` is ``user``'s newest trace: it and the ``readers`` use it (nothing older)."""
+        session, agent = user
+        if session is None or agent is None:
+            return
+        readers = tuple(readers)
+        self._retire(user, readers, keep=e.key)
+        if e.writer is None:
+            e.writer = user
+        self._link(e, user)
+        for reader in readers:
+            self._link(e, (session, reader))
+
     def _unlink(self, e: _Entry, user: User) -> None:
         e.users.discard(user)
         keys = self._by_user.get(user)
@@ -251,12 +285,17 @@ class TieredStore(SegmentStore):
 
     # --- SegmentStore --------------------------------------------------------------------
 
-    def put(self, segment: StoredSegment) -> bool:
+    def put(
+        self, segment: StoredSegment, user: User = (None, None), readers: Iterable[str] = ()
+    ) -> bool:
+        readers = tuple(readers)
         with self._lock:
             e = self._entries.get(segment.key)
             if e is not None:
                 self._touch(e)
+                self._written(e, user, readers)
                 return True
+            self._retire(user, readers)  # before making room: see the module docstring
             e = _Entry(segment.key, segment.tokens, segment.nbytes, 0, 0)
             self._touch(e)
             for t in range(len(self.tiers)):  # the fastest tier that can hold it
@@ -265,6 +304,7 @@ class TieredStore(SegmentStore):
                     self._entries[e.key] = e
                     self._index.add(e.key, e.tokens)
                     self._event("put", e, None, t)
+                    self._written(e, user, readers)
                     return True
             return False
 
@@ -323,20 +363,21 @@ class TieredStore(SegmentStore):
         user: User,
         readers: Iterable[str] = (),
     ) -> None:
-        """``user``'s latest call read ``read`` and wrote ``wrote``: ``user`` now counts as a
-        user of exactly those (what it used before but not now, it has moved past), and the
-        ``readers`` (agents of the same session that follow it) as users of ``wrote``."""
-        used = {*read, *([wrote] if wrote is not None else [])}
+        """``user``'s latest call read ``read`` and wrote ``wrote``. With its trace stored,
+        ``user`` and the ``readers`` (agents of the same session that follow it) use that trace
+        and nothing it supersedes (as ``put`` with a user does); with no trace kept, ``user``
+        counts as a user of exactly what it read (what it used before, it has moved past)."""
         with self._lock:
+            if wrote is not None and (entry := self._entries.get(wrote)) is not None:
+                self._written(entry, user, readers)
+                return
+            read = set(read)
             if user[1] is not None:
-                for key in self._by_user.get(user, set()) - used:
+                for key in self._by_user.get(user, set()) - read:
                     self._unlink(self._entries[key], user)
-            for key in used:
+            for key in read:
                 if (entry := self._entries.get(key)) is not None:
                     self._link(entry, user)
-            if wrote is not None and (entry := self._entries.get(wrote)) is not None:
-                for reader in readers:
-                    self._link(entry, (user[0], reader))
 
     def prefetch(self, keys: Iterable[StoreKey]) -> int:
         """Promote ``keys`` to the top tier, displacing only segments that sort before each

@@ -137,3 +137,16 @@ def test_evicted_traces_leave_the_window_index():
     assert set(index._windows) == {"t:"} and list(index._ids) == [seg(second).key]
     entries = [e for v in index._windows["t:"].values() for e in ([v] if isinstance(v, int) else v)]
     assert {e >> 32 for e in entries} == {index._ids[seg(second).key]}
+
+
+def test_equal_runs_come_from_the_newest_segment():
+    """An agent reads its prefix from its latest trace, so older copies fall out of use."""
+    store = LRUSegmentStore(budget_bytes=1 << 20)
+    head = list(range(1, 21))
+    old, new = seg([*head, *range(100, 110)]), seg([*head, *range(200, 210)])
+    store.put(old)
+    store.put(new)
+    found = store.match("t:", [*head, 999])
+    assert [(m.start, m.length, m.segment.key) for m in found] == [(0, 20, new.key)]
+    found = store.match("t:", [*head, 100, 101])  # a longer run still wins
+    assert [(m.length, m.segment.key) for m in found] == [(22, old.key)]

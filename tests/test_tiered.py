@@ -229,3 +229,30 @@ def test_a_demand_miss_reads_the_lower_tier_once():
     store = TieredStore([MemoryTier("device", "cpu", 100 * TOKEN_BYTES), below])
     assert store.get(a.scope, a.content_hash, a.tokens) is not None
     assert Counting.reads == 1 and store.tier_of(a.key) == "device"
+
+
+def _steps_priority(steps):
+    def priority(users, tick):  # evict first: largest steps, then least recently used
+        best = min((steps.get(agent, float("inf")) for _, agent in users), default=float("inf"))
+        return (-best, tick)
+
+    return priority
+
+
+def test_a_new_trace_supersedes_its_writers_older_links_before_making_room():
+    """k's new trace holds its whole prompt: k and its reader k1 need it, not k's older
+    trace. The stale links are dropped *before* room is made, so the older trace goes first
+    (with them it would rank with k1 at 1 step and push out k1's own trace instead)."""
+    store = stack(60, 0, _steps_priority({"k": 5, "k1": 1, "k2": 2}))
+    old_k, own_k1, own_k2, new_k = segs(4)
+    assert store.put(old_k, ("s", "k"), ["k1"])
+    assert store.put(own_k1, ("s", "k1"), ["k2"])
+    assert store.put(own_k2, ("s", "k2"))
+    assert store.put(new_k, ("s", "k"), ["k1"])
+    assert old_k.key not in store and {own_k1.key, own_k2.key, new_k.key} <= set(store.placement())
+    assert store.keys_used_by([("s", "k")]) == [new_k.key]
+    assert set(store.keys_used_by([("s", "k1")])) == {own_k1.key, new_k.key}
+    store.record_call([own_k2.key], None, ("s", "k1"))  # no trace kept: exactly what it read
+    assert store.keys_used_by([("s", "k1")]) == [own_k2.key]
+    store.record_call([], new_k.key, ("s", "k2"))  # a trace put without a user: linked after
+    assert store.keys_used_by([("s", "k2")]) == [new_k.key]
