@@ -101,7 +101,8 @@ class Engine:
         if not workflow and not tiers.host_tier_bytes and tiers.disk_tier_dir is None:
             return LRUSegmentStore(budget)
         stack = build_tiers(tiers, budget, self.adapter.device, self.model)
-        return TieredStore(stack, scheduler_priority(self.scheduler), self.scheduler.pinned)
+        priority, pinned = scheduler_priority(self.scheduler), self.scheduler.pinned
+        return TieredStore(stack, priority, pinned, trim=workflow)
 
     @classmethod
     def from_pretrained(
@@ -369,7 +370,8 @@ class Engine:
             text = self.tokenizer.decode(dec.tokens, skip_special_tokens=True)
             readers = self.workflows.readers(req.session, req.agent)
             wrote = pipeline.remember(parts, req, dec.tokens, dec.kv, readers)
-            parts.segments.record_call(keys, wrote, (req.session, req.agent), readers)
+            user = (req.session, req.agent)
+            parts.segments.record_call(keys, wrote, user, readers, req.prompt.ids)
         with clock.stage("shadow"):
             fidelity = pipeline.shadow(parts, req, state, pre, dec.tokens) if req.shadow else {}
         stats = call_stats(

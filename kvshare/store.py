@@ -183,9 +183,11 @@ class SegmentStore(ABC):
         wrote: StoreKey | None,
         user: User,
         readers: Iterable[str] = (),
+        prompt: Sequence[int] = (),
     ) -> None:
         """One finished call of ``user``: it read ``read`` and wrote ``wrote``; ``readers``:
-        the agents expected to read what it wrote (its successors). Tiered stores rank by it
+        the agents expected to read what it wrote (its successors); ``prompt``: its prompt's
+        token ids. Tiered stores rank by it
         (a user is kept only on what its latest call used); the others ignore it."""
         return None
 

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from kvshare.prompt import common_prefix
 from kvshare.store import (
     MIN_MATCH,
     Match,
@@ -40,7 +41,9 @@ from kvshare.store import (
     match_indexed,
 )
 from kvshare.tiers import KVTier, kv_to
+from kvshare.trim import cut
 
+MAX_USERS = 1000  # (session, agent) users whose last trace and head length are remembered
 Priority = Callable[[Iterable[User], int], tuple[Any, ...]]
 Pinned = Callable[[Iterable[Any]], frozenset[Any]]  # SegmentInfos -> keys kept on top
 
@@ -66,6 +69,7 @@ class _Entry:
     tick: int
     users: set[User] = field(default_factory=set)
     writer: User | None = None  # whose call computed it (None: unknown, e.g. adopted)
+    cut: bool = False  # a head cut from a trace (``kvshare.trim``)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class TieredStore(SegmentStore):
         priority: Priority | None = None,
         pinned: Pinned | None = None,
         events: int = 10_000,
+        trim: bool = False,
     ) -> None:
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
@@ -96,6 +101,10 @@ class TieredStore(SegmentStore):
         self.budget_bytes = self.tiers[0].budget_bytes
         self.priority: Priority = priority or (lambda users, tick: (tick,))
         self.pinned = pinned
+        self.trim = trim
+        self.trims = 0
+        self._heads: OrderedDict[User, int] = OrderedDict()  # see record_call
+        self._last: OrderedDict[User, tuple[int, ...]] = OrderedDict()  # its last trace
         self._entries: dict[StoreKey, _Entry] = {}
         self._index = WindowIndex()
         self._leases: Counter[StoreKey] = Counter()
@@ -137,8 +146,10 @@ class TieredStore(SegmentStore):
         return self.priority(e.users, e.tick)
 
     def _pinned(self) -> frozenset[Any]:
-        """Keys kept on the top tier whatever their priority: segments used by several
-        agents (shared prefixes), as many as the pin cap holds (``pinned``)."""
+        """Keys kept on the top tier whatever their priority: heads cut from traces that
+        several agents use (a system prompt or tool block they share), as many as the pin
+        cap holds (``pinned``). A whole trace is never pinned: its writer and readers are
+        several agents, but each of them uses a different part of it."""
         if self.pinned is None:
             return frozenset()
         from kvshare.schedule import SegmentInfo
@@ -149,7 +160,7 @@ class TieredStore(SegmentStore):
                 e.nbytes,
                 [(s, a) for s, a in e.users if s is not None and a is not None],
                 e.tick,
-                len({a for _, a in e.users}) > 1,
+                e.cut and len({a for _, a in e.users}) > 1,
             )
             for e in self._entries.values()
             if e.tier == 0
@@ -208,19 +219,61 @@ class TieredStore(SegmentStore):
     # --- moving ------------------------------------------------------------------------
 
     def _make_room(self, t: int, nbytes: int, keep: tuple[Any, ...] | None = None) -> bool:
-        """Free ``nbytes`` on tier ``t`` by demoting its lowest-priority unleased segments
-        (only those that sort before ``keep``, when given)."""
+        """Free ``nbytes`` on tier ``t`` by demoting its lowest-priority unleased, unpinned
+        segments (only those that sort before ``keep``, when given); with ``trim``, a trace
+        only its writer still needs is cut to its head first (``kvshare.trim``)."""
         tier = self.tiers[t]
         if nbytes > tier.budget_bytes:
             return False
+        pinned = self._pinned() if t == 0 else frozenset()
         while tier.free_bytes() < nbytes:
-            movable = [e for e in self._entries.values() if e.tier == t and not self._leases[e.key]]
+            movable = [
+                e
+                for e in self._entries.values()
+                if e.tier == t and not self._leases[e.key] and e.key not in pinned
+            ]
             if not movable:
                 return False
-            victim = min(movable, key=self._rank)
-            if keep is not None and self._rank(victim) >= keep:
+            victim = min(movable, key=self._victim_rank)
+            if keep is not None and self._victim_rank(victim) >= keep:
                 return False
-            self._demote(victim)
+            if not (self._cuttable(victim) and self._cut(victim)):
+                self._demote(victim)
+        return True
+
+    def _cuttable(self, e: _Entry) -> bool:
+        """Whether ``e`` is a trace only its writer still needs, and that writer was seen
+        reading a head of its own last trace (``record_call``) shorter than ``e``."""
+        if not self.trim or e.cut or e.writer is None or e.users != {e.writer}:
+            return False
+        return 0 < self._heads.get(e.writer, 0) < len(e.tokens)
+
+    def _victim_rank(self, e: _Entry) -> tuple[Any, ...]:
+        """Eviction order: a cuttable trace's tail is needed by no one (first out)."""
+        return self.priority((), e.tick) if self._cuttable(e) else self._rank(e)
+
+    def _cut(self, e: _Entry) -> bool:
+        """Keep ``e``'s head on its tier (the writer's link moves to it) and send the whole
+        trace down a tier like any victim (out, from the bottom tier): with a tier below
+        nothing is lost. False when its KV could not be read."""
+        seg = self.tiers[e.tier].get(e.key, e.tokens)
+        if seg is None:
+            return False
+        writer = e.writer
+        head, tier = cut(seg, self._heads[writer] if writer else 0), e.tier
+        if writer is not None:
+            self._unlink(e, writer)
+        self._event("trim", e, tier, None)
+        self.trims += 1
+        self._demote(e)
+        h = self._entries.get(head.key)
+        if h is None and self.tiers[tier].put(head):  # smaller than what went down
+            h = _Entry(head.key, head.tokens, head.nbytes, tier, e.tick, writer=writer, cut=True)
+            self._entries[h.key] = h
+            self._index.add(h.key, h.tokens)
+            self._event("put", h, None, tier)
+        if h is not None and writer is not None:
+            self._link(h, writer)
         return True
 
     def _demote(self, e: _Entry) -> None:
@@ -362,12 +415,19 @@ class TieredStore(SegmentStore):
         wrote: StoreKey | None,
         user: User,
         readers: Iterable[str] = (),
+        prompt: Sequence[int] = (),
     ) -> None:
-        """``user``'s latest call read ``read`` and wrote ``wrote``. With its trace stored,
+        """``user``'s latest call read ``read`` and wrote ``wrote``; ``prompt``: its prompt's
+        token ids. The prompt's common prefix with the user's last trace tells how much of
+        what it writes the user reads again: n tokens short of the whole (a new input behind
+        the same role prompt), its traces may be cut to their first n when only it still
+        needs them (``kvshare.trim``); all of it (a conversation that goes on), they may not.
+        With its trace stored,
         ``user`` and the ``readers`` (agents of the same session that follow it) use that trace
         and nothing it supersedes (as ``put`` with a user does); with no trace kept, ``user``
         counts as a user of exactly what it read (what it used before, it has moved past)."""
         with self._lock:
+            self._learn_head(user, prompt, self._entries.get(wrote) if wrote else None)
             if wrote is not None and (entry := self._entries.get(wrote)) is not None:
                 self._written(entry, user, readers)
                 return
@@ -378,6 +438,22 @@ class TieredStore(SegmentStore):
             for key in read:
                 if (entry := self._entries.get(key)) is not None:
                     self._link(entry, user)
+
+    def _learn_head(self, user: User, prompt: Sequence[int], wrote: _Entry | None) -> None:
+        """How much of its last trace ``user``'s prompt starts with (``record_call``)."""
+        if user[0] is None or user[1] is None:
+            return
+        last = self._last.get(user)
+        if prompt and last is not None:
+            n = common_prefix(prompt, last)
+            self._heads[user] = n if n < len(last) - 1 else 0
+            self._heads.move_to_end(user)
+        if wrote is not None:
+            self._last[user] = wrote.tokens
+            self._last.move_to_end(user)
+        for table in (self._heads, self._last):
+            while len(table) > MAX_USERS:
+                table.popitem(last=False)
 
     def prefetch(self, keys: Iterable[StoreKey]) -> int:
         """Promote ``keys`` to the top tier, displacing only segments that sort before each

@@ -178,3 +178,28 @@ def test_a_session_precomputes_the_next_agents_static_prompt_in_the_gap(tiny_dir
         second = s.chat("writer", "Write it up.", max_new_tokens=4)
     assert first.stats.prefix_hit_tokens > 40 and second.stats.prefix_hit_tokens > 40
     assert e.stats().calls == 2
+
+
+def test_traces_cut_to_heads_under_pressure_give_the_outputs_of_one_big_store(tiny_dirs):
+    """Agents run again on new documents behind the same role prompts: the workflow policy
+    cuts traces to the heads their writers read again (exact KV), the rest goes to the host
+    tier, so nothing read differs from a store with room for everything."""
+
+    def rounds(e: Engine) -> list[tuple[str, int]]:
+        out = []
+        for r in range(3):
+            for i in range(3):
+                e.hint("s", running=f"agent{i}", next=[f"agent{(i + 1) % 3}"])
+                msgs = team(f"agent{i}", DOCS[(i + r) % len(DOCS)])
+                res = e.chat(msgs, agent=f"agent{i}", session="s", max_new_tokens=4)
+                out.append((res.text, res.stats.computed_tokens))
+        return out
+
+    one = trace_bytes(tiny_dirs)
+    big = engine(tiny_dirs, mode="blend", eviction="lru")
+    tiered = engine(
+        tiny_dirs, mode="blend", segment_store_bytes=int(2.5 * one), host_tier_bytes=100 * one
+    )
+    assert rounds(big) == rounds(tiered)
+    assert isinstance(tiered.segments, TieredStore) and tiered.segments.trims > 0
+    assert tiered.segments.evictions == 0

@@ -4,9 +4,11 @@ One workflow (the synthetic N-agent team, ``items`` inputs in a row, agents in a
 under each policy on a fresh fork of one engine, same inputs, same order:
 
 - ``workflow``: the device tier ranks segments by the steps-to-execution of the agents that
-  use them (a registered cyclic order and a hint before every call) and prefetches the next
-  agent's segments from the disk tier in the gap after the running agent's call;
-- ``lru``: the same tiers, least recently used first, no prefetch (a hierarchical cache);
+  use them (a registered cyclic order and a hint before every call), cuts a trace only its
+  writer still needs to the head that writer reads again (``kvshare.trim``), and prefetches
+  the next agent's segments from the disk tier in the gap after the running agent's call;
+- ``lru``: the same tiers, least recently used first, whole traces, no prefetch (a
+  hierarchical cache);
 - ``none``: ``full`` mode, no reuse.
 
 The working set is what one cycle of the workflow reads back: the largest number of trace
@@ -57,6 +59,7 @@ class TierRow(BaseModel):
     moved_bytes: dict[str, int]
     evictions: int
     same_outputs: bool
+    trims: int = 0
 
 
 class Timeline(BaseModel):
@@ -171,6 +174,7 @@ def tier_row(
         moved_bytes={f"{a}->{b}": v for (a, b), v in moved.items()},
         evictions=getattr(store, "evictions", 0),
         same_outputs=same,
+        trims=getattr(store, "trims", 0),
     )
 
 
@@ -214,9 +218,9 @@ def markdown(
         f"a disk tier or nothing. Machine: {machine}. TTFT over {over}.",
         "",
         "| device tier | below | policy | mean TTFT (s) | p95 TTFT (s) | vs LRU (mean) | "
-        "token reuse | demand misses | prefetched | evicted | bytes moved (MiB) | "
+        "token reuse | demand misses | prefetched | evicted | cut to heads | bytes moved (MiB) | "
         "same outputs as workflow |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lru = sorted(  # the LRU row over the same lower tier (any, for the no-reuse row)
@@ -228,7 +232,7 @@ def markdown(
         lines.append(
             f"| {r.fraction:.0%} | {r.lower} | {r.policy} | {r.mean_ttft_s:.3f} | "
             f"{r.p95_ttft_s:.3f} | {ratio} | {r.token_reuse:.1%} | {r.demand_misses} | "
-            f"{r.prefetched} | {r.evictions} | {moved or '–'} | {_same(r)} |"
+            f"{r.prefetched} | {r.evictions} | {r.trims} | {moved or '–'} | {_same(r)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -240,8 +244,8 @@ def _same(row: TierRow) -> str:
 
 
 def plot_timeline(timeline: Timeline, path: Path, title: str) -> None:
-    """Which agent ran when, and every tier event (prefetch, promote on demand, demote,
-    evict, put) as markers per tier pair."""
+    """Which agent ran when, and the tier events (prefetch, promote on demand, demote,
+    evict, cut to a head) as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,6 +261,7 @@ def plot_timeline(timeline: Timeline, path: Path, title: str) -> None:
         "demote": ("tab:orange", "x"),
     }
     marks["evict"] = ("black", "X")
+    marks["trim"] = ("tab:purple", "|")
     base = len(agents)
     for k, (kind, (color, marker)) in enumerate(marks.items()):
         xs = [at for e_kind, at, _, _ in timeline.events if e_kind == kind]
