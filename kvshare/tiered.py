@@ -267,13 +267,19 @@ class TieredStore(SegmentStore):
         self.trims += 1
         self._demote(e)
         h = self._entries.get(head.key)
+        users: set[User] = {writer} if writer is not None else set()
+        if h is not None and h.tier > tier and not self._leases[h.key]:
+            users |= h.users  # the same head went down earlier: this copy takes its place
+            self._drop(h)
+            h = None
         if h is None and self.tiers[tier].put(head):  # smaller than what went down
             h = _Entry(head.key, head.tokens, head.nbytes, tier, e.tick, writer=writer, cut=True)
             self._entries[h.key] = h
             self._index.add(h.key, h.tokens)
             self._event("put", h, None, tier)
-        if h is not None and writer is not None:
-            self._link(h, writer)
+        if h is not None:
+            for user in users:
+                self._link(h, user)
         return True
 
     def _demote(self, e: _Entry) -> None:
@@ -422,10 +428,9 @@ class TieredStore(SegmentStore):
         what it writes the user reads again: n tokens short of the whole (a new input behind
         the same role prompt), its traces may be cut to their first n when only it still
         needs them (``kvshare.trim``); all of it (a conversation that goes on), they may not.
-        With its trace stored,
-        ``user`` and the ``readers`` (agents of the same session that follow it) use that trace
-        and nothing it supersedes (as ``put`` with a user does); with no trace kept, ``user``
-        counts as a user of exactly what it read (what it used before, it has moved past)."""
+        With its trace stored, ``user`` and the ``readers`` (agents of the same session that
+        follow it) use that trace and nothing it supersedes (as ``put`` with a user does);
+        with no trace kept, ``user`` counts as a user of exactly what it read."""
         with self._lock:
             self._learn_head(user, prompt, self._entries.get(wrote) if wrote else None)
             if wrote is not None and (entry := self._entries.get(wrote)) is not None:

@@ -105,3 +105,20 @@ def test_a_head_several_agents_use_is_pinned_on_the_device_tier():
     sched.observe(Hint("s", None, (), ("k", "j"), None, 0.0))  # released: pins no more
     s.put(trace(range(800, 830), agent="m"), ("s", "m"))
     assert head not in s
+
+
+def test_a_head_that_went_down_comes_back_up_when_the_same_head_is_cut_again():
+    """An agent's heads are the same tokens every time (same key): a fresh cut replaces the
+    copy that was demoted earlier, so the writer's next call does not miss."""
+    s = store(device_tokens=50, host_tokens=200)
+    run_twice(s, (*range(100, 120), *range(300, 308)))
+    head = ("t:", token_hash(tuple(range(100, 120))))
+    assert s.tier_of(head) == "device"
+    s.put(trace(range(600, 620), agent="x"), ("s", "x"), ["k1"])  # for k1: the head goes down
+    assert s.tier_of(head) == "host"
+    third = trace((*range(100, 120), *range(400, 408), 7, 8))
+    s.put(third, ("s", "k"))
+    s.record_call([], third.key, ("s", "k"), (), (*range(100, 120), *range(400, 408)))
+    s.put(trace(range(900, 910), agent="y"), ("s", "y"), ["k1"])  # pressure: the third is cut
+    assert s.trims == 2 and s.tier_of(head) == "device" and s.tier_of(third.key) == "host"
+    assert s.keys_used_by([("s", "k")]) == [head]
