@@ -174,11 +174,14 @@ class TiersConfig:
     steps-to-execution ``Engine.hint`` and wrapped workflows give; LRU breaks ties and is
     all there is without hints) or ``lru``; prefetch: on a hint, promote the next agents'
     segments in the background; pin_bytes: cap on shared prefixes (segments used by several
-    agents) kept on the device tier whatever their priority."""
+    agents) kept on the device tier whatever their priority; disk_write_behind_bytes: bytes
+    of demotions to the disk tier that a writer thread may still be writing (their KV held in
+    memory meanwhile) instead of the caller (0: the caller writes; ``kvshare.disk_tier``)."""
 
     host_tier_bytes: int = 0
     disk_tier_dir: str | None = None
     disk_tier_bytes: int = 8 << 30
+    disk_write_behind_bytes: int = 256 << 20
     eviction: str = "workflow"
     prefetch: bool = True
     pin_bytes: int = 64 << 20
@@ -191,6 +194,9 @@ class TiersConfig:
         _set(self, {
             "host_tier_bytes": check_int("host_tier_bytes", self.host_tier_bytes, 0, _BYTES_MAX),
             "disk_tier_bytes": check_int("disk_tier_bytes", self.disk_tier_bytes, 0, _BYTES_MAX),
+            "disk_write_behind_bytes": check_int(
+                "disk_write_behind_bytes", self.disk_write_behind_bytes, 0, _BYTES_MAX
+            ),
             "eviction": check_choice("eviction", self.eviction, EVICTIONS),
             "prefetch": check_bool("prefetch", self.prefetch),
             "pin_bytes": check_int("pin_bytes", self.pin_bytes, 0, _BYTES_MAX),
@@ -255,8 +261,9 @@ class EngineConfig:
     special_token_roles: roles whose content may contain control tokens (``<|im_start|>``...)
         that are parsed as such; in every other role's content that text is plain text, so a
         user cannot forge a turn. Default: only ``system`` (the developer's own text).
-    host_tier_bytes, disk_tier_dir, disk_tier_bytes, eviction, prefetch, pin_bytes: the
-        tiers below the device tier and how segments move between them (:class:`TiersConfig`).
+    host_tier_bytes, disk_tier_dir, disk_tier_bytes, disk_write_behind_bytes, eviction,
+        prefetch, pin_bytes: the tiers below the device tier and how segments move between
+        them (:class:`TiersConfig`).
     profile: record seconds per pipeline stage in ``CallStats.stages`` (synchronising the
         device at stage edges: for measurement, not production; ``kvshare.profile``).
     """

@@ -26,10 +26,19 @@ Loading maps the file (``safetensors.safe_open``: a private mmap, no copy): the 
 (POSIX keeps an unlinked file's pages while mapped; this tier only ever replaces or deletes
 files, never rewrites one in place). Its disk space is freed when the last view is.
 One live tier per (directory, identity) at a time; a later one (a restart) finds its files.
+
+Write-behind (``write_behind`` > 0 bytes): ``put`` reserves the bytes and hands the segment to
+a writer thread, so a demotion costs its caller nothing; until its file is committed the
+segment is served from memory (``get``), a ``remove`` cancels it, and its memory stays held
+(at most ``write_behind`` bytes; beyond that ``put`` writes in the caller, as with 0). A write
+that fails is counted in ``write_errors`` and the segment is gone (a later lookup misses).
+``flush`` waits for the writes in flight; opening a tier on a directory first flushes the
+live tiers of this process there, and so does the interpreter's exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -38,6 +47,7 @@ import re
 import struct
 import tempfile
 import threading
+import weakref
 from collections.abc import Hashable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -62,6 +72,13 @@ _CODES = {dtype: code for code, dtype in DTYPES.items()}
 _SEGMENT = re.compile(r"[0-9a-f]{64}\.safetensors")
 _TEMP = re.compile(r"\.(\d+)\..+\.tmp")  # .<writer pid>.<random>.tmp
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
+_LIVE: weakref.WeakSet[DiskTier] = weakref.WeakSet()  # tiers that may have writes in flight
+
+
+@atexit.register
+def _flush_live() -> None:
+    for tier in list(_LIVE):
+        tier.flush()
 
 
 class _ScopeJSON(BaseModel):
@@ -227,15 +244,25 @@ class DiskTier(KVTier):
 
     budget_bytes: tensor bytes it may hold. identity: the model the KV belongs to.
     corrupt: files found unusable and deleted; dropped: files deleted at open because they
-    were beyond the budget (the newest are kept); write_errors: puts refused for an OSError.
+    were beyond the budget (the newest are kept); write_errors: puts refused (or, written
+    behind, lost) for an OSError. write_behind: bytes of puts that may wait for a writer
+    thread (0: every put writes before it returns; module docstring).
     Raises CacheDirError when the directory cannot be created, ConfigError for a bad budget.
     """
 
     name = "disk"
 
-    def __init__(self, directory: str | Path, budget_bytes: int, identity: ModelIdentity) -> None:
-        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
-            raise ConfigError(f"budget_bytes must be an int >= 0, got {budget_bytes!r}")
+    def __init__(
+        self,
+        directory: str | Path,
+        budget_bytes: int,
+        identity: ModelIdentity,
+        write_behind: int = 0,
+    ) -> None:
+        for what, value in (("budget_bytes", budget_bytes), ("write_behind", write_behind)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{what} must be an int >= 0, got {value!r}")
+        self.write_behind = write_behind
         self.budget_bytes, self.model = budget_bytes, model_digest(identity)
         self.path = Path(directory) / self.model
         try:
@@ -244,9 +271,17 @@ class DiskTier(KVTier):
             raise CacheDirError(f"cannot create the disk tier at {self.path}: {exc}") from exc
         self.corrupt = self.dropped = self.write_errors = 0
         self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)  # a write behind finished
         self._index: dict[StoreKey, _Entry] = {}
+        self._pending: dict[StoreKey, tuple[StoredSegment, Path, str]] = {}
+        self._pending_bytes = 0
+        self._writer: threading.Thread | None = None
         self._bytes = 0
+        for tier in list(_LIVE):
+            if tier.path == self.path:
+                tier.flush()
         self._open()
+        _LIVE.add(self)
 
     def _open(self) -> None:
         """Delete stale temporaries, then index this model's files, newest first, while they
@@ -311,11 +346,23 @@ class DiskTier(KVTier):
         path = self.path / file_name(segment.scope, segment.content_hash)  # may raise ScopeError
         text, key, nbytes = _meta_text(segment, self.model), segment.key, segment.nbytes
         with self._lock:
-            if key in self._index:
+            if key in self._index or key in self._pending:
                 return True
             if self._bytes + nbytes > self.budget_bytes:
                 return False
             self._bytes += nbytes  # reserved first: concurrent puts never overshoot
+            if self._pending_bytes + nbytes <= self.write_behind:
+                self._pending[key] = (segment, path, text)
+                self._pending_bytes += nbytes
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._drain, daemon=True)
+                    self._writer.start()
+                return True
+        return self._write(key, segment, path, text)
+
+    def _write(self, key: StoreKey, segment: StoredSegment, path: Path, text: str) -> bool:
+        """Write and commit ``segment``'s file in this thread (the bytes are reserved)."""
+        nbytes = segment.nbytes
         try:
             temp = _write_temp(self.path, _chunks(segment.kv, text))
             self._commit(key, _Entry(path, nbytes), temp)
@@ -327,6 +374,42 @@ class DiskTier(KVTier):
             raise
         _fsync_dir(self.path)
         return True
+
+    def _drain(self) -> None:
+        """The writer thread: commit pending segments, oldest first, until none is left."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._writer = None
+                    return
+                key, item = next(iter(self._pending.items()))
+            segment, path, text = item
+            try:
+                temp: Path | None = _write_temp(self.path, _chunks(segment.kv, text))
+            except Exception:  # no space, no permission: the segment is lost (counted)
+                temp = None
+            with self._lock:
+                if self._pending.get(key) is item:  # not removed (or replaced) meanwhile
+                    del self._pending[key]
+                    self._pending_bytes -= segment.nbytes
+                    with suppress(OSError):
+                        if temp is not None:
+                            os.replace(temp, path)
+                            self._index[key], temp = _Entry(path, segment.nbytes), None
+                    if key not in self._index:
+                        self._bytes -= segment.nbytes
+                        self.write_errors += 1
+                self._done.notify_all()
+            if temp is not None:
+                temp.unlink(missing_ok=True)
+            with suppress(OSError):
+                _fsync_dir(self.path)
+
+    def flush(self) -> None:
+        """Wait until every put written behind is committed (or failed)."""
+        with self._lock:
+            while self._pending:
+                self._done.wait()
 
     def _commit(self, key: StoreKey, entry: _Entry, temp: Path) -> None:
         """Rename ``temp`` to ``entry.path`` and index it, under the lock (so a remove of the
@@ -351,7 +434,9 @@ class DiskTier(KVTier):
 
     def get(self, key: StoreKey, tokens: Sequence[int]) -> StoredSegment | None:
         with self._lock:
-            entry = self._index.get(key)
+            entry, pending = self._index.get(key), self._pending.get(key)
+        if pending is not None:  # still in memory, being written behind
+            return pending[0] if pending[0].tokens == tuple(tokens) else None
         if entry is None:
             return None
         try:
@@ -369,7 +454,14 @@ class DiskTier(KVTier):
                 self.corrupt += 1
 
     def _remove_locked(self, key: StoreKey) -> int:
-        """:meth:`remove` for a caller that holds the lock."""
+        """:meth:`remove` for a caller that holds the lock (a pending write is cancelled)."""
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            nbytes = pending[0].nbytes
+            self._pending_bytes -= nbytes
+            self._bytes -= nbytes
+            self._done.notify_all()
+            return nbytes
         entry = self._index.pop(key, None)
         if entry is None:
             return 0
@@ -384,14 +476,14 @@ class DiskTier(KVTier):
 
     def keys(self) -> list[StoreKey]:
         with self._lock:
-            return list(self._index)
+            return [*self._index, *self._pending]
 
     def listing(self) -> list[tuple[StoreKey, tuple[int, ...], int]]:
         """Read from the files' headers (no tensor data); unreadable files are left to the
         next ``get`` (which drops them as corrupt)."""
         with self._lock:
             entries = list(self._index.items())
-        out = []
+            out = [(k, p[0].tokens, p[0].nbytes) for k, p in self._pending.items()]
         for key, entry in entries:
             with suppress(Exception):
                 with safe_open(str(entry.path), framework="pt") as f:
@@ -401,14 +493,15 @@ class DiskTier(KVTier):
 
     def __contains__(self, key: StoreKey) -> bool:
         with self._lock:
-            return key in self._index
+            return key in self._index or key in self._pending
 
     @property
     def bytes_used(self) -> int:
         return self._bytes
 
     def clear(self) -> None:
-        """Delete every file of this model (a put still in flight lands afterwards)."""
+        """Delete every file of this model and cancel the writes behind (a synchronous put
+        still in flight lands afterwards)."""
         with self._lock:
-            for key in list(self._index):
+            for key in [*self._index, *self._pending]:
                 self._remove_locked(key)

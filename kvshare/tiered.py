@@ -553,5 +553,6 @@ def build_tiers(cfg: Any, device_bytes: int, device: Any, model: Any) -> list[KV
         from kvshare.disk_tier import DiskTier
 
         where = Path(cfg.disk_tier_dir) / weights_digest(model)
-        tiers.append(DiskTier(where, cfg.disk_tier_bytes, ModelIdentity.of(model)))
+        identity, behind = ModelIdentity.of(model), cfg.disk_write_behind_bytes
+        tiers.append(DiskTier(where, cfg.disk_tier_bytes, identity, write_behind=behind))
     return tiers

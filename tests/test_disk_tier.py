@@ -276,3 +276,75 @@ def test_kv_handed_out_stays_valid_after_its_file_is_removed(tmp_path):
     second.kv.keys.add_(1)  # private pages: writable, and nothing reaches the deleted file
     assert same_bits(first.kv, seg.kv)
     assert float(second.kv.values.sum()) == float(seg.kv.values.sum())
+
+
+@pytest.fixture
+def held_writer(monkeypatch):
+    """The writer thread blocks in its write until the returned event is set."""
+    import kvshare.disk_tier as disk_tier
+
+    go, real = threading.Event(), disk_tier._write_temp
+
+    def slow(directory, chunks):
+        assert go.wait(10)
+        return real(directory, chunks)
+
+    monkeypatch.setattr(disk_tier, "_write_temp", slow)
+    return go
+
+
+def test_a_put_written_behind_is_served_from_memory_then_from_its_file(tmp_path, held_writer):
+    tier, seg = DiskTier(tmp_path, 1 << 20, IDENTITY, write_behind=1 << 20), segment()
+    assert tier.put(seg) and files(tier) == []  # returned before the write
+    assert seg.key in tier and tier.bytes_used == seg.nbytes and tier.keys() == [seg.key]
+    got = tier.get(seg.key, seg.tokens)
+    assert got is not None and same_bits(got.kv, seg.kv)
+    held_writer.set()
+    tier.flush()
+    assert files(tier) == [file_name(SCOPE, "h0")] and tier.write_errors == 0
+    again = DiskTier(tmp_path, 1 << 20, IDENTITY)
+    got = again.get(seg.key, seg.tokens)
+    assert got is not None and same_bits(got.kv, seg.kv)
+
+
+def test_removing_a_segment_still_written_behind_cancels_its_write(tmp_path, held_writer):
+    tier, seg = DiskTier(tmp_path, 1 << 20, IDENTITY, write_behind=1 << 20), segment()
+    tier.put(seg)
+    assert tier.remove(seg.key) == seg.nbytes and seg.key not in tier and tier.bytes_used == 0
+    held_writer.set()
+    tier.flush()
+    while tier._writer is not None:  # the writer finishes the cancelled write and exits
+        threading.Event().wait(0.01)
+    assert files(tier) == [] and tier.get(seg.key, seg.tokens) is None
+
+
+def test_a_write_behind_that_fails_is_counted_and_the_segment_is_gone(tmp_path, monkeypatch):
+    import kvshare.disk_tier as disk_tier
+
+    def full(directory, chunks):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(disk_tier, "_write_temp", full)
+    tier, seg = DiskTier(tmp_path, 1 << 20, IDENTITY, write_behind=1 << 20), segment()
+    assert tier.put(seg)
+    tier.flush()
+    assert tier.write_errors == 1 and tier.bytes_used == 0 and seg.key not in tier
+    assert tier.get(seg.key, seg.tokens) is None and files(tier) == []
+
+
+def test_beyond_the_write_behind_cap_the_caller_writes(tmp_path, held_writer):
+    first, second = segment("h0", seed=0), segment("h1", seed=1)
+    tier = DiskTier(tmp_path, 1 << 20, IDENTITY, write_behind=first.nbytes)
+    tier.put(first)  # behind: the writer holds it
+    held_writer.set()  # (the caller's own write goes through the same function)
+    assert tier.put(second) and file_name(SCOPE, "h1") in files(tier)
+    tier.flush()
+    assert len(files(tier)) == 2
+
+
+def test_opening_a_tier_flushes_the_writes_behind_of_a_live_one(tmp_path, held_writer):
+    tier, seg = DiskTier(tmp_path, 1 << 20, IDENTITY, write_behind=1 << 20), segment()
+    tier.put(seg)
+    threading.Timer(0.2, held_writer.set).start()
+    again = DiskTier(tmp_path, 1 << 20, IDENTITY)  # waits for the write, then finds the file
+    assert seg.key in again and again.get(seg.key, seg.tokens) is not None
