@@ -176,7 +176,9 @@ class TiersConfig:
     segments in the background; pin_bytes: cap on shared prefixes (segments used by several
     agents) kept on the device tier whatever their priority; disk_write_behind_bytes: bytes
     of demotions to the disk tier that a writer thread may still be writing (their KV held in
-    memory meanwhile) instead of the caller (0: the caller writes; ``kvshare.disk_tier``)."""
+    memory meanwhile) instead of the caller (0: the caller writes; ``kvshare.disk_tier``);
+    used when the model runs on an accelerator (on CPU the writer would take the model's
+    cores: the caller writes, after its reply)."""
 
     host_tier_bytes: int = 0
     disk_tier_dir: str | None = None

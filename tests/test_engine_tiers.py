@@ -203,3 +203,15 @@ def test_traces_cut_to_heads_under_pressure_give_the_outputs_of_one_big_store(ti
     assert rounds(big) == rounds(tiered)
     assert isinstance(tiered.segments, TieredStore) and tiered.segments.trims > 0
     assert tiered.segments.evictions == 0
+
+
+def test_the_disk_tier_writes_behind_only_when_the_model_is_not_on_the_cpu(tiny_dirs, tmp_path):
+    """On CPU a writer thread would take the next call's cores: the caller writes."""
+    from kvshare.config import TiersConfig
+    from kvshare.tiered import build_tiers
+
+    e = engine(tiny_dirs, mode="blend", disk_tier_dir=str(tmp_path))
+    assert e.segments.tiers[-1].name == "disk" and e.segments.tiers[-1].write_behind == 0
+    cfg = TiersConfig(disk_tier_dir=str(tmp_path / "gpu"), disk_write_behind_bytes=1 << 20)
+    tiers = build_tiers(cfg, 1 << 20, "meta", e.model)  # any accelerator: not "cpu"
+    assert tiers[-1].write_behind == 1 << 20
