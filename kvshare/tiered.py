@@ -12,26 +12,21 @@ Priority: ``priority(users, last_used)`` returns a sort key, smallest evicted fi
 tie-break); ``None`` is plain LRU. Segments matched by a call are *leased* until the call
 releases them (``release``): a leased segment is never moved or freed.
 
-Users: a call's new trace holds its whole prompt, so its writer needs only that trace from
-then on (whatever it read before is in it), and the agents expected to read it (``readers``)
-need it instead of the writer's older traces. ``put`` drops the links a new trace supersedes
-*before* it makes room (else an agent's last trace, kept alive by links that are already
-stale, pushes out what the next agent needs); a user whose call left no trace keeps exactly
-what it read (``record_call``).
+Users (who uses which segment, ``kvshare.uses``): ``put`` with a user drops the links its new
+trace supersedes *before* it makes room; ``record_call`` records a finished call.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from kvshare.prompt import common_prefix
 from kvshare.store import (
     MIN_MATCH,
     Match,
@@ -44,8 +39,8 @@ from kvshare.store import (
 )
 from kvshare.tiers import KVTier, kv_to
 from kvshare.trim import cut
+from kvshare.uses import Uses
 
-MAX_USERS = 1000  # (session, agent) users whose last trace and head length are remembered
 Priority = Callable[[Iterable[User], int], tuple[Any, ...]]
 Pinned = Callable[[Iterable[Any]], frozenset[Any]]  # SegmentInfos -> keys kept on top
 
@@ -105,12 +100,10 @@ class TieredStore(SegmentStore):
         self.pinned = pinned
         self.trim = trim
         self.trims = 0
-        self._heads: OrderedDict[User, int] = OrderedDict()  # see record_call
-        self._last: OrderedDict[User, tuple[int, ...]] = OrderedDict()  # its last trace
         self._entries: dict[StoreKey, _Entry] = {}
+        self._uses = Uses(self._entries)
         self._index = WindowIndex()
         self._leases: Counter[StoreKey] = Counter()
-        self._by_user: dict[User, set[StoreKey]] = {}  # user -> keys it uses (its entries)
         self._lock = threading.RLock()
         self._tick = 0
         self.moves: Counter[tuple[str, str]] = Counter()
@@ -177,46 +170,7 @@ class TieredStore(SegmentStore):
         """Drop ``e`` from the index, the entries and its users' sets (no tier touched)."""
         self._index.remove(e.key, e.tokens)
         del self._entries[e.key]
-        for user in list(e.users):
-            self._unlink(e, user)
-
-    def _link(self, e: _Entry, user: User) -> None:
-        e.users.add(user)
-        self._by_user.setdefault(user, set()).add(e.key)
-
-    def _retire(self, user: User, readers: Iterable[str], keep: StoreKey | None = None) -> None:
-        """Drop the links a new trace (``keep``, once stored) of ``user`` supersedes: all of
-        ``user``'s own, and the ``readers``' links to older traces ``user`` wrote."""
-        session, agent = user
-        if session is None or agent is None:
-            return
-        for key in self._by_user.get(user, set()) - {keep}:
-            self._unlink(self._entries[key], user)
-        for reader in readers:
-            for key in self._by_user.get((session, reader), set()) - {keep}:
-                if self._entries[key].writer == user:
-                    self._unlink(self._entries[key], (session, reader))
-
-    def _written(self, e: _Entry, user: User, readers: Iterable[str]) -> None:
-        """``e`` is ``user``'s newest trace: it and the ``readers`` use it (nothing older)."""
-        session, agent = user
-        if session is None or agent is None:
-            return
-        readers = tuple(readers)
-        self._retire(user, readers, keep=e.key)
-        if e.writer is None:
-            e.writer = user
-        self._link(e, user)
-        for reader in readers:
-            self._link(e, (session, reader))
-
-    def _unlink(self, e: _Entry, user: User) -> None:
-        e.users.discard(user)
-        keys = self._by_user.get(user)
-        if keys is not None:
-            keys.discard(e.key)
-            if not keys:
-                del self._by_user[user]
+        self._uses.forget(e)
 
     # --- moving ------------------------------------------------------------------------
 
@@ -248,7 +202,7 @@ class TieredStore(SegmentStore):
         reading a head of its own last trace (``record_call``) shorter than ``e``."""
         if not self.trim or e.cut or e.writer is None or e.users != {e.writer}:
             return False
-        return 0 < self._heads.get(e.writer, 0) < len(e.tokens)
+        return 0 < self._uses.heads.get(e.writer, 0) < len(e.tokens)
 
     def _victim_rank(self, e: _Entry) -> tuple[Any, ...]:
         """Eviction order: a cuttable trace's tail is needed by no one (first out)."""
@@ -262,9 +216,9 @@ class TieredStore(SegmentStore):
         if seg is None:
             return False
         writer = e.writer
-        head, tier = cut(seg, self._heads[writer] if writer else 0), e.tier
+        head, tier = cut(seg, self._uses.heads[writer] if writer else 0), e.tier
         if writer is not None:
-            self._unlink(e, writer)
+            self._uses.unlink(e, writer)
         self._event("trim", e, tier, None)
         self.trims += 1
         self._demote(e)
@@ -281,7 +235,7 @@ class TieredStore(SegmentStore):
             self._event("put", h, None, tier)
         if h is not None:
             for user in users:
-                self._link(h, user)
+                self._uses.link(h, user)
         return True
 
     def _demote(self, e: _Entry) -> None:
@@ -354,9 +308,9 @@ class TieredStore(SegmentStore):
             e = self._entries.get(segment.key)
             if e is not None:
                 self._touch(e)
-                self._written(e, user, readers)
+                self._uses.written(e, user, readers)
                 return True
-            self._retire(user, readers)  # before making room: see the module docstring
+            self._uses.retire(user, readers)  # before making room: see kvshare.uses
             e = _Entry(segment.key, segment.tokens, segment.nbytes, 0, 0)
             self._touch(e)
             for t in range(len(self.tiers)):  # the fastest tier that can hold it
@@ -365,7 +319,7 @@ class TieredStore(SegmentStore):
                     self._entries[e.key] = e
                     self._index.add(e.key, e.tokens)
                     self._event("put", e, None, t)
-                    self._written(e, user, readers)
+                    self._uses.written(e, user, readers)
                     return True
             return False
 
@@ -415,7 +369,7 @@ class TieredStore(SegmentStore):
             for key in keys:
                 e = self._entries.get(key)
                 if e is not None:
-                    self._link(e, user)
+                    self._uses.link(e, user)
 
     def record_call(
         self,
@@ -426,41 +380,10 @@ class TieredStore(SegmentStore):
         prompt: Sequence[int] = (),
     ) -> None:
         """``user``'s latest call read ``read`` and wrote ``wrote``; ``prompt``: its prompt's
-        token ids. The prompt's common prefix with the user's last trace tells how much of
-        what it writes the user reads again: n tokens short of the whole (a new input behind
-        the same role prompt), its traces may be cut to their first n when only it still
-        needs them (``kvshare.trim``); all of it (a conversation that goes on), they may not.
-        With its trace stored, ``user`` and the ``readers`` (agents of the same session that
-        follow it) use that trace and nothing it supersedes (as ``put`` with a user does);
-        with no trace kept, ``user`` counts as a user of exactly what it read."""
+        token ids (how much of its last trace it reads again). The rules: ``kvshare.uses``."""
         with self._lock:
-            self._learn_head(user, prompt, self._entries.get(wrote) if wrote else None)
-            if wrote is not None and (entry := self._entries.get(wrote)) is not None:
-                self._written(entry, user, readers)
-                return
-            read = set(read)
-            if user[1] is not None:
-                for key in self._by_user.get(user, set()) - read:
-                    self._unlink(self._entries[key], user)
-            for key in read:
-                if (entry := self._entries.get(key)) is not None:
-                    self._link(entry, user)
-
-    def _learn_head(self, user: User, prompt: Sequence[int], wrote: _Entry | None) -> None:
-        """How much of its last trace ``user``'s prompt starts with (``record_call``)."""
-        if user[0] is None or user[1] is None:
-            return
-        last = self._last.get(user)
-        if prompt and last is not None:
-            n = common_prefix(prompt, last)
-            self._heads[user] = n if n < len(last) - 1 else 0
-            self._heads.move_to_end(user)
-        if wrote is not None:
-            self._last[user] = wrote.tokens
-            self._last.move_to_end(user)
-        for table in (self._heads, self._last):
-            while len(table) > MAX_USERS:
-                table.popitem(last=False)
+            entry = self._entries.get(wrote) if wrote is not None else None
+            self._uses.record(read, entry, user, readers, prompt)
 
     def prefetch(self, keys: Iterable[StoreKey]) -> int:
         """Promote ``keys`` to the top tier, displacing only segments that sort before each
@@ -479,8 +402,7 @@ class TieredStore(SegmentStore):
     def keys_used_by(self, users: Iterable[User]) -> list[StoreKey]:
         """Keys of the segments any of ``users`` used, highest priority first."""
         with self._lock:
-            keys = set().union(*(self._by_user.get(u, set()) for u in users))
-            hit = [self._entries[k] for k in keys]
+            hit = [self._entries[k] for k in self._uses.keys_of(users)]
             return [e.key for e in sorted(hit, key=self._rank, reverse=True)]
 
     def placement(self) -> dict[StoreKey, tuple[str, int]]:
@@ -522,7 +444,7 @@ class TieredStore(SegmentStore):
             self._entries.clear()
             self._index.clear()
             self._leases.clear()
-            self._by_user.clear()
+            self._uses.clear()
 
 
 def weights_digest(model: Any) -> str:
