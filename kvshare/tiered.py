@@ -221,7 +221,7 @@ class TieredStore(SegmentStore):
             self._uses.unlink(e, writer)
         self._event("trim", e, tier, None)
         self.trims += 1
-        self._demote(e)
+        self._demote(e, seg)
         h = self._entries.get(head.key)
         users: set[User] = {writer} if writer is not None else set()
         if h is not None and h.tier > tier and not self._leases[h.key]:
@@ -238,10 +238,12 @@ class TieredStore(SegmentStore):
                 self._uses.link(h, user)
         return True
 
-    def _demote(self, e: _Entry) -> None:
-        src = e.tier
-        seg = self.tiers[src].get(e.key, e.tokens)
-        dst = src + 1
+    def _demote(self, e: _Entry, seg: StoredSegment | None = None) -> None:
+        """Move ``e`` one tier down (``seg``: its segment, when the caller read it already);
+        out of the store from the bottom tier, or when the tier below has no room."""
+        src, dst = e.tier, e.tier + 1
+        if dst < len(self.tiers) and seg is None:  # nothing is read to drop it from the bottom
+            seg = self.tiers[src].get(e.key, e.tokens)
         room = seg is not None and dst < len(self.tiers) and self._make_room(dst, e.nbytes)
         if room and seg is not None and self.tiers[dst].put(seg):
             self.tiers[src].remove(e.key)

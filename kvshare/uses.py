@@ -85,10 +85,12 @@ class Uses:
         self, read: Iterable[StoreKey], wrote: Any, user: User, readers: Iterable[str],
         prompt: Sequence[int],
     ) -> None:  # fmt: skip
-        """One finished call of ``user`` (``wrote``: the entry of its trace, or None)."""
+        """One finished call of ``user`` (``wrote``: the entry of its trace, or None; the
+        links are made already when the store's ``put`` was given the user)."""
         self._learn_head(user, prompt, wrote)
         if wrote is not None:
-            self.written(wrote, user, readers)
+            if user not in wrote.users:
+                self.written(wrote, user, readers)
             return
         read = set(read)
         if user[1] is not None:
