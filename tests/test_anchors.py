@@ -16,7 +16,8 @@ from kvshare.anchors import (
 from kvshare.kernels import KV
 
 from kvshare.errors import ConfigError
-from tests.conftest import DEVICES
+
+from conftest import DEVICES
 
 SHAPE = (3, 2, 2, 8)  # L, 2, H, D
 

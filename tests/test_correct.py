@@ -9,7 +9,8 @@ from kvshare.kernels import KV
 
 from kvshare.correct import RunEstimate, ValidatedOffsets, fit_gain
 from kvshare.relocate import Run
-from tests.conftest import tiny_model
+
+from conftest import tiny_model
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ from kvshare.anchors import persist
 
 from kvshare import Engine, EngineConfig
 from kvshare.errors import ConfigError, ModelMismatchError, ScopeError, StateFileError
-from tests.factories import fingerprint, team
+
+from factories import fingerprint, team
 
 
 def _learn(eng, tenant: str | None = None) -> None:

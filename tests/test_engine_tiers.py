@@ -9,7 +9,8 @@ import pytest
 from kvshare import Engine, EngineConfig
 from kvshare.errors import ConfigError, ScopeError
 from kvshare.tiered import TieredStore
-from tests.factories import DOC, team
+
+from factories import DOC, team
 
 DOCS = [DOC, *(DOC.replace("ships", w) for w in ("whales", "boats", "yachts"))]
 WORDS = ("apple", "river", "engine", "violin")

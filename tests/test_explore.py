@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import team
 
 from kvshare import explore as ex
 from kvshare import explore_fidelity as ef
@@ -16,6 +15,8 @@ from kvshare import explore_time as et
 from kvshare.bench.corpus import long_text
 from kvshare.bench.workloads import SyntheticWorkload
 from kvshare.stats import CallStats, MessageReuse
+
+from factories import team
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,8 @@ from langchain_core.messages import (
 )
 
 from kvshare import ChatResult, KVShareError
-from tests.factories import fingerprint, team
+
+from factories import fingerprint, team
 
 MODES = ("full", "prefix", "blend", "anchor", "kvshare")
 CASES_PER_MODE = 420

@@ -14,8 +14,9 @@ from kvshare.kernels import backends as kb
 from kvshare.kernels.triton_ops import TritonOps
 
 from kvshare.errors import ConfigError, KernelUnavailableError
-from tests.conftest import DEVICES, tiny_model
-from tests.factories import DOC, ROPE_VARIANTS, team
+
+from conftest import DEVICES, tiny_model
+from factories import DOC, ROPE_VARIANTS, team
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 

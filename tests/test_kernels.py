@@ -19,8 +19,8 @@ from kvshare.kernels import (
     splice,
 )
 
-from tests.conftest import FAMILIES, tiny_model
-from tests.factories import ROPE_VARIANTS
+from conftest import FAMILIES, tiny_model
+from factories import ROPE_VARIANTS
 
 S = 24
 

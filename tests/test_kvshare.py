@@ -6,7 +6,8 @@ import pytest
 
 from kvshare.errors import ConfigError
 from kvshare.scope import Scope
-from tests.factories import team
+
+from factories import team
 
 TENANT_SCOPE = Scope("tenant")  # the scope of calls without a tenant id
 
@@ -115,7 +116,8 @@ def test_uncertainty_order_puts_unknown_contexts_and_later_tokens_first():
 def deep_engine(tmp_path_factory, tokenizer):
     """A 4-layer tiny Llama: check layer 1 sees real deviation (layer 0's is exactly zero)."""
     from kvshare import Engine, EngineConfig
-    from tests.conftest import tiny_model
+
+    from conftest import tiny_model
 
     path = tmp_path_factory.mktemp("tiny-deep")
     tiny_model("llama", num_hidden_layers=4).save_pretrained(str(path))

@@ -9,7 +9,8 @@ from kvshare.integrations.langchain import ChatKVShare
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from kvshare.errors import PromptError
-from tests.factories import DOC, team
+
+from factories import DOC, team
 
 
 def test_invoke_equals_engine_chat_and_reports_reuse(tiny_engine):

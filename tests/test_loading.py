@@ -22,7 +22,8 @@ from kvshare.errors import (
     StateFileError,
     UnsupportedModelError,
 )
-from tests.conftest import FAMILIES
+
+from conftest import FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -13,7 +13,8 @@ from kvshare.cli import main
 from kvshare.errors import ConfigError, ModelNotFoundError
 from kvshare.model_random import SHAPES, random_config
 from kvshare.profile import BEFORE_FIRST_TOKEN
-from tests.factories import team
+
+from factories import team
 
 
 def test_random_shapes_have_their_real_dimensions():

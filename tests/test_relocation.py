@@ -8,7 +8,8 @@ from kvshare.kernels import KV, TorchOps, output_cache
 
 from kvshare.relocate import assemble, find_runs
 from kvshare.scope import Scope
-from tests.factories import DOC, team
+
+from factories import DOC, team
 
 TENANT_SCOPE = Scope("tenant")  # the scope of calls without a tenant id
 

@@ -18,7 +18,8 @@ from kvshare.schedule import (
     as_step_graph,
     steps_to_execution,
 )
-from tests.factories import run_threads
+
+from factories import run_threads
 
 START, END = "__start__", "__end__"
 INF = math.inf

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from kvshare.errors import ScopeError
 from kvshare.scope import Scope, scope_of
-from tests.factories import DOC, team
+
+from factories import DOC, team
 
 IDS = st.one_of(
     st.none(),

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from kvshare.prompt import token_hash
 from kvshare.radix import RadixCache
 from kvshare.store import LRUSegmentStore, NullSegmentStore
-from tests.factories import TOKEN_BYTES, kv_for, seg
+
+from factories import TOKEN_BYTES, kv_for, seg
 
 
 def test_lru_budget_and_eviction_order():

@@ -11,7 +11,8 @@ import torch
 from kvshare.store import LRUSegmentStore
 from kvshare.tiered import TieredStore
 from kvshare.tiers import MemoryTier, NullTier
-from tests.factories import TOKEN_BYTES, run_threads, seg
+
+from factories import TOKEN_BYTES, run_threads, seg
 
 
 def stack(device_tokens: int, host_tokens: int, priority=None) -> TieredStore:

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from kvshare.prompt import render
 from kvshare.token_cache import PieceCache, encode_with_backend
-from tests.factories import DOC, team
+
+from factories import DOC, team
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_sta", "|>", "\n", " "]
 

@@ -13,7 +13,8 @@ from kvshare.store import StoredSegment
 from kvshare.tiered import TieredStore, scheduler_priority
 from kvshare.tiers import MemoryTier
 from kvshare.trim import HEAD, cut
-from tests.factories import TOKEN_BYTES, kv_for
+
+from factories import TOKEN_BYTES, kv_for
 
 
 def trace(tokens, agent: str = "k") -> StoredSegment:

@@ -27,7 +27,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 from pydantic import BaseModel
 
-from tests.factories import DOC, fingerprint
+from factories import DOC, fingerprint
 
 MODES = ["updates", "values", "messages", "custom", "debug"]
 TOPIC = {"topic": "ships"}
