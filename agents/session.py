@@ -91,16 +91,16 @@ class Session:
         name = agent.name if isinstance(agent, Agent) else agent
         if name not in self.by_name:
             raise ConfigError(f"agent {name!r} is not part of this session; add it to agents")
-        self.engine.hint(self.id, running=name, next=self.next_after(name))
+        self.engine.hint(self.id, running=name, next=self.next_after(name), tenant=self.tenant)
         return self.by_name[name].chat(messages, session=self.id, tenant=self.tenant, **kwargs)
 
     def __enter__(self) -> Session:
         if self.order or self.successors:  # steps-to-execution of every agent (eviction)
             self.engine.register_workflow(self.id, self)
         for agent in self.agents:  # precomputed when a hint names the agent as next
-            self.engine.register_static(self.id, agent.name, agent.messages([]))
-        self.engine.hint(self.id, next=self.next_after(None))
+            self.engine.register_static(self.id, agent.name, agent.messages([]), self.tenant)
+        self.engine.hint(self.id, next=self.next_after(None), tenant=self.tenant)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.engine.hint(self.id, release=tuple(self.by_name))
+        self.engine.hint(self.id, release=tuple(self.by_name), tenant=self.tenant)

@@ -205,7 +205,7 @@ class ChatKVShare(BaseChatModel):
             graph = workflow_of(self.engine, node)
             if graph is not None and not self.engine.knows_workflow(session, graph):
                 self.engine.register_workflow(session, graph)  # steps-to-execution
-            self.engine.hint(session, running=node, next=nexts)
+            self.engine.hint(session, running=node, next=nexts, tenant=self.tenant)
 
     def _generate(
         self,

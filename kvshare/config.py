@@ -178,10 +178,13 @@ class TiersConfig:
     of demotions to the disk tier that a writer thread may still be writing (their KV held in
     memory meanwhile) instead of the caller (0: the caller writes; ``kvshare.disk_tier``);
     used when the model runs on an accelerator (on CPU the writer would take the model's
-    cores: the caller writes, after its reply)."""
+    cores: the caller writes, after its reply); disk_key_file: the secret that seals the disk
+    tier's files (``kvshare.seal``; None: ``<disk_tier_dir>/kvshare.key``, created on first
+    use, owner-only)."""
 
     host_tier_bytes: int = 0
     disk_tier_dir: str | None = None
+    disk_key_file: str | None = None
     disk_tier_bytes: int = 8 << 30
     disk_write_behind_bytes: int = 256 << 20
     eviction: str = "workflow"
@@ -189,10 +192,10 @@ class TiersConfig:
     pin_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
-        if self.disk_tier_dir is not None and not isinstance(self.disk_tier_dir, str):
-            raise ConfigError(
-                f"disk_tier_dir must be a str path or None, got {self.disk_tier_dir!r}"
-            )
+        for name in ("disk_tier_dir", "disk_key_file"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a str path or None, got {value!r}")
         _set(self, {
             "host_tier_bytes": check_int("host_tier_bytes", self.host_tier_bytes, 0, _BYTES_MAX),
             "disk_tier_bytes": check_int("disk_tier_bytes", self.disk_tier_bytes, 0, _BYTES_MAX),

@@ -14,16 +14,21 @@ from kvshare.kernels import KV, GrowingCache, cache_kwargs
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; top_p in (0, 1] keeps the smallest nucleus reaching p."""
+    """temperature 0 is greedy, and so is any temperature below float32's smallest normal
+    number (``GREEDY_BELOW``: logits / t would be 0 / 0 at the top token); top_p in (0, 1]
+    keeps the smallest nucleus reaching p."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
 
 
+GREEDY_BELOW = torch.finfo(torch.float32).tiny  # 1.2e-38: sampling is in float32
+
+
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Next token from logits [V]. Host sync boundary: returns a Python int."""
-    if params.temperature <= 0.0:
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     scaled = logits.float() - logits.float().max()  # <= 0, so a tiny temperature gives -inf,
     probs = torch.softmax(scaled / params.temperature, dim=-1)  # never inf - inf = nan

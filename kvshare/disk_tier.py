@@ -1,14 +1,11 @@
-"""Disk tier: stored segments as safetensors files that survive a restart.
+"""Disk tier: stored segments as sealed safetensors files that survive a restart.
 
-Layout: ``directory/<model digest>/<sha256 of (scope, content_hash)>.safetensors``. The model
-digest hashes the :class:`ModelIdentity`, so two models never see each other's files; file
-names never carry raw ids.
-
-File: a plain safetensors file (any safetensors reader opens it): tensors ``keys`` then
-``values``, each [L, H, S, D] in the segment's dtype, and two ``__metadata__`` strings:
-``kvshare``, a JSON object (format version, model digest, scope, content_hash, tokens, kind,
-role, agent, source_start, slot, bounds, dtype, shape), and ``sha256``, the digest of that
-JSON text's UTF-8 bytes followed by the bytes of ``keys`` and of ``values``.
+Layout: ``directory/<model digest>/<sha256 of (scope, content_hash)>.safetensors`` and the
+store's secret ``directory/kvshare.key``. The model digest hashes the
+:class:`~kvshare.kv_identity.KVIdentity` (weights, KV-shaping config, dtype, attention, storage
+format); the layout is only an index: every file carries that digest, its scope and content
+hash, and the store's HMAC over all of it (``kvshare.segment_file``, ``kvshare.seal``), and every
+read checks them. File names never carry raw ids.
 
 Bytes: ``bytes_used`` counts tensor bytes (``StoredSegment.nbytes``, the unit every tier and
 the stack budget in), not file sizes: a file adds a header of ~600 bytes plus ~6 per token.
@@ -18,10 +15,12 @@ segment name, so never indexed), fsynced, renamed to its final name with ``os.re
 (atomic), then the directory is fsynced. A crash leaves no file or a complete one under the
 final name (after a power loss a removed file may come back: still a valid segment); opening
 a tier deletes temporaries whose writer process is gone. Whatever still goes wrong (bit rot,
-truncation, a foreign file) fails the checksum or the header checks: the file is deleted,
-counted in ``corrupt`` and the lookup misses; nothing raises.
+truncation, a foreign or edited file, another model's KV) fails the seal or the header
+checks: the file is deleted, counted in ``corrupt`` and the lookup misses. A path that is no
+regular file (a directory, a FIFO, a symlink) or cannot be read is never opened for reading
+(nor followed, nor waited on), left alone and counted in ``skipped``; nothing raises in a call.
 
-Loading maps the file (``safetensors.safe_open``: a private mmap, no copy): the tensors
+Loading maps the opened file (a private mmap, no copy): the tensors
 ``get`` returns are views of that mapping, which stays valid after ``remove`` deletes the file
 (POSIX keeps an unlinked file's pages while mapped; this tier only ever replaces or deletes
 files, never rewrites one in place). Its disk space is freed when the last view is.
@@ -40,38 +39,39 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import re
-import struct
+import stat
 import tempfile
 import threading
 import weakref
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
-from safetensors import safe_open
-from torch import Tensor
-
-from kvshare.anchors.persist import ModelIdentity, _fsync_dir
-from kvshare.errors import CacheDirError, ConfigError, ScopeError, StateFileError
-from kvshare.kernels import KV
-from kvshare.scope import Scope, check_id
+from kvshare.anchors.persist import _fsync_dir
+from kvshare.errors import CacheDirError, ConfigError, StateFileError
+from kvshare.kv_identity import STORAGE_FORMAT
+from kvshare.seal import KEY_FILE, Sealer
+from kvshare.segment_file import (
+    NotRegularError,
+    file_chunks,
+    file_name,
+    load,
+    meta_text,
+    open_regular,
+    read_meta,
+)
 from kvshare.store import StoredSegment, StoreKey
 from kvshare.tiers import KVTier
 
-FORMAT_VERSION = 1
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_CODES = {dtype: code for code, dtype in DTYPES.items()}
 _SEGMENT = re.compile(r"[0-9a-f]{64}\.safetensors")
 _TEMP = re.compile(r"\.(\d+)\..+\.tmp")  # .<writer pid>.<random>.tmp
-_STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
 _LIVE: weakref.WeakSet[DiskTier] = weakref.WeakSet()  # tiers that may have writes in flight
 
 
@@ -79,35 +79,6 @@ _LIVE: weakref.WeakSet[DiskTier] = weakref.WeakSet()  # tiers that may have writ
 def _flush_live() -> None:
     for tier in list(_LIVE):
         tier.flush()
-
-
-class _ScopeJSON(BaseModel):
-    model_config = _STRICT
-
-    kind: str
-    tenant: str | None
-    session: str | None
-    anonymous: bool
-
-
-class _Meta(BaseModel):
-    """The ``kvshare`` metadata of a segment file (a plain str scope stays a str)."""
-
-    model_config = _STRICT
-
-    version: int
-    model: str
-    scope: _ScopeJSON | str
-    content_hash: str
-    tokens: tuple[int, ...]
-    kind: str
-    role: str
-    agent: str | None
-    source_start: int
-    slot: str
-    bounds: tuple[tuple[int, str], ...]
-    dtype: str
-    shape: tuple[int, int, int, int]
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,88 +89,12 @@ class _Entry:
     nbytes: int
 
 
-def model_digest(identity: ModelIdentity) -> str:
-    """The name of ``identity``'s directory: 32 hex digits of a hash of its fields."""
+def model_digest(identity: Any) -> str:
+    """The name of ``identity``'s directory and the ``model`` every file of it carries: 32 hex
+    digits of a hash of its fields (a :class:`~kvshare.kv_identity.KVIdentity`, or any frozen
+    dataclass that names a model)."""
     blob = json.dumps(dataclasses.asdict(identity), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
-def _scope_json(scope: Hashable) -> dict[str, Any] | str:
-    """The JSON form of ``scope``: a :class:`Scope`'s fields or a plain str (else ScopeError)."""
-    if isinstance(scope, str):
-        return "" + scope
-    if type(scope) is Scope and isinstance(scope.kind, str) and isinstance(scope.anonymous, bool):
-        tenant, session = check_id("tenant", scope.tenant), check_id("session", scope.session)
-        return {"kind": "" + scope.kind, "tenant": tenant, "session": session,
-                "anonymous": scope.anonymous}  # fmt: skip
-    raise ScopeError(
-        f"the disk tier stores a Scope (str kind, str or None ids, bool anonymous) or a str, "
-        f"got {type(scope).__name__} {scope!r}; nothing was written"
-    )
-
-
-def _scope_of(data: _ScopeJSON | str) -> Hashable:
-    """The scope a file's metadata names (inverse of :func:`_scope_json`)."""
-    if isinstance(data, str):
-        return data
-    return Scope(data.kind, data.tenant, data.session, data.anonymous)
-
-
-def file_name(scope: Hashable, content_hash: str) -> str:
-    """The file name of the segment (scope, content_hash): a hash, never the raw ids."""
-    blob = json.dumps([_scope_json(scope), content_hash], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest() + ".safetensors"
-
-
-def _meta_text(segment: StoredSegment, model: str) -> str:
-    """``segment``'s metadata as JSON, checked to read back (ConfigError: nothing written)."""
-    kv = segment.kv
-    data = {
-        "version": FORMAT_VERSION, "model": model, "scope": _scope_json(segment.scope),
-        "content_hash": segment.content_hash, "tokens": [int(t) for t in segment.tokens],
-        "kind": segment.kind, "role": segment.role, "agent": segment.agent,
-        "source_start": segment.source_start, "slot": segment.slot,
-        "bounds": [list(b) for b in segment.bounds], "dtype": _CODES.get(kv.keys.dtype),
-        "shape": list(kv.keys.shape),
-    }  # fmt: skip
-    try:
-        text = json.dumps(data, separators=(",", ":"))
-        if data["dtype"] is None or kv.values.dtype != kv.keys.dtype:
-            raise ValueError(f"KV dtype {kv.keys.dtype} (supported: {list(_CODES)})")
-        _Meta.model_validate_json(text)
-    except (TypeError, ValueError) as exc:  # ValidationError is a ValueError
-        raise ConfigError(
-            f"segment {segment.content_hash!r} cannot be stored on disk: {exc}; nothing was written"
-        ) from exc
-    return text
-
-
-def _raw(t: Tensor) -> memoryview:
-    """The bytes of ``t`` on the host (no copy for a contiguous CPU tensor)."""
-    flat = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return flat.numpy().data
-
-
-def _checksum(text: str, *parts: memoryview) -> str:
-    digest = hashlib.sha256(text.encode())
-    for part in parts:
-        digest.update(part)
-    return digest.hexdigest()
-
-
-def _chunks(kv: KV, text: str) -> list[memoryview]:
-    """The bytes of a segment file: safetensors header (8-byte length, JSON padded with spaces
-    to 8 bytes so the tensors are aligned), ``keys`` at [0, n), ``values`` at [n, 2n)."""
-    keys, values = _raw(kv.keys), _raw(kv.values)
-    n, dtype, shape = keys.nbytes, _CODES[kv.keys.dtype], list(kv.keys.shape)
-    spans = {"keys": [0, n], "values": [n, 2 * n]}
-    head: dict[str, Any] = {
-        name: {"dtype": dtype, "shape": shape, "data_offsets": span} for name, span in spans.items()
-    }
-    head["__metadata__"] = {"kvshare": text, "sha256": _checksum(text, keys, values)}
-    raw = json.dumps(head, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return [memoryview(struct.pack("<Q", len(raw)) + raw), keys, values]
 
 
 def _write_temp(directory: Path, chunks: list[memoryview]) -> Path:
@@ -230,24 +125,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read_meta(stored: dict[str, str] | None, where: Path) -> tuple[str, str, _Meta]:
-    """The metadata text, its checksum and the parsed metadata (StateFileError if unusable)."""
-    try:
-        text, digest = (stored or {})["kvshare"], (stored or {})["sha256"]
-        return text, digest, _Meta.model_validate_json(text)
-    except (KeyError, ValidationError) as exc:
-        raise StateFileError(f"{where}: invalid kvshare metadata ({exc})") from exc
+def _is_regular(path: Path) -> bool:
+    """Whether ``path`` itself (not a symlink's target) is a regular file."""
+    with suppress(OSError):
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    return False
 
 
 class DiskTier(KVTier):
-    """Segments as files under ``directory/<model digest>/`` (format: the module docstring).
+    """Segments as files under ``directory/<model digest>/`` (format: ``kvshare.segment_file``).
 
-    budget_bytes: tensor bytes it may hold. identity: the model the KV belongs to.
-    corrupt: files found unusable and deleted; dropped: files deleted at open because they
-    were beyond the budget (the newest are kept); write_errors: puts refused (or, written
-    behind, lost) for an OSError. write_behind: bytes of puts that may wait for a writer
-    thread (0: every put writes before it returns; module docstring).
-    Raises CacheDirError when the directory cannot be created, ConfigError for a bad budget.
+    budget_bytes: tensor bytes it may hold. identity: everything that shapes the model's KV
+    (``KVIdentity.of(model)``; every file carries its digest and every read compares it).
+    key_file: the store's secret (``kvshare.seal``; default ``directory/kvshare.key``, created
+    on first use). write_behind: bytes of puts that may wait for a writer thread (0: every put
+    writes before it returns; module docstring).
+    Counters: corrupt: files found unusable (bad seal, identity, layout) and deleted; skipped:
+    paths that are no regular file or cannot be read (a directory, a FIFO, a symlink, no
+    permission), left alone and not indexed; dropped: files deleted at open because they were
+    beyond the budget (the newest are kept); write_errors: puts refused (or, written behind,
+    lost) for an OSError (a full disk: ENOSPC).
+    Raises CacheDirError when the directory cannot be created or written, or the key file is
+    unsafe; ConfigError for a bad budget.
     """
 
     name = "disk"
@@ -256,8 +155,9 @@ class DiskTier(KVTier):
         self,
         directory: str | Path,
         budget_bytes: int,
-        identity: ModelIdentity,
+        identity: Any,
         write_behind: int = 0,
+        key_file: str | Path | None = None,
     ) -> None:
         for what, value in (("budget_bytes", budget_bytes), ("write_behind", write_behind)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -267,9 +167,16 @@ class DiskTier(KVTier):
         self.path = Path(directory) / self.model
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            if self.path.is_symlink():  # never follow a link we did not write
+                raise NotADirectoryError(errno.ENOTDIR, "a symlink, not a directory")
+            if not os.access(self.path, os.W_OK | os.X_OK):  # refused here, not in a call
+                raise PermissionError(errno.EACCES, "not writable (read-only?)")
         except OSError as exc:
-            raise CacheDirError(f"cannot create the disk tier at {self.path}: {exc}") from exc
-        self.corrupt = self.dropped = self.write_errors = 0
+            raise CacheDirError(
+                f"the disk tier at {self.path} cannot be created or written: {exc.strerror or exc}"
+            ) from exc
+        self.sealer = Sealer.at(key_file if key_file is not None else Path(directory) / KEY_FILE)
+        self.corrupt = self.skipped = self.dropped = self.write_errors = 0
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)  # a write behind finished
         self._index: dict[StoreKey, _Entry] = {}
@@ -285,18 +192,23 @@ class DiskTier(KVTier):
 
     def _open(self) -> None:
         """Delete stale temporaries, then index this model's files, newest first, while they
-        fit the budget; unreadable ones are deleted (corrupt), the rest too (dropped)."""
+        fit the budget; files with a bad header are deleted (corrupt), paths that are no
+        regular file or cannot be read are left alone (skipped), the rest beyond the budget
+        are deleted (dropped). Nothing here blocks or raises for what the directory holds."""
         found = []
         for path in self.path.iterdir():
             temp = _TEMP.fullmatch(path.name)
-            if temp and not _alive(int(temp.group(1))):
+            if temp and not _alive(int(temp.group(1))) and _is_regular(path):
                 path.unlink(missing_ok=True)
             elif _SEGMENT.fullmatch(path.name):
                 with suppress(OSError):
-                    found.append((path.stat().st_mtime_ns, path))
+                    found.append((path.lstat().st_mtime_ns, path))
         for _, path in sorted(found, reverse=True):
             try:
                 key, nbytes = self._header(path)
+            except (NotRegularError, OSError):
+                self.skipped += 1
+                continue
             except Exception:  # any failure to parse a header: a corrupt file
                 self.corrupt += 1
                 path.unlink(missing_ok=True)
@@ -308,43 +220,48 @@ class DiskTier(KVTier):
             self._index[key] = _Entry(path, nbytes)
             self._bytes += nbytes
 
-    def _check(self, meta: _Meta, path: Path) -> StoreKey:
-        """The key ``path`` holds, after checking its version, model and name."""
-        key = (_scope_of(meta.scope), meta.content_hash)
-        if (meta.version, meta.model) != (FORMAT_VERSION, self.model) or meta.dtype not in DTYPES:
-            raise StateFileError(f"{path}: another format version, model or dtype")
+    def _header(self, path: Path) -> tuple[StoreKey, int]:
+        """The key of ``path`` and its tensor bytes, from its header alone (unsealed: only an
+        index; ``get`` checks the seal before anything is served)."""
+        fd, size = open_regular(path)
+        try:
+            meta = read_meta(fd, size, path)[0]
+        finally:
+            os.close(fd)
+        return self._check(meta.version, meta.model, meta.key(), path), meta.nbytes()
+
+    def _check(self, version: int, model: str, key: StoreKey, path: Path) -> StoreKey:
+        """``key`` after checking the file's format version, KV identity and name."""
+        if version != STORAGE_FORMAT:
+            raise StateFileError(f"{path}: storage format {version}, not {STORAGE_FORMAT}")
+        if model != self.model:
+            raise StateFileError(f"{path}: KV of another model or configuration ({model})")
         if file_name(*key) != path.name:
             raise StateFileError(f"{path}: its name is not the hash of its key")
         return key
 
-    def _header(self, path: Path) -> tuple[StoreKey, int]:
-        """The key of ``path`` and its tensor bytes, from its header alone."""
-        with safe_open(str(path), framework="pt") as f:
-            _, _, meta = _read_meta(f.metadata(), path)
-        key = self._check(meta, path)
-        return key, 2 * torch.Size(meta.shape).numel() * DTYPES[meta.dtype].itemsize
-
     def _load(self, path: Path, key: StoreKey) -> StoredSegment:
-        """The verified segment in ``path``: KV [L, H, S, D] mapped from the file (raises
-        StateFileError, OSError or a safetensors error when the file is unusable)."""
-        with safe_open(str(path), framework="pt") as f:
-            text, digest, meta = _read_meta(f.metadata(), path)
-            kv = KV(f.get_tensor("keys"), f.get_tensor("values"))
-        found = self._check(meta, path)
-        if found != key:
+        """The sealed segment in ``path``: KV [L, H, S, D] mapped from the file (raises
+        NotRegularError, StateFileError or OSError when the file is unusable)."""
+        fd, size = open_regular(path)
+        try:
+            meta, kv = load(fd, size, self.sealer, path)
+        finally:
+            os.close(fd)
+        if self._check(meta.version, meta.model, meta.key(), path) != key:
             raise StateFileError(f"{path}: holds another key")
-        if {kv.keys.dtype, kv.values.dtype} != {DTYPES[meta.dtype]} or kv.keys.shape != meta.shape:
-            raise StateFileError(f"{path}: tensors differ from the metadata")
-        if _checksum(text, _raw(kv.keys), _raw(kv.values)) != digest:
-            raise StateFileError(f"{path}: checksum mismatch")
         return StoredSegment(
-            found[0], meta.content_hash, meta.tokens, kv, meta.kind, meta.role, meta.agent,
+            key[0], meta.content_hash, meta.tokens, kv, meta.kind, meta.role, meta.agent,
             meta.source_start, meta.slot, meta.bounds,
         )  # fmt: skip
 
+    def _temp(self, segment: StoredSegment, text: str) -> Path:
+        """``segment``'s sealed file, written to a temporary name (OSError: none is left)."""
+        return _write_temp(self.path, file_chunks(segment.kv, text, self.sealer))
+
     def put(self, segment: StoredSegment) -> bool:
         path = self.path / file_name(segment.scope, segment.content_hash)  # may raise ScopeError
-        text, key, nbytes = _meta_text(segment, self.model), segment.key, segment.nbytes
+        text, key, nbytes = meta_text(segment, self.model), segment.key, segment.nbytes
         with self._lock:
             if key in self._index or key in self._pending:
                 return True
@@ -364,7 +281,7 @@ class DiskTier(KVTier):
         """Write and commit ``segment``'s file in this thread (the bytes are reserved)."""
         nbytes = segment.nbytes
         try:
-            temp = _write_temp(self.path, _chunks(segment.kv, text))
+            temp = self._temp(segment, text)
             self._commit(key, _Entry(path, nbytes), temp)
         except OSError:  # no space, no permission: the segment does not fit
             self._release(nbytes, error=True)
@@ -385,7 +302,7 @@ class DiskTier(KVTier):
                 key, item = next(iter(self._pending.items()))
             segment, path, text = item
             try:
-                temp: Path | None = _write_temp(self.path, _chunks(segment.kv, text))
+                temp: Path | None = self._temp(segment, text)
             except Exception:  # no space, no permission: the segment is lost (counted)
                 temp = None
             with self._lock:
@@ -441,17 +358,27 @@ class DiskTier(KVTier):
             return None
         try:
             segment = self._load(entry.path, key)
-        except Exception:  # any failure to read or verify the file: a miss, never an error
+        except (NotRegularError, OSError):  # not ours to delete, or not readable: skipped
+            self._discard(key, entry, delete=False)
+            return None
+        except Exception:  # any failure to verify the file: a miss, never an error
             self._discard(key, entry)
             return None
         return segment if segment.tokens == tuple(tokens) else None
 
-    def _discard(self, key: StoreKey, entry: _Entry) -> None:
-        """Delete a corrupt file, unless a remove or put changed ``key`` since it was read."""
+    def _discard(self, key: StoreKey, entry: _Entry, delete: bool = True) -> None:
+        """Forget ``key`` (and delete its corrupt file when ``delete``), unless a remove or
+        put changed ``key`` since it was read; counted in ``corrupt`` or ``skipped``."""
         with self._lock:
-            if self._index.get(key) is entry:
+            if self._index.get(key) is not entry:
+                return
+            if delete:
                 self._remove_locked(key)
                 self.corrupt += 1
+            else:
+                self._index.pop(key)
+                self._bytes -= entry.nbytes
+                self.skipped += 1
 
     def _remove_locked(self, key: StoreKey) -> int:
         """:meth:`remove` for a caller that holds the lock (a pending write is cancelled)."""
@@ -486,8 +413,11 @@ class DiskTier(KVTier):
             out = [(k, p[0].tokens, p[0].nbytes) for k, p in self._pending.items()]
         for key, entry in entries:
             with suppress(Exception):
-                with safe_open(str(entry.path), framework="pt") as f:
-                    _, _, meta = _read_meta(f.metadata(), entry.path)
+                fd, size = open_regular(entry.path)
+                try:
+                    meta = read_meta(fd, size, entry.path)[0]
+                finally:
+                    os.close(fd)
                 out.append((key, tuple(meta.tokens), entry.nbytes))
         return out
 

@@ -31,7 +31,7 @@ from kvshare.relocate import Assembly
 from kvshare.request import Request, make_request
 from kvshare.results import ChatResult, MemoryUsage, call_stats, check_finite
 from kvshare.schedule import BaseScheduler, LRUScheduler, Scheduler, SchedulerConfig
-from kvshare.scope import Scope, scope_of
+from kvshare.scope import Scope, check_id, scope_of
 from kvshare.stats import CallLedger, CallStats, SessionStats
 from kvshare.store import LRUSegmentStore, NullSegmentStore, SegmentStore
 from kvshare.tiered import TieredStore, build_tiers, scheduler_priority
@@ -190,19 +190,25 @@ class Engine:
         next: Sequence[str] = (),
         release: Sequence[str] = (),
         ttl: float | None = None,
+        tenant: str | None = None,
     ) -> Hint:
         """Tell the cache which agent of ``session`` runs now, which run next (in order) and
         which will not run again (``kvshare.hints``). Hints never change outputs: they feed the
         scheduler (what the tiered store keeps up), start a prefetch of the next agents'
         segments and static prompts, and are recorded (``hints()``, ``stats().hints``).
+        ``tenant``: whose workflow it is (as in ``chat``): only that tenant's static prompts
+        (``register_static``) are precomputed, into that tenant's scope.
         ScopeError / ConfigError for bad ids, names or ttl; nothing recorded then."""
-        h = make_hint(session, running, next, release, ttl)
+        h = make_hint(session, running, next, release, ttl, tenant)
         self.hint_log.add(h)
         self.scheduler.observe(h)
         self.workflows.observe(h)
         if self.prefetcher is not None and h.next:
-            static = self.workflows.static(session, h.next)
-            warm = [partial(self.precompute, m, session=session) for m in static]
+            static = self.workflows.static(h.tenant, session, h.next)
+            warm = [
+                partial(self.precompute, m, agent=a, session=session, tenant=h.tenant)
+                for a, m in static
+            ]
             users = [(session, a) for a in h.next]
             self.prefetcher.request(session, users, warm, after_call=h.running is not None)
         return h
@@ -226,10 +232,16 @@ class Engine:
             pipeline.precompute(self.parts, req, self.learned.get(req.scope))
         return len(req.prompt)
 
-    def register_static(self, session: str, agent: str, messages: Any) -> None:
-        """``agent``'s static prompt in ``session`` (its system prompt and tool block): when a
-        hint names it as next, the prefetcher precomputes it (``precompute``) in the gap."""
-        self.workflows.set_static(session, agent, messages)
+    def register_static(
+        self, session: str, agent: str, messages: Any, tenant: str | None = None
+    ) -> None:
+        """``agent``'s static prompt in ``tenant``'s ``session`` (its system prompt and tool
+        block): when that tenant's hint names it as next, the prefetcher precomputes it
+        (``precompute``, in that tenant's scope) in the gap. ScopeError for a bad id."""
+        ids = [check_id(n, v) for n, v in (("session", session), ("agent", agent))]
+        if None in ids:
+            raise ScopeError("register_static needs a session and an agent id (str)")
+        self.workflows.set_static(check_id("tenant", tenant), session, agent, messages)
 
     def register_workflow(self, session: str, workflow: Any) -> None:
         """The step graph ``session`` runs (a networkx graph, a LangGraph graph, an order

@@ -26,7 +26,8 @@ from kvshare.validate import check_float
 class Hint:
     """One hint: in ``session``, ``running`` runs now, ``next`` run after it (in order),
     ``release`` will not run again; ``ttl``: seconds the hint stays valid (None: until the
-    next hint of the session). ``at``: ``time.monotonic()`` when it was given."""
+    next hint of the session). ``at``: ``time.monotonic()`` when it was given. ``tenant``:
+    whose workflow it is; what the hint precomputes is stored under that tenant's scope."""
 
     session: str
     running: str | None
@@ -34,6 +35,7 @@ class Hint:
     release: tuple[str, ...]
     ttl: float | None
     at: float
+    tenant: str | None = None
 
 
 def _names(what: str, names: Any) -> tuple[str, ...]:
@@ -47,14 +49,17 @@ def _names(what: str, names: Any) -> tuple[str, ...]:
     return out
 
 
-def make_hint(session: Any, running: Any, next: Any, release: Any, ttl: Any) -> Hint:
+def make_hint(
+    session: Any, running: Any, next: Any, release: Any, ttl: Any, tenant: Any = None
+) -> Hint:
     """A checked hint (ScopeError for non-str ids, ConfigError for the rest)."""
+    tenant = check_id("tenant", tenant)
     if check_id("session", session) is None:
         raise ConfigError("a hint needs a session id (hints are per workflow run)")
     running = check_id("hint running agent", running)
     ttl = None if ttl is None else check_float("ttl", ttl, 0.0, open_lo=True)
     names = _names("next", next), _names("release", release)
-    return Hint(session, running, *names, ttl, time.monotonic())
+    return Hint(session, running, *names, ttl, time.monotonic(), tenant)
 
 
 class HintLog:

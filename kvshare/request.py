@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvshare.config import EngineConfig
-from kvshare.decode import SamplingParams
+from kvshare.decode import GREEDY_BELOW, SamplingParams
 from kvshare.errors import ContextLengthError
 from kvshare.prompt import Prompt, render
 from kvshare.scope import Scope, check_id, scope_of
@@ -60,8 +60,10 @@ def check_stop(stop: Any) -> tuple[str, ...]:
 
 
 def check_sampling(temperature: Any, top_p: Any, seed: Any) -> SamplingParams:
-    """temperature finite in [0, MAX_TEMPERATURE]; top_p in (0, 1]; seed an int in range."""
+    """temperature finite in [0, MAX_TEMPERATURE] (below ``GREEDY_BELOW``: 0, greedy); top_p
+    in (0, 1]; seed an int in range."""
     temp = check_float("temperature", temperature, 0.0, MAX_TEMPERATURE)
+    temp = 0.0 if temp < GREEDY_BELOW else temp
     p = check_float("top_p", top_p, 0.0, 1.0, open_lo=True)
     s = None if seed is None else check_int("seed", seed, *SEED_RANGE)
     return SamplingParams(temp, p, s)

@@ -30,14 +30,23 @@ GLOBAL = Scope("global")
 
 
 def check_id(name: str, value: Any) -> str | None:
-    """``value`` if it is a str or None; anything else raises :class:`ScopeError`.
+    """``value`` if it is a str that encodes as UTF-8, or None; anything else raises
+    :class:`ScopeError`.
 
     Ids are never stringified: ``0``, ``False`` and ``""`` would otherwise fall into one scope,
-    and ``1`` would share with ``"1"``.
+    and ``1`` would share with ``"1"``. An id with a lone surrogate is refused here, before any
+    state changes (it could not be written to a file, a log or the wire later).
     """
     if value is None:
         return None
     if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ScopeError(
+                f"{name} is not valid Unicode text ({exc.reason} at position {exc.start}, e.g. "
+                f"a lone surrogate): decode the source bytes properly"
+            ) from None
         return "" + value  # a plain str, also for str subclasses (enums)
     raise ScopeError(
         f"{name} must be a str or None, got {type(value).__name__} {value!r}; pass the id as "

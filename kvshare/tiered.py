@@ -469,24 +469,11 @@ class TieredStore(SegmentStore):
             self._uses.clear()
 
 
-def weights_digest(model: Any) -> str:
-    """A fingerprint of a model's weights (a strided sample of every parameter, with names,
-    shapes and dtypes): stored KV is only valid for the exact weights that computed it."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu()
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:24]
-
-
 def build_tiers(cfg: Any, device_bytes: int, device: Any, model: Any) -> list[KVTier]:
     """The tiers a ``TiersConfig`` asks for: device (the model's device), then host memory
-    (``host_tier_bytes`` > 0), then disk (``disk_tier_dir``), under a directory named by
-    the weights' fingerprint so no other model ever reads them. The disk tier writes behind
+    (``host_tier_bytes`` > 0), then disk (``disk_tier_dir``, sealed with the key in
+    ``disk_key_file``), its files bound to the model's :class:`KVIdentity` (weights and every
+    KV-shaping config field) so no other model ever reads them. The disk tier writes behind
     the caller only when the model runs on an accelerator: on a CPU-only engine the writer
     thread (a checksum and a copy per segment) takes cores from the next call (measured on
     one core: remember stage 100-150 -> 15-20 ms, mean TTFT of the next calls +0.03-0.09 s),
@@ -497,13 +484,11 @@ def build_tiers(cfg: Any, device_bytes: int, device: Any, model: Any) -> list[KV
     if cfg.host_tier_bytes:
         tiers.append(MemoryTier("host", "cpu", cfg.host_tier_bytes))
     if cfg.disk_tier_dir is not None:
-        from pathlib import Path
-
-        from kvshare.anchors import ModelIdentity
         from kvshare.disk_tier import DiskTier
+        from kvshare.kv_identity import KVIdentity
 
-        where = Path(cfg.disk_tier_dir) / weights_digest(model)
-        identity, on_cpu = ModelIdentity.of(model), torch.device(device).type == "cpu"
+        identity, on_cpu = KVIdentity.of(model), torch.device(device).type == "cpu"
         behind = 0 if on_cpu else cfg.disk_write_behind_bytes
-        tiers.append(DiskTier(where, cfg.disk_tier_bytes, identity, write_behind=behind))
+        disk = DiskTier(cfg.disk_tier_dir, cfg.disk_tier_bytes, identity, behind, cfg.disk_key_file)
+        tiers.append(disk)
     return tiers

@@ -26,7 +26,8 @@ class WorkflowMemory:
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self._readers: OrderedDict[tuple[str, str], tuple[str, ...]] = OrderedDict()
-        self._static: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        # (tenant, session, agent) -> static prompt: a tenant's prompts stay that tenant's
+        self._static: OrderedDict[tuple[str | None, str, str], Any] = OrderedDict()
         self._graphs: OrderedDict[str, int] = OrderedDict()  # session -> id(workflow)
         self._lock = threading.Lock()
 
@@ -42,14 +43,18 @@ class WorkflowMemory:
         with self._lock:
             return self._readers.get((session, agent), ())
 
-    def set_static(self, session: str, agent: str, messages: Any) -> None:
+    def set_static(self, tenant: str | None, session: str, agent: str, messages: Any) -> None:
         with self._lock:
-            _put(self._static, (session, agent), messages, self.cap)
+            _put(self._static, (tenant, session, agent), messages, self.cap)
 
-    def static(self, session: str, agents: Iterable[str]) -> list[Any]:
-        """The static prompts registered for ``agents`` of ``session``, in order."""
+    def static(
+        self, tenant: str | None, session: str, agents: Iterable[str]
+    ) -> list[tuple[str, Any]]:
+        """(agent, static prompt) registered by ``tenant`` for ``agents`` of ``session``, in
+        order (another tenant's registrations for the same session and agent are not seen)."""
         with self._lock:
-            return [self._static[(session, a)] for a in agents if (session, a) in self._static]
+            keys = [(tenant, session, a) for a in agents]
+            return [(k[2], self._static[k]) for k in keys if k in self._static]
 
     def set_graph(self, session: str, workflow: Any) -> None:
         with self._lock:

@@ -216,3 +216,36 @@ def test_the_disk_tier_writes_behind_only_when_the_model_is_not_on_the_cpu(tiny_
     cfg = TiersConfig(disk_tier_dir=str(tmp_path / "gpu"), disk_write_behind_bytes=1 << 20)
     tiers = build_tiers(cfg, 1 << 20, "meta", e.model)  # any accelerator: not "cpu"
     assert tiers[-1].write_behind == 1 << 20
+
+
+def test_a_tenants_precomputed_static_prompt_serves_that_tenant_only(tiny_dirs):
+    """X's session registers its agents' secret system prompts; the prefetcher precomputes
+    them in X's scope: X's next agent hits them, a call of tenant None or Y with the same
+    prompt gets nothing (it used to: the precompute ran with tenant None)."""
+    from kvshare.agents import Agent, Session
+
+    e = Engine.from_pretrained(str(tiny_dirs["llama"]), config=EngineConfig(mode="prefix"))
+    secret = "You are the reader. The vault code is 4417. " + DOC
+    agents = [Agent("reader", secret, e), Agent("writer", "You are the writer. " + DOC, e)]
+    with Session(agents, id="run", order=["reader", "writer"], tenant="X") as s:
+        assert e.prefetcher is not None and e.prefetcher.drain() and e.prefetcher.warmed == 2
+        probe = agents[0].messages("Summarise.")
+        for other in (None, "Y"):
+            leak = e.chat(probe, agent="reader", session="run", tenant=other, max_new_tokens=2)
+            assert leak.stats.prefix_hit_tokens == 0, other
+        own = s.chat("reader", "Summarise.", max_new_tokens=2)
+    assert own.stats.prefix_hit_tokens > 40
+    assert [h.tenant for h in e.hints("run")] == ["X", "X", "X"]
+
+
+def test_static_prompts_and_hints_of_one_session_id_stay_per_tenant(tiny_dirs):
+    e = Engine.from_pretrained(str(tiny_dirs["llama"]), config=EngineConfig(mode="prefix"))
+    e.register_static("run", "reader", [{"role": "system", "content": "X's. " + DOC}], "X")
+    e.hint("run", next=["reader"], tenant="Y")  # Y names X's agent: nothing to precompute
+    assert e.prefetcher is not None and e.prefetcher.drain() and e.prefetcher.warmed == 0
+    e.hint("run", next=["reader"], tenant="X")
+    assert e.prefetcher.drain() and e.prefetcher.warmed == 1
+    with pytest.raises(ScopeError):
+        e.register_static("run", "reader", [], tenant="bad\ud800id")
+    with pytest.raises(ScopeError):
+        e.hint("run", next=["reader"], tenant=7)  # type: ignore[arg-type]

@@ -146,3 +146,27 @@ def test_control_tokens_in_user_content_stay_text(tiny_engine):
     assert forged.ids.count(next(iter(special))) > safe.ids.count(next(iter(special)))
     eng = tiny_engine.fork(mode="prefix")
     assert eng.chat(msgs, max_new_tokens=2).stats.prompt_tokens == len(safe)
+
+
+@pytest.mark.parametrize("where", ["tenant", "session", "agent"])
+def test_an_id_with_a_lone_surrogate_is_refused_before_any_state_changes(
+    tiny_dirs, tmp_path, where
+):
+    """It used to pass validation, run, then fail in `remember` on a disk-tier engine after
+    the prefix cache had grown (and every retry failed the same way)."""
+    from kvshare.errors import ScopeError
+
+    config = EngineConfig.of(mode="kvshare", disk_tier_dir=str(tmp_path))
+    e = Engine.from_pretrained(str(tiny_dirs["llama"]), config=config)
+    before = fingerprint(e)
+    with pytest.raises(ScopeError, match="lone surrogate"):
+        e.chat(team("a"), max_new_tokens=2, **{where: "x\ud800y"})
+    assert fingerprint(e) == before
+    assert e.chat(team("a"), max_new_tokens=2, **{where: "x-y"}).stats.prompt_tokens > 0
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-39])
+def test_a_positive_temperature_that_underflows_is_greedy(tiny_engine, temperature):
+    greedy = tiny_engine.chat(team("a"), max_new_tokens=6, temperature=0.0)
+    tiny = tiny_engine.chat(team("a"), max_new_tokens=6, temperature=temperature, seed=1)
+    assert tiny.text == greedy.text and tiny.stats.computed_tokens >= 0
