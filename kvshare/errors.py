@@ -60,3 +60,8 @@ class KernelUnavailableError(ConfigError):
 
 class StructuredOutputError(KVShareError, ValueError):
     """The model's replies did not satisfy a structured-output schema after every retry."""
+
+
+class SandboxUnavailableError(KVShareError, RuntimeError):
+    """No OS-level sandbox can start on this machine (bubblewrap missing, or user namespaces
+    disabled): untrusted code is refused rather than run under the policy layer alone."""

@@ -11,7 +11,6 @@ index). An unknown config field counts, so a new transformers field can only spl
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ class KVIdentity:
     """What stored KV belongs to. ``weights``: digest of every parameter (name, shape, dtype,
     float64 sum and a strided sample); ``config``: digest of the KV-shaping config fields;
     ``dtype``: the parameters' dtype; ``attention``: the attention implementation;
-    ``format``: :data:`STORAGE_FORMAT`. ``digest()``: one hex string of all of them."""
+    ``format``: :data:`STORAGE_FORMAT`. ``kvshare.disk_tier.model_digest`` hashes it into the
+    one string every stored entry carries."""
 
     architecture: str
     weights: str
@@ -46,10 +46,6 @@ class KVIdentity:
     dtype: str
     attention: str
     format: int = STORAGE_FORMAT
-
-    def digest(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     @classmethod
     def of(cls, model: Any) -> KVIdentity:

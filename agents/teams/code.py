@@ -6,7 +6,7 @@ sandbox (``kvshare.agents.sandbox``) and its report goes back as a ``ToolMessage
 passes is done, otherwise the reviewer (who may call ``run_tests`` itself, once) explains the
 failure and the fixer rewrites the function. Every agent has ``run_tests`` bound, so every
 prompt starts with the same tool block. pass@1: the share of problems whose final code
-passes its tests in the sandbox (subprocess, timeout, no network, temp dir, resource limits).
+passes its tests (judged outside the sandbox, which is an OS boundary: ``sandbox_os``).
 """
 
 from __future__ import annotations
