@@ -50,12 +50,14 @@ class MathItem:
 @dataclass(frozen=True)
 class CodeItem:
     """One HumanEval problem: the function's signature and docstring, its tests
-    (``def check(candidate)``) and the function's name."""
+    (``def check(candidate)``), the function's name and the reference body (HumanEval's
+    ``canonical_solution``: ``prompt + canonical_solution`` is an honest solution)."""
 
     task_id: str
     prompt: str
     test: str
     entry_point: str
+    canonical_solution: str = ""
 
 
 def _file(package: str, dist: str, relative: str) -> Path:
@@ -124,7 +126,10 @@ def _humaneval() -> tuple[CodeItem, ...]:
         rows = [json.loads(line) for line in fh if line.strip()]
     first = [rows[i] for i in HUMANEVAL_FIRST]
     ordered = first + [r for i, r in enumerate(rows) if i not in HUMANEVAL_FIRST]
-    return tuple(CodeItem(r["task_id"], r["prompt"], r["test"], r["entry_point"]) for r in ordered)
+    return tuple(
+        CodeItem(r["task_id"], r["prompt"], r["test"], r["entry_point"], r["canonical_solution"])
+        for r in ordered
+    )
 
 
 def code_items(n: int = 3, offset: int = 0) -> tuple[CodeItem, ...]:
