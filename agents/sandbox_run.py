@@ -24,7 +24,7 @@ from typing import Any
 from kvshare.agents.sandbox_os import Jail
 from kvshare.agents.sandbox_wire import WireError, decode, encode, message, parse
 
-EXIT_SYNTAX = 3
+EXIT_SYNTAX = 3  # sandbox_child.EXIT_SYNTAX (that text runs alone in the sandbox)
 _PARTS = ("sandbox_guard.py", "sandbox_wire.py", "sandbox_child.py")
 
 
@@ -97,10 +97,13 @@ class CandidateRun:
             if fd >= 0:
                 os.close(fd)
         self._req = self._rep = -1
-        if self._proc is not None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:  # not reaped: its pid (the group's id) is still reserved
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            self._proc.wait()
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     # --- the wire --------------------------------------------------------------------------
 
@@ -181,7 +184,8 @@ class CandidateRun:
 
     def _ended(self) -> BaseException:
         """Why the program stopped answering (it is reaped here)."""
-        assert self._proc is not None
+        if self._proc is None:
+            return RunEnded("error", "error: the run was already closed")
         try:
             code = self._proc.wait(timeout=max(self._deadline - time.monotonic(), 0.05))
         except subprocess.TimeoutExpired:
