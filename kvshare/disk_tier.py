@@ -83,10 +83,11 @@ def _flush_live() -> None:
 
 @dataclass(frozen=True, eq=False)
 class _Entry:
-    """An indexed file and the tensor bytes it holds (compared by identity)."""
+    """An indexed file, the tensor bytes and the token ids it holds (compared by identity)."""
 
     path: Path
     nbytes: int
+    tokens: tuple[int, ...]
 
 
 def model_digest(identity: Any) -> str:
@@ -205,7 +206,7 @@ class DiskTier(KVTier):
                     found.append((path.lstat().st_mtime_ns, path))
         for _, path in sorted(found, reverse=True):
             try:
-                key, nbytes = self._header(path)
+                key, nbytes, tokens = self._header(path)
             except (NotRegularError, OSError):
                 self.skipped += 1
                 continue
@@ -217,18 +218,19 @@ class DiskTier(KVTier):
                 self.dropped += 1
                 path.unlink(missing_ok=True)
                 continue
-            self._index[key] = _Entry(path, nbytes)
+            self._index[key] = _Entry(path, nbytes, tokens)
             self._bytes += nbytes
 
-    def _header(self, path: Path) -> tuple[StoreKey, int]:
-        """The key of ``path`` and its tensor bytes, from its header alone (unsealed: only an
-        index; ``get`` checks the seal before anything is served)."""
+    def _header(self, path: Path) -> tuple[StoreKey, int, tuple[int, ...]]:
+        """The key of ``path``, its tensor bytes and token ids, from its header alone
+        (unsealed: only an index; ``get`` checks the seal before anything is served)."""
         fd, size = open_regular(path)
         try:
             meta = read_meta(fd, size, path)[0]
         finally:
             os.close(fd)
-        return self._check(meta.version, meta.model, meta.key(), path), meta.nbytes()
+        key = self._check(meta.version, meta.model, meta.key(), path)
+        return key, meta.nbytes(), meta.tokens
 
     def _check(self, version: int, model: str, key: StoreKey, path: Path) -> StoreKey:
         """``key`` after checking the file's format version, KV identity and name."""
@@ -282,7 +284,7 @@ class DiskTier(KVTier):
         nbytes = segment.nbytes
         try:
             temp = self._temp(segment, text)
-            self._commit(key, _Entry(path, nbytes), temp)
+            self._commit(key, _Entry(path, nbytes, segment.tokens), temp)
         except OSError:  # no space, no permission: the segment does not fit
             self._release(nbytes, error=True)
             return False
@@ -312,7 +314,8 @@ class DiskTier(KVTier):
                     with suppress(OSError):
                         if temp is not None:
                             os.replace(temp, path)
-                            self._index[key], temp = _Entry(path, segment.nbytes), None
+                            entry = _Entry(path, segment.nbytes, segment.tokens)
+                            self._index[key], temp = entry, None
                     if key not in self._index:
                         self._bytes -= segment.nbytes
                         self.write_errors += 1
@@ -406,20 +409,11 @@ class DiskTier(KVTier):
             return [*self._index, *self._pending]
 
     def listing(self) -> list[tuple[StoreKey, tuple[int, ...], int]]:
-        """Read from the files' headers (no tensor data); unreadable files are left to the
-        next ``get`` (which drops them as corrupt)."""
+        """From the index (the headers were read once, at open; no I/O here): a file that
+        went bad since is left to the next ``get``, which drops it as corrupt."""
         with self._lock:
-            entries = list(self._index.items())
             out = [(k, p[0].tokens, p[0].nbytes) for k, p in self._pending.items()]
-        for key, entry in entries:
-            with suppress(Exception):
-                fd, size = open_regular(entry.path)
-                try:
-                    meta = read_meta(fd, size, entry.path)[0]
-                finally:
-                    os.close(fd)
-                out.append((key, tuple(meta.tokens), entry.nbytes))
-        return out
+            return out + [(k, e.tokens, e.nbytes) for k, e in self._index.items()]
 
     def __contains__(self, key: StoreKey) -> bool:
         with self._lock:
