@@ -1,5 +1,9 @@
 """kvshare.agents: the agent API for code without LangGraph (``Agent``, ``Session``) and
-the reference teams (``kvshare.agents.teams``); see the README module map."""
+the reference teams (``kvshare.agents.teams``); see the README module map.
+
+Wing: the applications (beside ``integrations``, ``bench``, ``explore``). May import:
+``kvshare.engine`` and every wing below it, ``kvshare.integrations`` and ``kvshare.bench``.
+"""
 
 # Imported by a bare name from the repo root: yield to the installed package (_unshadow.py).
 if __name__ != "kvshare.agents":

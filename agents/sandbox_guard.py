@@ -13,8 +13,8 @@ object-graph walkers and other threads' frames, reading process memory or enviro
 Guard functions never look anything up in globals or builtins at call time (candidate code can
 rewrite both): what they use is bound as default arguments or closure variables.
 
-(Just over 300 lines: the guard's rule tables and checks are one unit; a split would only add a
-fourth text to the program the sandbox runs.)
+Over 300 lines: the guard's rule tables and checks are one unit; a split would only add a
+fourth text to the program the sandbox runs.
 """
 
 import _stat

@@ -16,7 +16,7 @@ from typing import Any
 
 from kvshare.integrations.tools import tool_schemas, with_tools
 
-from kvshare.engine import ChatResult, Engine
+from kvshare.engine.engine import ChatResult, Engine
 from kvshare.errors import ConfigError
 
 

@@ -1,4 +1,7 @@
-"""kvshare.anchors: the online pool of position-free KV deviations (anchors)."""
+"""kvshare.anchors: the online pool of position-free KV deviations (anchors).
+
+Wing: ``anchors``. May import: the core and ``kvshare.kernels``.
+"""
 
 # Imported by a bare name from the repo root: yield to the installed package (_unshadow.py).
 if __name__ != "kvshare.anchors":

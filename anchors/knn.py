@@ -3,7 +3,7 @@
 Two backends behind one contract (squared L2 distances, ascending, ties by lower id):
 ``faiss`` (a flat index on CPU, the default there) and ``torch`` (a matmul and a top-k on the
 tensors' own device: the anchor estimate then never leaves the GPU). ``index_for(device)``
-picks one; both are tested against each other (``tests/test_anchors.py``).
+picks one; both are tested against each other (``tests/anchors/test_anchors.py``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""kvshare.integrations: see the README module map."""
+"""kvshare.integrations: LangChain (``ChatKVShare``) and LangGraph (``wrap``) on an Engine.
+
+Wing: the applications. May import: ``kvshare.engine`` and every wing below it.
+"""
 
 # Imported by a bare name from the repo root: yield to the installed package (_unshadow.py).
 if __name__ != "kvshare.integrations":

@@ -11,35 +11,36 @@ reply and retrying. Forcing a call (``tool_choice`` other than ``auto``/``none``
 ``json_schema`` and ``strict`` structured output need constrained decoding, which kvshare does
 not have yet (issue 11): they raise ConfigError. One ChatKVShare runs its engine's one model: a
 per-call ``model=`` naming another model is a ConfigError, never silently ignored.
+Replies are built in ``kvshare.integrations.replies``, structured output's checks and retries
+live in ``kvshare.integrations.structured``.
 """
 
 from __future__ import annotations
 
-import json
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
 from kvshare.integrations.langgraph import successors, workflow_of
+from kvshare.integrations.replies import TokenStream, as_chunk, response_metadata, usage
+from kvshare.integrations.structured import (
+    check_structured_options,
+    parse_structured,
+    structured_attempts,
+)
 from kvshare.integrations.tools import parse_calls, tool_schemas, with_tools
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableLambda
 from langchain_core.runnables.config import ensure_config
-from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, model_validator
 
-from kvshare.engine import ChatResult as KVResult
-from kvshare.engine import Engine
-from kvshare.errors import ConfigError, StructuredOutputError
+from kvshare.engine.engine import Engine
+from kvshare.errors import ConfigError
 
 
 class ChatKVShare(BaseChatModel):
@@ -149,7 +150,7 @@ class ChatKVShare(BaseChatModel):
         StructuredOutputError. ``include_raw``: ``{"raw", "parsed", "parsing_error"}``.
         ``method``: ``function_calling`` only; ``json_schema``, ``json_mode`` and
         ``strict=True`` need constrained decoding (ConfigError)."""
-        _check_structured_options(method, strict, kwargs)
+        check_structured_options(method, strict, kwargs)
         name = tool_schemas([schema])[0]["function"]["name"]
         llm = self.bind_tools(
             [schema],
@@ -160,7 +161,7 @@ class ChatKVShare(BaseChatModel):
         )
         parse = partial(parse_structured, schema, name)
         attempts = partial(
-            _structured_attempts, llm, parse, name=name, retries=retries, raw=include_raw
+            structured_attempts, llm, parse, name=name, retries=retries, raw=include_raw
         )
         return RunnableLambda(attempts, name=f"structured_output[{name}]")
 
@@ -240,10 +241,10 @@ class ChatKVShare(BaseChatModel):
         if kwargs.get("tools"):
             whole = self._generate(messages, stop, run_manager, **kwargs).generations[0].message
             assert isinstance(whole, AIMessage)
-            yield ChatGenerationChunk(message=_as_chunk(whole))
+            yield ChatGenerationChunk(message=as_chunk(whole))
             return
         args = self._start_call(messages, stop, **kwargs)
-        stream = _TokenStream(self.engine, args)
+        stream = TokenStream(self.engine, args)
         sent = ""
         for text in stream.texts():
             if len(text) > len(sent):
@@ -261,139 +262,3 @@ class ChatKVShare(BaseChatModel):
             chunk_position="last",
         )
         yield ChatGenerationChunk(message=last)
-
-
-def _as_chunk(message: AIMessage) -> AIMessageChunk:
-    """A whole reply as one last chunk (tool calls as tool-call chunks)."""
-    chunks = [
-        tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
-        for i, c in enumerate(message.tool_calls)
-    ]
-    return AIMessageChunk(
-        content=message.content,
-        tool_call_chunks=chunks,
-        usage_metadata=message.usage_metadata,
-        response_metadata=message.response_metadata,
-        chunk_position="last",
-    )
-
-
-_STRUCTURED_METHODS = (None, "function_calling")
-
-
-def _check_structured_options(method: str | None, strict: bool | None, extra: dict) -> None:
-    """ConfigError for structured-output options kvshare cannot honour."""
-    if extra:
-        raise ConfigError(f"unsupported with_structured_output options: {sorted(extra)}")
-    if method not in _STRUCTURED_METHODS:
-        raise ConfigError(
-            f"with_structured_output(method={method!r}) needs constrained decoding, which "
-            f"kvshare does not support yet; use method='function_calling' (validated, retried)"
-        )
-    if strict:
-        raise ConfigError(
-            "with_structured_output(strict=True) needs constrained decoding, which kvshare does "
-            "not support yet; replies are validated against the schema and retried instead"
-        )
-
-
-def _structured_attempts(
-    llm: Runnable[LanguageModelInput, Any],
-    parse: Any,
-    prompt: LanguageModelInput,
-    *,
-    name: str,
-    retries: int,
-    raw: bool,
-) -> Any:
-    """Call ``llm`` on ``prompt`` until ``parse`` accepts a reply: greedy first, then up to
-    ``retries`` samples at temperature 0.7 (seeds 0, 1, ...); StructuredOutputError after."""
-    errors: list[str] = []
-    for attempt in range(retries + 1):
-        opts: dict[str, Any] = {"temperature": 0.7, "seed": attempt - 1} if attempt else {}
-        reply = llm.invoke(prompt, None, **opts)
-        try:
-            parsed = parse(reply)
-        except ValueError as exc:
-            errors.append(str(exc))
-            continue
-        return {"raw": reply, "parsed": parsed, "parsing_error": None} if raw else parsed
-    raise StructuredOutputError(
-        f"no reply fit the schema {name!r} in {retries + 1} attempts: {errors[-1]}"
-    )
-
-
-def parse_structured(schema: Any, name: str, message: Any) -> Any:
-    """The arguments of ``message``'s call of tool ``name`` as ``schema`` (ValueError if the
-    reply has no such call or its arguments do not validate). Pydantic v2 and v1 models give
-    their object, other schemas the arguments dict."""
-    calls = [c for c in getattr(message, "tool_calls", []) if c["name"] == name]
-    if not calls:
-        raise ValueError(f"the reply calls no tool {name!r}: {str(message.content)[:80]!r}")
-    args = calls[0]["args"]
-    if not is_basemodel_subclass(schema):
-        return args
-    validate = getattr(schema, "model_validate", None) or schema.parse_obj  # v2, else v1
-    try:
-        return validate(args)
-    except ValueError as exc:  # pydantic v1 and v2 ValidationErrors are ValueErrors
-        raise ValueError(str(exc)) from None
-
-
-class _TokenStream:
-    """Runs one ``Engine.chat`` on a worker thread and hands its tokens over as they come."""
-
-    _DONE = object()
-
-    def __init__(self, engine: Any, args: dict[str, Any]) -> None:
-        self.engine = engine
-        self.stop: Sequence[str] = args["stop"] or ()
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._outcome: KVResult | BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(args,), daemon=True)
-        self._thread.start()
-
-    def _run(self, args: dict[str, Any]) -> None:
-        try:
-            self._outcome = self.engine.chat(**args, on_token=self._queue.put)
-        except BaseException as exc:  # handed to the consumer, re-raised there
-            self._outcome = exc
-        self._queue.put(self._DONE)
-
-    def texts(self) -> Iterator[str]:
-        """The decoded reply so far, each time it can safely grow: never into a stop string
-        or a half-decoded character."""
-        tokens: list[int] = []
-        hold = max((len(s) for s in self.stop), default=1) - 1
-        while (item := self._queue.get()) is not self._DONE:
-            tokens.append(item)
-            text = self.engine.tokenizer.decode(tokens, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue
-            cuts = [text.find(s) for s in self.stop if s in text]
-            yield text[: min(cuts)] if cuts else text[: len(text) - hold]
-
-    def result(self) -> KVResult:
-        self._thread.join()
-        if isinstance(self._outcome, BaseException):
-            raise self._outcome
-        assert self._outcome is not None
-        return self._outcome
-
-
-def usage(result: KVResult) -> UsageMetadata:
-    """LangChain usage metadata; ``cache_read``: prompt tokens whose KV was reused."""
-    s = result.stats
-    return UsageMetadata(
-        input_tokens=s.prompt_tokens,
-        output_tokens=s.output_tokens,
-        total_tokens=s.prompt_tokens + s.output_tokens,
-        input_token_details={"cache_read": s.prompt_tokens - s.computed_tokens},
-    )
-
-
-def response_metadata(result: KVResult, engine: Any) -> dict[str, Any]:
-    """kvshare's figures of the call (``CallStats``) beside the model name."""
-    stats = result.stats.as_dict()
-    stats.pop("stages", None)
-    return {"model_name": engine.loaded.source, **stats, "reuse_rate": result.stats.reuse_rate}

@@ -2,6 +2,9 @@
 registry (``kernels_for``) that picks torch or Triton versions of the fused ops.
 
 Shape glossary: B batch, L layers, H kv heads, S tokens, D head dim, N selected, V vocabulary.
+
+Wing: ``kernels``, the lowest above the core. May import: the core (``kvshare.errors``,
+``registry``) only; knows no model layout (``gradual_prefill`` drives a ``LayerStack``).
 """
 
 # Imported by a bare name from the repo root: yield to the installed package (_unshadow.py).
@@ -23,7 +26,7 @@ else:
         splice,
         to_device,
     )
-    from kvshare.kernels.layerwise import Narrow, gradual_prefill, layer_kv
+    from kvshare.kernels.layerwise import LayerStack, Narrow, gradual_prefill
     from kvshare.kernels.ops import KernelOps, Move
     from kvshare.kernels.prefill import PrefillResult, partial_prefill, position_mask
     from kvshare.kernels.rope import shift_kv, shift_rope
@@ -37,12 +40,12 @@ else:
         "kernels_for",
         "KV",
         "GrowingCache",
+        "LayerStack",
         "Narrow",
         "PrefillResult",
         "cache_kwargs",
         "gather",
         "gradual_prefill",
-        "layer_kv",
         "output_cache",
         "partial_prefill",
         "position_mask",

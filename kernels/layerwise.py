@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from kvshare.kernels.kv import KV, cache_kwargs
 from kvshare.kernels.prefill import PrefillResult, mask_dtype, position_mask
 from kvshare.kernels.slots import SlotCache
 from torch import Tensor, nn
-
-from kvshare.adapter import ModelAdapter
 
 Narrow = Callable[[int, Tensor, KV, KV], Tensor]
 """(layer, sel [N], fresh KV [1, H, N, D], previous KV [1, H, N, D]) -> keep [N] bool."""
@@ -20,15 +19,30 @@ def _layer_kv(cache: KV, layer: int, sel: Tensor) -> KV:
     return KV(cache.keys[layer : layer + 1, :, sel], cache.values[layer : layer + 1, :, sel])
 
 
-def layer_kv(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> KV:
-    """The K/V a decoder layer caches for ``hidden`` [1, N, E], keys rotated: KV [1, H, N, D]
-    (see :meth:`kvshare.adapter.ModelAdapter.layer_kv`); cos, sin: [1, N, D]."""
-    return ModelAdapter.layer_kv(layer, hidden, cos, sin)
+class LayerStack(Protocol):
+    """What a gradual prefill needs of a model, layer by layer (``kvshare.model.adapter.
+    ModelAdapter`` is one: the kernels never reach into a model's modules themselves).
+    Shapes: ids [N]; hidden [1, N, E]; positions [N]; cos, sin [1, N, D]."""
+
+    model: nn.Module
+
+    @property
+    def layers(self) -> Sequence[nn.Module]: ...
+
+    def embed(self, ids: Tensor) -> Tensor: ...
+
+    def rope(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def logits(self, hidden: Tensor) -> Tensor: ...
+
+    def layer_kv(self, layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> KV:
+        """The K/V ``layer`` caches for ``hidden``, keys rotated: KV [1, H, N, D]."""
+        ...
 
 
 @torch.inference_mode()
 def gradual_prefill(
-    model: nn.Module,
+    parts: LayerStack,
     cache: KV,
     ids: Tensor,
     positions: Tensor,
@@ -36,7 +50,8 @@ def gradual_prefill(
     check_layers: tuple[int, ...],
     narrow: Narrow,
 ) -> PrefillResult:
-    """Recompute ``sel`` layer by layer, narrowing the set at every check layer, in place.
+    """Recompute ``sel`` layer by layer through ``parts`` (a :class:`LayerStack`), narrowing
+    the set at every check layer, in place.
 
     cache: KV [L, H, S, D], overwritten in place; ids/positions: [S]; sel: [N] ascending long
     indices. Layers below the first check layer run over all of ``sel``. At check layer c the
@@ -53,7 +68,7 @@ def gradual_prefill(
 
     Returns PrefillResult with ``recomputed`` = the tokens computed through every layer.
     """
-    parts = ModelAdapter(model)
+    model = parts.model
     sel = sel.to(torch.long)  # ascending and unique by contract (no device read to check)
     q_pos = positions[sel]
     mask = position_mask(q_pos, positions, mask_dtype(model, cache.keys.dtype))
@@ -65,7 +80,7 @@ def gradual_prefill(
     checks = {c for c in check_layers if c < last_layer}
     for index, layer in enumerate(layers):
         if index in checks:
-            fresh = layer_kv(layer, hidden, cos, sin)
+            fresh = parts.layer_kv(layer, hidden, cos, sin)
             keep = narrow(index, sel, fresh, _layer_kv(cache, index, sel)).clone()
             keep[q_pos.argmax()] = True
             past.write(index, sel, fresh)  # the dropped tokens' fresh KV of this layer

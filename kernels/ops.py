@@ -37,7 +37,7 @@ class Move:
 
 class KernelOps(ABC):
     """The ops every backend implements; a backend's results match :class:`TorchOps` within
-    the rounding of the storage dtype (tests: ``tests/test_kernel_ops.py``)."""
+    the rounding of the storage dtype (tests: ``tests/kernels/test_kernel_ops.py``)."""
 
     name: ClassVar[str]
 

@@ -14,6 +14,8 @@ in ``sys.modules``: the import statement returns the installed package, or raise
 Standard library only, and loaded by file path (``runpy``): it runs while ``kernels`` is
 half-imported, before ``kvshare`` (which imports transformers, which imports ``kernels``) may
 load.
+
+Wing: the core (standard library only: it runs while a folder is half-imported).
 """
 
 from __future__ import annotations

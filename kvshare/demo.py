@@ -3,6 +3,9 @@
 Each agent has its own role and sees the document, the question and the earlier agents'
 answers. Every agent call runs under ``full`` (prefill everything) and the best available
 mode side by side on the same messages; the table shows TTFT, speedup, reuse and fidelity.
+
+Wing: the applications. May import: ``kvshare.engine`` and below, ``kvshare.agents`` and
+``kvshare.bench``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import TextIO
 
 from kvshare.agents.teams import QA_TEAM
 from kvshare.bench.corpus import QAItem, demo_item
-from kvshare.engine import ChatResult, Engine
+from kvshare.engine.engine import ChatResult, Engine
 
 BEST_MODE = "kvshare"
 

@@ -1,4 +1,7 @@
-"""Named exceptions. Every user-facing failure raises a subclass of :class:`KVShareError`."""
+"""Named exceptions. Every user-facing failure raises a subclass of :class:`KVShareError`.
+
+Wing: the core. Imports nothing of kvshare.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 An optional backend (triton, faiss-gpu, redis) registers a creator that imports it only when
 it is first asked for, so the package imports and works without it.
+
+Wing: the core. May import: ``kvshare.errors``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Sharing scopes: who may reuse whose KV, as typed keys (never string concatenation)."""
+"""Sharing scopes: who may reuse whose KV, as typed keys (never string concatenation).
+
+Wing: the core. May import: ``kvshare.errors``.
+"""
 
 from __future__ import annotations
 

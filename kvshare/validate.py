@@ -2,6 +2,8 @@
 
 Every check returns the value normalised to a plain Python type (numpy integers to ``int``,
 reals to ``float``) or raises :class:`ConfigError` with a message naming the argument.
+
+Wing: the core. May import: ``kvshare.errors``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvshare import Engine, EngineConfig
-from kvshare import model as model_loading
+from kvshare.model import load as model_loading
 
 FAMILIES = ("llama", "qwen2", "mistral")
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from kvshare.kernels import KV
 
-from kvshare.prompt import token_hash
-from kvshare.store import StoredSegment
+from kvshare.model.prompt import token_hash
+from kvshare.store.segments import StoredSegment
 
 DOC = "The lighthouse keeper counted ships every night and wrote each name in a ledger. " * 4
 

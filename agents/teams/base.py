@@ -9,8 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from kvshare.engine import Engine
-from kvshare.stats import CallStats
+from kvshare.engine.engine import Engine
+from kvshare.engine.stats import CallStats
 
 Models = Mapping[str, Any]
 """One LangChain chat model per agent name (``ChatKVShare`` in runs, scripted fakes in tests)."""

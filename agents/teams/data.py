@@ -24,7 +24,7 @@ from typing import Any
 
 from kvshare.bench.corpus import DataNotFoundError
 from kvshare.errors import ConfigError
-from kvshare.prompt import package_file
+from kvshare.model.prompt import package_file
 
 GSM_PACKAGE, GSM_DIST = "reasoning_gym", "reasoning-gym==0.1.25"
 GSM_FILES = (

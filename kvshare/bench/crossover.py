@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvshare.engine import Engine
+from kvshare.engine.engine import Engine
 from kvshare.kernels import KV, output_cache, partial_prefill
 
 

@@ -13,8 +13,8 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from kvshare.bench.workloads import Workload
-from kvshare.engine import Engine
-from kvshare.stats import CallStats, aggregate
+from kvshare.engine.engine import Engine
+from kvshare.engine.stats import CallStats, aggregate
 
 
 class ModeResult(BaseModel):

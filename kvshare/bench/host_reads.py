@@ -4,7 +4,7 @@ On a GPU every read of a tensor's value on the host (``.item()``, ``.tolist()``,
 ``int(t)``, ``float(t)``, ``.nonzero()``, ``torch.unique``, indexing with a bool mask,
 ``.cpu()`` / ``.numpy()``) waits for the device to drain its queue: kernels stop overlapping
 with Python. ``torch.cuda.set_sync_debug_mode`` finds them only on CUDA; this counter finds
-the same call sites on any device, attributed to the pipeline step (``kvshare.pipeline``
+the same call sites on any device, attributed to the pipeline step (``kvshare.engine.pipeline``
 function) and the first kvshare source line on the stack.
 """
 
@@ -20,16 +20,18 @@ from typing import Any
 
 import torch
 
-import kvshare
 import kvshare.anchors
+import kvshare.engine.pipeline
+import kvshare.errors
 import kvshare.kernels
 
 _DIRS = [
-    Path(str(m.__file__)).resolve().parent for m in (kvshare, kvshare.anchors, kvshare.kernels)
+    Path(str(m.__file__)).resolve().parent
+    for m in (kvshare.errors, kvshare.anchors, kvshare.kernels)
 ]
 _OURS = tuple(str(d) for d in _DIRS)
 _ROOT = _DIRS[0].parent
-_PIPELINE = str(_DIRS[0] / "pipeline.py")
+_PIPELINE = str(Path(str(kvshare.engine.pipeline.__file__)).resolve())
 BEFORE_FIRST_TOKEN = ("plan", "assemble_prompt", "estimate", "choose", "prefill", "sample_first")
 _METHODS = (
     *("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"),

@@ -20,10 +20,10 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
-from kvshare.adapter import ModelAdapter
+from kvshare.engine.profile import synchronize
 from kvshare.kernels import KV, KernelOps, Move, TorchOps, kernels_for
-from kvshare.model_random import PREFIX, random_config
-from kvshare.profile import synchronize
+from kvshare.model.adapter import ModelAdapter
+from kvshare.model.random import PREFIX, random_config
 
 # HBM peak (bytes/s) by device name; a device not listed reports no peak share.
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}

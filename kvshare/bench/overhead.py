@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from kvshare.bench.corpus import long_text
 from kvshare.bench.host_reads import before_first_token, count_host_reads
 from kvshare.bench.workloads import SyntheticWorkload
-from kvshare.engine import Engine
-from kvshare.profile import BEFORE_FIRST_TOKEN, LayerTimer, synchronize
-from kvshare.prompt import render
+from kvshare.engine.engine import Engine
+from kvshare.engine.profile import BEFORE_FIRST_TOKEN, LayerTimer, synchronize
+from kvshare.model.prompt import render
 
 
 class OverheadRow(BaseModel):

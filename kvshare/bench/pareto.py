@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from kvshare.bench.harness import run_workflow
 from kvshare.bench.workloads import Workload
-from kvshare.engine import Engine
-from kvshare.stats import CallStats, aggregate
+from kvshare.engine.engine import Engine
+from kvshare.engine.stats import CallStats, aggregate
 
 RATIOS = (0.0, 0.05, 0.15, 0.3, 0.5)
 GAMMAS = (0.3, 0.6, 0.9, 1.2)

@@ -1,6 +1,6 @@
 """``kvshare bench --plots``: the notebooks' key figures, written as PNGs (default ``docs/``).
 
-The same functions as the notebooks (``kvshare.explore*``), on small default runs of the
+The same functions as the notebooks (``kvshare.explore.reuse*``), on small default runs of the
 embedded model: reuse per agent and per segment kind on the reference teams, reuse per
 topology, the reuse-vs-fidelity Pareto curves, the per-stage profile, and TTFT and the
 tier timeline with and without workflow-aware scheduling. Each figure's caption (the numbers
@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kvshare.engine import Engine
+from kvshare.engine.engine import Engine
 from kvshare.errors import ConfigError
 
 TEAMS = ("rag", "debate", "code")
@@ -47,8 +47,8 @@ def _synthetic(engine: Engine, s: PlotSizes, items: int) -> Any:
 
 
 def _teams(engine: Engine, s: PlotSizes, out: Path) -> str:
-    from kvshare import explore as ex
-    from kvshare import explore_plots as pl
+    from kvshare.explore import plots as pl
+    from kvshare.explore import reuse as ex
 
     records = [r for t in TEAMS for r in ex.team_records(engine, t, s.team_items)]
     per_agent = {"kvshare": ex.reuse_by(records, lambda r: f"{r.run}: {r.stats.agent}")}
@@ -65,8 +65,8 @@ def _teams(engine: Engine, s: PlotSizes, out: Path) -> str:
 
 
 def _topologies(engine: Engine, s: PlotSizes, out: Path) -> str:
-    from kvshare import explore as ex
-    from kvshare import explore_plots as pl
+    from kvshare.explore import plots as pl
+    from kvshare.explore import reuse as ex
 
     wl = _synthetic(engine, s, s.items)
     table = {
@@ -79,8 +79,8 @@ def _topologies(engine: Engine, s: PlotSizes, out: Path) -> str:
 
 
 def _pareto(engine: Engine, s: PlotSizes, out: Path) -> str:
-    from kvshare import explore_fidelity as fi
-    from kvshare import explore_plots as pl
+    from kvshare.explore import fidelity as fi
+    from kvshare.explore import plots as pl
 
     points = fi.pareto_points(engine, _synthetic(engine, s, 1), s.ratios, s.gammas)
     pl.plot_pareto(points, "Reuse vs fidelity, synthetic team", out / "pareto-synthetic.png")
@@ -88,8 +88,8 @@ def _pareto(engine: Engine, s: PlotSizes, out: Path) -> str:
 
 
 def _stages(engine: Engine, s: PlotSizes, out: Path) -> str:
-    from kvshare import explore_plots as pl
-    from kvshare import explore_time as tm
+    from kvshare.explore import plots as pl
+    from kvshare.explore import time as tm
 
     prof = tm.stage_profile(engine, _synthetic(engine, s, 1))
     pl.plot_stage_profile(prof, out / "stage-profile.png")
@@ -97,8 +97,8 @@ def _stages(engine: Engine, s: PlotSizes, out: Path) -> str:
 
 
 def _tiers(engine: Engine, s: PlotSizes, out: Path) -> str:
-    from kvshare import explore_plots as pl
-    from kvshare import explore_time as tm
+    from kvshare.explore import plots as pl
+    from kvshare.explore import time as tm
 
     runs = tm.tier_runs(engine, _synthetic(engine, s, s.items + 1), s.tier_fraction)
     pl.plot_tier_ttft(runs, out / "tiers-ttft.png")

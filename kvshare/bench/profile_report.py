@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 from kvshare.bench.harness import BenchReport
-from kvshare.profile import BEFORE_FIRST_TOKEN
+from kvshare.engine.profile import BEFORE_FIRST_TOKEN
 
 Profile = dict[str, list[dict[str, float]]]  # mode -> per agent position: stage -> ms
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kvshare import Engine, EngineConfig
+from kvshare.config import EngineConfig
+from kvshare.engine.engine import Engine
 
 
 def rss_mib() -> float:

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvshare.bench.tiers import TierRow, WarmRow, policy_engine, tier_row
-from kvshare.engine import Engine
-from kvshare.stats import CallStats
+from kvshare.engine.engine import Engine
+from kvshare.engine.stats import CallStats
 
 
 def _run(engine: Engine, team: Any, items: Sequence[Any], **options: Any) -> Any:

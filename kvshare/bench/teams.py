@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from kvshare.agents.teams.base import Team, TeamRun, run_team, team_graph
 from kvshare.bench.harness import machine_description
 from kvshare.bench.report import agent_grid
-from kvshare.engine import Engine
-from kvshare.stats import CallStats, aggregate
+from kvshare.engine.engine import Engine
+from kvshare.engine.stats import CallStats, aggregate
 
 
 class AgentRow(BaseModel):

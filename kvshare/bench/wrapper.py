@@ -13,7 +13,7 @@ import statistics
 import time
 from typing import Any
 
-from kvshare.engine import Engine
+from kvshare.engine.engine import Engine
 
 MESSAGES = [
     {"role": "system", "content": "You are the critic. Be brief."},

@@ -1,0 +1,144 @@
+"""``kvshare bench`` workloads with their own reports: teams, memory tiers, the per-call
+overhead and the kernel ops."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kvshare.cli.common import parse_lengths
+from kvshare.config import IMPLEMENTED_MODES
+from kvshare.errors import KVShareError
+
+
+def run_team(args: argparse.Namespace, engine) -> int:
+    from kvshare.agents.teams import get_team
+    from kvshare.bench import teams
+
+    team = get_team(args.workload)
+    items = team.items(args.items or team.default_items, args.item_offset)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.modes == ",".join(IMPLEMENTED_MODES):
+        modes = ["full", "prefix", "kvshare"]  # the issue's comparison, unless asked
+    rep = teams.run_team_bench(engine, team, items, modes, shadow=not args.no_shadow)
+    paths = teams.write(rep, Path(args.out))
+    print(teams.markdown(rep))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def run_tiers(args: argparse.Namespace, engine) -> int:
+    import json
+
+    from kvshare.bench import tiers
+    from kvshare.bench.harness import machine_description
+
+    fractions = [float(x) for x in args.fractions.split(",") if x.strip()]
+    if not fractions or min(fractions) <= 0:
+        raise KVShareError(f"--fractions wants positive shares like 0.25,0.5; got {args.fractions}")
+    lowers = [x.strip() for x in args.lowers.split(",") if x.strip()]
+    if not lowers or set(lowers) - set(tiers.LOWERS):
+        raise KVShareError(f"--lowers wants some of {','.join(tiers.LOWERS)}; got {args.lowers}")
+    if args.team:
+        return run_team_tiers(args, engine, fractions[0], lowers)
+    wl = synthetic(args, engine, default_items=6)
+    total, rows, timelines = tiers.measure(
+        engine, wl, fractions, gap_s=args.gap_ms / 1000, lowers=lowers
+    )
+    warm = tiers.precompute_gain(engine, wl)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = tiers.markdown(total, rows, machine_description(engine))
+    text += "\n" + tiers.warm_markdown(warm, "kvshare")
+    (out / "bench-tiers.md").write_text(text)
+    (out / "bench-tiers.json").write_text(json.dumps([r.model_dump() for r in rows], indent=1))
+    for fraction, timeline in timelines.items():
+        name = f"tiers-timeline-{int(fraction * 100)}.png"
+        title = (
+            f"workflow policy, device tier {fraction:.0%} of the working set: calls and tier events"
+        )
+        tiers.plot_timeline(timeline, out / name, title)
+    print(text)
+    return 0
+
+
+def run_team_tiers(args: argparse.Namespace, engine, fraction: float, lowers: list[str]) -> int:
+    """A reference team under memory pressure, and its agents' first calls with their static
+    prompts precomputed (ahead of the run, and live by the prefetcher) vs not."""
+    from kvshare.agents.teams import get_team
+    from kvshare.bench import team_tiers, tiers
+    from kvshare.bench.harness import machine_description
+
+    team = get_team(args.team)
+    items = team.items(args.items or team.default_items, args.item_offset)
+    total, rows = team_tiers.team_pressure(engine, team, items, fraction, lowers)
+    text = f"Team `{team.name}`, {len(items)} item(s).\n\n" + tiers.markdown(
+        total, rows, machine_description(engine), over="every call"
+    )
+    colds = {m: team_tiers.cold_run(engine, team, items, m) for m in ("prefix", "kvshare")}
+    for mode, cold in colds.items():
+        gain = team_tiers.precompute_gain(engine, team, items, mode, cold)
+        text += "\n" + tiers.warm_markdown(gain, mode, "ahead of the run")
+    live, cold_s, live_s = team_tiers.live_prefetch(engine, team, items, cold=colds["kvshare"])
+    text += "\n" + tiers.warm_markdown(live, "kvshare", "by the prefetcher during the run")
+    text += f"\nWall time of the run: prefetcher off {cold_s:.1f} s, on {live_s:.1f} s.\n"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"tiers-team-{team.name}.md").write_text(text)
+    print(text)
+    return 0
+
+
+def run_overhead(args: argparse.Namespace, engine) -> int:
+    import json
+
+    from kvshare.bench.overhead import markdown, measure
+
+    lengths = parse_lengths(args.lengths or "256,512,1024,2048")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "anchor"]
+    rows = measure(engine, lengths, modes=modes, items=args.items or 2, agents=args.agents)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overhead.json").write_text(json.dumps([r.model_dump() for r in rows], indent=1))
+    print(f"model {engine.loaded.source} on {engine.device}\n")
+    print(markdown(rows))
+    return 0
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from kvshare.bench.kernels import Shape, markdown, measure
+    from kvshare.model.load import device_and_dtype
+
+    device, dtype = device_and_dtype(args.device, args.dtype or "bfloat16")
+    default = "256,1024,4096,8192" if device.type == "cuda" else "256,1024"
+    lengths = parse_lengths(args.lengths or default)
+    bar = tqdm(total=4 * len(lengths), desc="kernels", unit="op")
+    rows = measure(lengths, device, Shape(dtype=dtype), progress=lambda _: bar.update())
+    bar.close()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    text = markdown(rows, f"{name}, {str(dtype).replace('torch.', '')}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps([r.model_dump() for r in rows], indent=1))
+    (out / "kernels.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def synthetic(args: argparse.Namespace, engine, default_items: int):
+    from kvshare.bench.corpus import long_text
+    from kvshare.bench.workloads import SyntheticWorkload
+
+    return SyntheticWorkload(
+        engine.tokenizer,
+        long_text(),
+        n_agents=args.agents,
+        prefix_len=args.prefix,
+        input_len=args.input,
+        output_len=args.output,
+        n_items=args.items or default_items,
+    )
