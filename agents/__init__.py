@@ -1,5 +1,5 @@
 """kvshare.agents: the agent API for code without LangGraph (``Agent``, ``Session``) and
-the reference teams (``kvshare.agents.teams``); see the README module map.
+the reference teams (``kvshare.agents.teams``); see the README module map and docs/development.md.
 
 Wing: the applications (beside ``integrations``, ``bench``, ``explore``). May import:
 ``kvshare.engine`` and every wing below it, ``kvshare.integrations`` and ``kvshare.bench``.

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from torch import Tensor
 
 from kvshare.errors import ConfigError, KVShareError, StateFileError
+from kvshare.files import fsync_dir
 
 FORMAT_VERSION = 1
 MAGIC = b"KVSPOOL\0"
@@ -184,21 +185,7 @@ def write_state(path: str | os.PathLike[str], state: PoolState) -> None:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable where the platform allows it (best effort)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(target.parent)
 
 
 # ---------------------------------------------------------------------- reading

@@ -1,11 +1,11 @@
 """kvshare: KV-cache reuse across agents of a multi-agent LLM workflow.
 
-The public API is ``kvshare.__all__``, and only that: the engine and its config, the result
-and stats of a call, the LangChain / LangGraph integration, the agent API and every error
-kvshare raises. Everything else is reachable by its module path, without a promise.
+The public API is ``kvshare.__all__``, and only that: the engine and its config, the result and
+stats of a call, the LangChain / LangGraph integration, the agent API and every error kvshare
+raises. Everything else is reachable by its module path, without a promise.
 
-Wing: the top (``api``); may import every wing. The core beneath every wing is
-``errors``, ``scope``, ``validate`` and ``registry`` (they import nothing of kvshare but each
+Wing: the top (``api``); may import every wing. The core beneath every wing is ``errors``,
+``scope``, ``validate``, ``registry`` and ``files`` (they import nothing of kvshare but each
 other); ``config`` sits between ``store`` and ``sched``. The engine's names are imported at
 once; ``ChatKVShare``, ``wrap``, ``Agent`` and ``Session`` on first use, so ``import kvshare``
 does not import LangChain.

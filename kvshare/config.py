@@ -67,17 +67,17 @@ class EngineConfig:
     store_segments: keep every computed message segment and reply in the segment store.
     masked_prefill_max_ratio: a masked partial prefill is used while the recomputed share of the
         span it would otherwise re-run stays at or below this ratio; above it an ordinary
-        causal prefill of that span is faster (measured crossover, see README).
+        causal prefill of that span is faster (measured crossover, see docs/results.md).
     min_reuse_share: reuse cached KV only when it covers at least this share of the prompt.
         Any cached past turns the fast causal attention path into an explicit-mask one (about
         +18% forward time at 1k tokens on CPU with SDPA), so a tiny hit costs more than it
-        saves; below this share the call is prefilled from scratch (measured, see README).
+        saves; below this share the call is prefilled from scratch (measured, see docs/results.md).
     recompute_ratio: ``blend``: share of relocated tokens recomputed by KV deviation.
     sink_tokens: tokens recomputed at the start of every relocated run (attention sink).
     recent_tokens: ``kvshare`` recomputes the last this many relocated tokens, the ones the
         first generated token attends to most (0: off). 8 by measurement: 32 cost 3-4 points
         of reuse on both benchmark workloads for no KL gain once runs come from the closest
-        context (README).
+        context (docs/results.md).
     check_layers: layers at which deviation is scored; all but the last keep twice the
         budget (gradual filtering), the last keeps the budget.
     target_kl, max_recompute_ratio: ``kvshare`` starts at ``recompute_ratio`` and, after every
@@ -87,7 +87,7 @@ class EngineConfig:
     anchor_gamma: ``anchor`` mode's KVCOMM entropy threshold (dense prefill above
         gamma·log(neighbours)). neighbours: k of the anchor k-NN estimate; 4 by measurement:
         the weighted Δ over k neighbours is memory-bound on CPU (k=8: ~0.04 s of agent 5's
-        TTFT on the synthetic workload), and k=4 gave the same KL there (README).
+        TTFT on the synthetic workload), and k=4 gave the same KL there (docs/results.md).
     feature_layer: layer of the base KV whose un-rotated keys/values are the matching feature.
     anchor_max_distance: offsets are applied only to tokens whose nearest anchor lies within
         this many τ (the key's median anchor spacing); farther estimates are not trusted.

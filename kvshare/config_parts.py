@@ -33,7 +33,7 @@ class StoreConfig:
     segment_store_bytes: of the trace store; store_segments: keep every call's trace (the
     relocating modes' source of runs); min_reuse_share: reuse cached KV only when it covers
     at least this share of the prompt (any cached past turns the fast causal attention path
-    into an explicit-mask one, so a sliver costs more than it saves; measured, README)."""
+    into an explicit-mask one, so a sliver costs more than it saves; measured, docs/results.md)."""
 
     prefix_cache_bytes: int = 2 << 30
     segment_store_bytes: int = 1 << 30

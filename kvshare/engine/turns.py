@@ -1,6 +1,6 @@
 """Fair turns on the model: one call at a time, served in arrival order.
 
-Fairness rule (documented in the README): a call's prefill runs whole; its decode runs in
+Fairness rule (documented in docs/design.md): a call's prefill runs whole; its decode runs in
 slices of ``EngineConfig.decode_slice`` tokens, and between slices the call hands the model
 to the longest-waiting call, then queues again behind the calls that arrived meanwhile.
 One ``max_new_tokens`` giant therefore delays others by at most one prefill or one slice.

@@ -54,8 +54,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from kvshare.anchors.persist import _fsync_dir
 from kvshare.errors import ConfigError, StateFileError
+from kvshare.files import fsync_dir
 from kvshare.store.contract import StoredSegment, StoreKey
 from kvshare.store.disk_index import DiskIndex, IndexEntry
 from kvshare.store.seal import KEY_FILE, Sealer
@@ -191,7 +191,7 @@ class DiskTier(DiskIndex):
         except BaseException:
             self._release(nbytes)
             raise
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         return True
 
     def _drain(self) -> None:
@@ -223,7 +223,7 @@ class DiskTier(DiskIndex):
             if temp is not None:
                 temp.unlink(missing_ok=True)
             with suppress(OSError):
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
 
     @property
     def writing(self) -> bool:

@@ -25,7 +25,7 @@ WINGS = [
     "cli",
     "api",  # kvshare/__init__.py: the public names
 ]
-CORE = {"errors", "scope", "validate", "registry", "_unshadow"}
+CORE = {"errors", "scope", "validate", "registry", "files", "_unshadow"}
 APPS = {"integrations", "agents", "bench", "explore", "demo"}
 LIMIT = 300  # lines; longer files say why in their first lines ("Over 300 lines: ...")
 
