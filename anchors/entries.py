@@ -125,18 +125,26 @@ def appended(
 
 
 # ---------------------------------------------------------------------- estimation
+def prepare(entry: KeyEntry, make: type[KNNIndex], device: torch.device) -> None:
+    """Build ``entry``'s k-NN index (``make``) and calibrate ``entry.tau`` (the median
+    nearest-other-anchor distance) if its anchors changed. The pool calls it when it learns,
+    loads or evicts, after a call's first token, so a search never builds inside a call."""
+    if not entry.dirty and entry.index is not None:
+        return
+    entry.index = make(entry.feats, device)
+    if len(entry.feats) > 1:
+        d, _ = entry.index.search(torch.from_numpy(entry.feats), 2)
+        entry.tau = _median(d[:, 1]).clamp_min(1e-4)
+    entry.dirty = False
+
+
 def search(
     entry: KeyEntry, queries: Tensor, k: int, make: type[KNNIndex], device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """(squared L2 distances, anchor ids), each [N, min(k, M)] on ``device``, of the nearest
-    anchors of ``entry`` to ``queries`` [N, F]; (re)builds a dirty index (``make``) first and
-    recalibrates ``entry.tau`` (the median nearest-other-anchor distance)."""
-    if entry.dirty or entry.index is None:
-        entry.index = make(entry.feats, device)
-        if len(entry.feats) > 1:
-            d, _ = entry.index.search(torch.from_numpy(entry.feats), 2)
-            entry.tau = _median(d[:, 1]).clamp_min(1e-4)
-        entry.dirty = False
+    anchors of ``entry`` to ``queries`` [N, F] (an index not prepared yet is built first)."""
+    prepare(entry, make, device)
+    assert entry.index is not None
     return entry.index.search(queries, k)
 
 

@@ -27,6 +27,7 @@ from kvshare.anchors.entries import (
     evict,
     from_tensors,
     merge,
+    prepare,
     search,
     to_tensors,
     weighted,
@@ -180,6 +181,13 @@ class AnchorPool:
         """Per-key cap, then ``target`` bytes, dropping the least useful anchors first."""
         cfg = self.config
         self.evicted += evict(self._keys, target, cfg.max_per_key, self._tick, cfg.age_weight)
+        self._prepare_locked()
+
+    def _prepare_locked(self) -> None:
+        """Every changed key's index built now (learning, loading, eviction: after a call's
+        first token), so the estimates on the path to a first token never build one."""
+        for entry in self._keys.values():
+            prepare(entry, self.index_kind, self.device)
 
     # ------------------------------------------------------------------ estimation
     def count_hits(self, key: str, index: Tensor) -> None:
@@ -268,6 +276,8 @@ class AnchorPool:
         for k, t in state.keys.items():
             pool._keys[k] = from_tensors(t, pool.device)
         pool._check_limits(str(path))
+        with pool._lock:
+            pool._prepare_locked()
         return pool
 
     def _check_limits(self, where: str) -> None:

@@ -82,7 +82,7 @@ def gradual_prefill(
         if index in checks:
             fresh = parts.layer_kv(layer, hidden, cos, sin)
             keep = narrow(index, sel, fresh, _layer_kv(cache, index, sel)).clone()
-            keep[q_pos.argmax()] = True
+            keep |= q_pos == q_pos.max()  # the last token goes on (no 0-dim index: no sync)
             past.write(index, sel, fresh)  # the dropped tokens' fresh KV of this layer
             kept = keep.nonzero().flatten()  # the one host sync of a narrowing (new size)
             sel, q_pos, hidden = sel[kept], q_pos[kept], hidden.index_select(1, kept)

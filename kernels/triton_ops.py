@@ -18,9 +18,14 @@ from torch import Tensor, nn
 from kvshare.errors import ConfigError
 
 _FLOATS = {"torch.float32", "torch.float16", "torch.bfloat16"}
+# Integer arguments that change from call to call: never specialised (Triton turns an int
+# equal to 1 into a constant, so two starts equal to 1 made ``dst_start - src_start`` a
+# Python int and the kernel failed to compile; and every new value class recompiled).
+RELOCATE_PER_CALL = ("n", "dst_start", "src_start")
+WEIGHTED_PER_CALL = ("k",)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RELOCATE_PER_CALL)
 def _relocate_kernel(
     dk, dv, sk, sv, ok, ov, inv_freq, gains,
     n, heads, half, dst_start, src_start, gk, gv,
@@ -29,10 +34,11 @@ def _relocate_kernel(
     BT: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     """One (layer, head) and BT tokens per program; keys as two halves (rotate_half).
-    Gains: the scalars ``gk``/``gv``, or (GAIN_PTR) two float32 values on the device."""
-    lh = tl.program_id(1)
+    Gains: the scalars ``gk``/``gv``, or (GAIN_PTR) two float32 values on the device.
+    Offsets are int64: ``layer * d_l`` passes 2**31 past ~67K tokens on an 8B shape."""
+    lh = tl.program_id(1).to(tl.int64)
     layer, head = lh // heads, lh % heads
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     d = tl.arange(0, BD)
     tm, dm = t < n, d < half
     m = tm[:, None] & dm[None, :]
@@ -80,9 +86,9 @@ def _deviation_kernel(
     HAS_INDEX: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     """One token per program: ‖ΔK‖/‖K‖ + ‖ΔV‖/‖V‖ over [H, D] in float32."""
-    i = tl.program_id(0)
-    tok = tl.load(index + i) if HAS_INDEX else i
-    h = tl.arange(0, BH)
+    i = tl.program_id(0).to(tl.int64)
+    tok = tl.load(index + i).to(tl.int64) if HAS_INDEX else i
+    h = tl.arange(0, BH).to(tl.int64)
     d = tl.arange(0, BD)
     m = (h < heads)[:, None] & (d < dim)[None, :]
     fp = h[:, None] * f_h + tok * f_s + d[None, :]
@@ -98,18 +104,18 @@ def _deviation_kernel(
     tl.store(out + i, rk + rv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=WEIGHTED_PER_CALL)
 def _weighted_kernel(
     deltas, scales, index, w, out, width, k, stride_d,
     BF: tl.constexpr,
 ):  # fmt: skip
     """One output row and BF values per program: Σ_j w_j·scale_j·Δ[row_j] in float32."""
-    i = tl.program_id(0)
-    f = tl.program_id(1) * BF + tl.arange(0, BF)
+    i = tl.program_id(0).to(tl.int64)
+    f = tl.program_id(1).to(tl.int64) * BF + tl.arange(0, BF)
     fm = f < width
     acc = tl.zeros((BF,), dtype=tl.float32)
     for j in range(k):
-        row = tl.load(index + i * k + j)
+        row = tl.load(index + i * k + j).to(tl.int64)
         wj = tl.load(w + i * k + j) * tl.load(scales + row)
         acc += wj * tl.load(deltas + row * stride_d + f, mask=fm, other=0).to(tl.float32)
     tl.store(out + i * width + f, acc, mask=fm)

@@ -1,11 +1,14 @@
 """Counting host reads of tensor values: a CPU-measurable proxy for GPU host syncs.
 
 On a GPU every read of a tensor's value on the host (``.item()``, ``.tolist()``, ``bool(t)``,
-``int(t)``, ``float(t)``, ``.nonzero()``, ``torch.unique``, indexing with a bool mask,
-``.cpu()`` / ``.numpy()``) waits for the device to drain its queue: kernels stop overlapping
-with Python. ``torch.cuda.set_sync_debug_mode`` finds them only on CUDA; this counter finds
-the same call sites on any device, attributed to the pipeline step (``kvshare.engine.pipeline``
-function) and the first kvshare source line on the stack.
+``int(t)``, ``float(t)``, ``.nonzero()``, ``torch.unique``, ``.cpu()`` / ``.numpy()``, and the
+ones torch makes for you: reading or writing through a bool mask or a 0-dim tensor index,
+``t[mask]`` / ``t[i] = x``) waits for the device to drain its queue: kernels stop overlapping
+with Python. So does a tensor made from host data for a device (``torch.tensor(ids,
+device=...)``, ``torch.as_tensor``): an unpinned host -> device copy blocks.
+``torch.cuda.set_sync_debug_mode`` finds them only on CUDA; this counter finds the same call
+sites on any device, attributed to the pipeline step (``kvshare.engine.pipeline`` function) and
+the first kvshare source line on the stack.
 """
 
 from __future__ import annotations
@@ -68,9 +71,29 @@ def _short(path: str) -> str:
     return path
 
 
-def _bool_index(index: Any) -> bool:
+def _reads_index(index: Any) -> bool:
+    """Whether indexing with ``index`` reads a tensor's value on the host: a bool mask (its
+    size) or a 0-dim tensor (its value)."""
     parts = index if isinstance(index, tuple) else (index,)
-    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+    return any(
+        isinstance(p, torch.Tensor) and (p.dtype == torch.bool or p.dim() == 0) for p in parts
+    )
+
+
+def _from_host(data: Any, *args: Any, **kwargs: Any) -> bool:
+    """``torch.tensor`` / ``as_tensor`` of host data (not a tensor, not empty: an empty tensor
+    copies nothing) for an explicit device."""
+    if isinstance(data, torch.Tensor) or kwargs.get("device") is None:
+        return False
+    return not (hasattr(data, "__len__") and len(data) == 0)
+
+
+_TESTS: dict[str, Callable[..., bool]] = {
+    "__getitem__": lambda _t, index, *a, **k: _reads_index(index),
+    "__setitem__": lambda _t, index, *a, **k: _reads_index(index),
+    "tensor": _from_host,
+    "as_tensor": _from_host,
+}
 
 
 def _counting(orig: Callable[..., Any], counts: Counter, test: Callable[..., bool] | None):
@@ -95,12 +118,13 @@ def count_host_reads() -> Iterator[Counter]:
     patched: list[tuple[Any, str, Any]] = []
     for name in _METHODS:
         patched.append((torch.Tensor, name, getattr(torch.Tensor, name)))
-    patched.append((torch.Tensor, "__getitem__", torch.Tensor.__getitem__))
-    patched.append((torch, "unique", torch.unique))
+    for name in ("__getitem__", "__setitem__"):
+        patched.append((torch.Tensor, name, getattr(torch.Tensor, name)))
+    for name in ("unique", "tensor", "as_tensor"):
+        patched.append((torch, name, getattr(torch, name)))
     try:
         for owner, name, orig in patched:
-            test = (lambda _t, i, *a, **k: _bool_index(i)) if name == "__getitem__" else None
-            setattr(owner, name, _counting(orig, counts, test))
+            setattr(owner, name, _counting(orig, counts, _TESTS.get(name)))
         yield counts
     finally:
         for owner, name, orig in patched:

@@ -27,7 +27,11 @@ GREEDY_BELOW = torch.finfo(torch.float32).tiny  # 1.2e-38: sampling is in float3
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Next token from logits [V]. Host sync boundary: returns a Python int."""
+    """Next token from logits [V]. Host sync boundary: returns a Python int.
+
+    A seeded draw runs on the generator's device (the CPU, where the call's generator lives),
+    so one seed gives the same tokens whatever device the logits are on; top-p keeps fixed
+    shapes (a mask over the sorted probabilities, no boolean indexing)."""
     if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     scaled = logits.float() - logits.float().max()  # <= 0, so a tiny temperature gives -inf,
@@ -35,7 +39,9 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < params.top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p * keep)
+    if generator is not None and probs.device != generator.device:
+        probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -29,7 +30,15 @@ from kvshare.engine.request import Request
 from kvshare.engine.results import FittedGain, Prefilled, check_finite
 from kvshare.engine.select import Plan
 from kvshare.engine.stats import GREEDY_CAP
-from kvshare.kernels import KV, KernelOps, Narrow, gradual_prefill, partial_prefill, splice
+from kvshare.kernels import (
+    KV,
+    KernelOps,
+    Narrow,
+    gradual_prefill,
+    partial_prefill,
+    splice,
+    to_device,
+)
 from kvshare.kernels.prefill import causal_tail
 from kvshare.model.adapter import ModelAdapter
 from kvshare.model.load import LoadedModel
@@ -133,7 +142,8 @@ def prefill(
     are returned, not recorded: the call commits them once its result is known finite.
     """
     dev, n, sel = parts.device, len(req.prompt), chosen.plan.sel
-    ids, pos = torch.tensor(req.prompt.ids, device=dev), torch.arange(n, device=dev)
+    pos = torch.arange(n, device=dev)
+    ids = to_device(np.asarray(req.prompt.ids, dtype=np.int64), pos)  # pinned, no sync
     limit = parts.config.select.masked_prefill_max_ratio
     if chosen.narrow is not None:
         checks = chosen.plan.checks

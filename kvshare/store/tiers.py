@@ -107,7 +107,8 @@ class NullTier(KVTier):
 
 def kv_to(kv: KV, device: torch.device, pin: bool = False, non_blocking: bool = False) -> KV:
     """``kv`` on ``device`` (a copy unless it is already there); ``pin``: page-locked host
-    memory (CUDA only), so a later host -> device copy can run asynchronously."""
+    memory (CUDA only), which a copy back to the device needs to be asynchronous. The tier
+    moves do not use that yet: they copy on the caller's stream and block (no side stream)."""
     if kv.keys.device == device and not pin:
         return kv
     keys = kv.keys.to(device, non_blocking=non_blocking)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
-from kvshare import EngineConfig
+from kvshare import Engine, EngineConfig
 from kvshare.errors import ConfigError, ContextLengthError, PromptError
 from kvshare.model.prompt import render, token_hash
 from kvshare.scope import Scope
+
+from conftest import DEVICES
 
 TENANT_SCOPE = Scope("tenant")  # the scope of calls without a tenant id
 
@@ -89,6 +92,38 @@ def test_sampling_is_seeded(engines):
     a = full.chat(conversation(1), max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
     b = full.chat(conversation(1), max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
     assert a.tokens == b.tokens
+
+
+def test_top_p_keeps_the_nucleus_with_fixed_shapes():
+    """The masked top-p equals the boolean-indexed definition, draw for draw."""
+    from kvshare.engine.decode import SamplingParams, sample
+
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(3)) * 4
+    params = SamplingParams(temperature=0.8, top_p=0.7, seed=1)
+    probs = torch.softmax((logits - logits.max()) / 0.8, dim=-1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < 0.7
+    nucleus = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    for seed in range(20):
+        want = int(torch.multinomial(nucleus, 1, generator=torch.Generator().manual_seed(seed)))
+        assert sample(logits, params, torch.Generator().manual_seed(seed)) == want
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_sampling_runs_on_the_logits_device(tiny_dirs, device):
+    """The call's generator lives on the CPU; draws from logits on another device use it
+    there (a CPU generator with CUDA logits made torch.multinomial raise)."""
+    from kvshare.engine.decode import SamplingParams, sample
+
+    logits = torch.randn(64, generator=torch.Generator().manual_seed(0)).to(device)
+    params = SamplingParams(temperature=1.0, seed=5)
+    draws = [sample(logits, params, torch.Generator().manual_seed(s)) for s in range(8)]
+    cpu = [sample(logits.cpu(), params, torch.Generator().manual_seed(s)) for s in range(8)]
+    assert draws == cpu
+    engine = Engine.from_pretrained(str(tiny_dirs["llama"]), device=device)
+    a = engine.chat(conversation(1), max_new_tokens=6, temperature=1.0, seed=7)
+    b = engine.chat(conversation(1), max_new_tokens=6, temperature=1.0, seed=7)
+    assert a.tokens == b.tokens and len(a.tokens) >= 1
 
 
 def test_stop_strings_cut_the_text(engines):

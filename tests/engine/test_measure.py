@@ -71,6 +71,7 @@ def test_host_read_counter_sees_syncs_and_restores_torch():
     from kvshare.bench.host_reads import count_host_reads
 
     getitem, item = torch.Tensor.__getitem__, torch.Tensor.item
+    setitem, tensor = torch.Tensor.__setitem__, torch.tensor
     x = torch.arange(6.0)
     with count_host_reads() as counts:
         x.item() if x.numel() == 1 else x[0].item()
@@ -78,8 +79,19 @@ def test_host_read_counter_sees_syncs_and_restores_torch():
         x[1:3]  # a view: none
         bool(x.sum() > 0)
         torch.unique(x)
-    assert sum(counts.values()) == 4
+        x[torch.tensor(2)]  # a 0-dim tensor index: torch reads its value
+        x[torch.tensor([1, 2])]  # a gather: none
+        y = x.clone()
+        y[torch.tensor(0)] = 1.0  # written through a 0-dim index
+        y[y > 4] = 0.0  # written through a mask
+        y[torch.tensor([0, 1])] = 0.0  # a scatter: none
+        torch.tensor([1, 2, 3], device=x.device)  # host data for a device: a blocking copy
+        torch.as_tensor([1, 2], device=x.device)
+        torch.tensor([1, 2, 3])  # host data staying on the host: none
+        torch.as_tensor(x, device=x.device)  # already a tensor: none
+    assert sum(counts.values()) == 4 + 5
     assert torch.Tensor.__getitem__ is getitem and torch.Tensor.item is item
+    assert torch.Tensor.__setitem__ is setitem and torch.tensor is tensor
 
 
 def test_bench_profile_and_overhead_cli(tiny_dirs, tmp_path, capsys):

@@ -69,6 +69,35 @@ def test_fused_relocation_matches_the_torch_chain(device, dtype, layers, heads, 
         assert torch.equal(fused.values[:, :, 60 + n :], dst.values[:, :, 60 + n :])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 2, 17])
+def test_relocation_with_both_starts_equal_to_one(device, n):
+    """Starts and lengths of 1 are what Triton specialises to constants: a CUDA compile error
+    before they were kept as plain arguments (``RELOCATE_PER_CALL``)."""
+    rotary = _rotary(device=device)
+    src = _kv((2, 2, 40, 16), torch.float32, device, 8)
+    for move in (Move(1, n, src, 1), Move(1, n, src, 0), Move(0, n, src, 1)):
+        ref, fused = _both(_kv((2, 2, 40, 16), torch.float32, device, 9))
+        TorchOps().relocate(ref, move, rotary)
+        TritonOps().relocate(fused, move, rotary)
+        _close(fused.keys, ref.keys, torch.float32)
+        assert torch.equal(fused.values, ref.values)
+
+
+def test_per_call_integers_are_never_specialised():
+    """Every kernel argument that changes from call to call is in the decorator's
+    ``do_not_specialize``, so no call compiles a new variant for its sizes or starts."""
+    from kvshare.kernels import triton_ops as to
+
+    def unspecialised(kernel) -> set[str]:
+        names = kernel.kwargs["do_not_specialize"] if hasattr(kernel, "kwargs") else None
+        names = names if names is not None else kernel.do_not_specialize
+        return {kernel.arg_names[a] if isinstance(a, int) else a for a in names or ()}
+
+    assert {"n", "dst_start", "src_start"} <= unspecialised(to._relocate_kernel)
+    assert {"k"} <= unspecialised(to._weighted_kernel)
+
+
 @pytest.mark.parametrize("rope", ROPE_VARIANTS)
 def test_fused_relocation_keeps_each_rotary_variant(rope):
     rotary = _rotary(rope)
