@@ -118,6 +118,11 @@ class AnchorPool:
         with self._lock:
             return self._gains.get(key, (1.0, 1.0))
 
+    def gains(self) -> dict[str, tuple[float, float]]:
+        """The keys whose estimates calls have checked, with their running (K, V) gains."""
+        with self._lock:
+            return dict(self._gains)
+
     def record_gain(self, key: str, gain_k: float, gain_v: float, rate: float = 0.3) -> None:
         """Fold one call's fitted gains (each in [0, 1]) into the key's running mean."""
         with self._lock:
