@@ -79,3 +79,19 @@ def test_readme_and_docs_examples_run(capsys):
     assert "('france', 't1'," in out and "('germany', 't1'," in out
     assert "Hint(session='run-2', running='reader', next=('judge',)" in out
     assert "{'device': " in out and "'disk': 0} 2" in out  # nothing spilled; critic 2 steps away
+
+
+@pytest.mark.parametrize("wing", ["model", "store", "sched", "engine", "explore", "cli"])
+def test_the_module_map_names_every_module_of_a_wing(wing):
+    tree = re.search(r"```\nkvshare/(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert tree is not None
+    lines = tree.group(1).split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  {wing}/"))
+    end = start + 1
+    while end < len(lines) and lines[end].startswith(" " * 18):  # the wing's continued line
+        end += 1
+    text = " ".join(lines[start:end])
+    names = [p.stem for p in (ROOT / "kvshare" / wing).glob("*.py") if p.stem != "__init__"]
+    named = set(re.findall(r"\w+", text))
+    missing = [n for n in names if n not in named and not ("plots_" in n and "plots_*" in text)]
+    assert not missing, f"README module map, {wing}/: {missing}"
