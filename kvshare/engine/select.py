@@ -54,24 +54,26 @@ class DeviationFilter:
     last_layer: int
     threshold: float | None = None
     ops: KernelOps = field(default_factory=TorchOps)
+    n_forced: int | None = None  # forced tokens in every ``sel`` (host); None: counted
 
     def __call__(self, layer: int, sel: Tensor, fresh: KV, before: KV) -> Tensor:
+        """keep [N] bool over ``sel`` [N]. Scores every token of ``sel`` (forced ones masked
+        out) and takes a top-k whose size is known on the host: no device read, except the
+        threshold's count at the last check layer."""
         last = layer >= self.last_layer
-        keep = self.forced[sel].clone()
-        cand = (~keep).nonzero().flatten()
+        forced = self.forced[sel]
+        keep = forced.clone()
+        n_forced = self.n_forced if self.n_forced is not None else int(forced.sum())
+        free = sel.numel() - n_forced
         if not last:
             keep |= self.protect[sel]
-        if cand.numel() == 0:
+        if free <= 0:
             return keep
         n = self.budget if last else self.wide
+        scores = self.ops.deviation(fresh, before).masked_fill(forced, float("-inf"))
         if last and self.threshold is not None:
-            dev = self.ops.deviation(fresh, before, cand)
-            n = max(n, int((dev > self.threshold).sum()))
-            top = dev.topk(min(n, cand.numel())).indices
-        else:
-            top = self.ops.deviation_topk(fresh, before, cand, n)[1]
-        keep[cand[top]] = True
-        return keep
+            n = max(n, int((scores > self.threshold).sum()))
+        return keep.index_fill(0, scores.topk(min(n, free)).indices, True)
 
 
 def deviation_filter(
@@ -99,7 +101,10 @@ def deviation_filter(
         free = ~forced[uncertain] & asm.relocated[uncertain]
         first = free & (free.cumsum(0) <= budget)  # the first `budget` free ones, in order
         protect.scatter_(0, uncertain, first)
-    narrow = DeviationFilter(forced, protect, budget, wide, checks[-1], threshold, asm.ops)
+    n_forced = asm.relocated.shape[0] - asm.prefix - n_cand  # of every token after the prefix
+    narrow = DeviationFilter(
+        forced, protect, budget, wide, checks[-1], threshold, asm.ops, n_forced=n_forced
+    )
     return checks, narrow
 
 

@@ -71,3 +71,40 @@ def test_the_uncertainty_shortlist_rides_to_the_last_check_layer():
     assert at_first.tolist() == [True, False, True, False, True]  # protected, top-1, forced
     at_last = narrow(4, sel, fresh, before)
     assert at_last.tolist() == [False, False, True, False, True]  # no shortlist at the last
+
+
+def _old_rule(f: DeviationFilter, layer: int, sel: torch.Tensor, fresh: KV, before: KV):
+    """The filter as it was, with its two device reads: the candidates' indices and, at the
+    last layer with a threshold, their count above it."""
+    last = layer >= f.last_layer
+    keep = f.forced[sel].clone()
+    cand = (~keep).nonzero().flatten()
+    if not last:
+        keep |= f.protect[sel]
+    if cand.numel() == 0:
+        return keep
+    n = f.budget if last else f.wide
+    dev = f.ops.deviation(fresh, before, cand)
+    if last and f.threshold is not None:
+        n = max(n, int((dev > f.threshold).sum()))
+    keep[cand[dev.topk(min(n, cand.numel())).indices]] = True
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_fixed_size_filter_keeps_what_the_old_rule_kept(seed):
+    g = torch.Generator().manual_seed(seed)
+    s = 40
+    forced = torch.rand(s, generator=g) < 0.3
+    protect = (torch.rand(s, generator=g) < 0.1) & ~forced
+    sel = torch.arange(s)[torch.rand(s, generator=g) < 0.8]
+    sel = torch.unique(torch.cat([sel, forced.nonzero().flatten()]))  # forced are always in
+    fresh, before = _kv((torch.rand(sel.numel(), generator=g) * 2).tolist())
+    n_forced = int(forced.sum())
+    for threshold in (None, 0.8):
+        for layer in (1, 4):
+            args = (forced, protect, 3, 6, 4, threshold)
+            new = DeviationFilter(*args, n_forced=n_forced)(layer, sel, fresh, before)
+            counted = DeviationFilter(*args)(layer, sel, fresh, before)
+            old = _old_rule(DeviationFilter(*args), layer, sel, fresh, before)
+            assert torch.equal(new, old) and torch.equal(counted, old)
