@@ -29,7 +29,7 @@ import torch
 
 from kvshare.store.contract import MIN_MATCH, Match, SegmentStore, StoredSegment, StoreKey, User
 from kvshare.store.segments import match_indexed
-from kvshare.store.tier_book import Pinned, Priority, TierEntry
+from kvshare.store.tier_book import Priority, TierEntry
 from kvshare.store.tier_moves import TierMoves
 from kvshare.store.tiers import KVTier
 
@@ -46,17 +46,8 @@ def scheduler_priority(scheduler: Any) -> Priority:
 
 class TieredStore(TierMoves, SegmentStore):
     """Segments over ``tiers`` (fastest first; ``tiers[0]`` is where calls read KV).
-    Its state: ``kvshare.store.tier_book``; its moves: ``kvshare.store.tier_moves``."""
-
-    def __init__(
-        self,
-        tiers: Sequence[KVTier],
-        priority: Priority | None = None,
-        pinned: Pinned | None = None,
-        events: int = 10_000,
-        trim: bool = False,
-    ) -> None:
-        super().__init__(tiers, priority, pinned, events, trim)
+    Its state and constructor (tiers, priority, pinned, events, trim): ``kvshare.store.
+    tier_book``; its moves: ``kvshare.store.tier_moves``."""
 
     # --- SegmentStore --------------------------------------------------------------------
 
