@@ -26,7 +26,7 @@ else:
         splice,
         to_device,
     )
-    from kvshare.kernels.layerwise import LayerStack, Narrow, gradual_prefill
+    from kvshare.kernels.layerwise import LayerStack, Narrow, Sizes, compact, gradual_prefill
     from kvshare.kernels.ops import KernelOps, Move
     from kvshare.kernels.prefill import PrefillResult, partial_prefill, position_mask
     from kvshare.kernels.rope import shift_kv, shift_rope
@@ -43,7 +43,9 @@ else:
         "LayerStack",
         "Narrow",
         "PrefillResult",
+        "Sizes",
         "cache_kwargs",
+        "compact",
         "gather",
         "gradual_prefill",
         "output_cache",

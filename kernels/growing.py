@@ -16,8 +16,9 @@ class GrowingCache:
     K/V of one layer at ``[length, length + n)`` and returns that layer's valid prefix plus
     them ([1, H, length + n, D] views); the caller calls ``advance(n)`` after the forward.
     A ``DynamicCache`` concatenates every layer at every token instead (quadratic copying
-    over a reply). Callers pass an explicit 4D attention mask (transformers' mask builder does
-    not know this class).
+    over a reply). It answers transformers' mask builder (``get_query_offset``,
+    ``get_mask_sizes``), so a one-token step needs no mask: SDPA then attends without one
+    and with grouped-query attention native (no ``repeat_kv`` copy of the cache per layer).
     """
 
     is_compileable = False
@@ -52,6 +53,15 @@ class GrowingCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Position of the first token being fed (the mask builder's query offset)."""
+        return self.length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """(kv_length, kv_offset) a mask over this cache spans while ``query_length`` tokens
+        are fed."""
+        return self.length + query_length, 0
 
     def kv(self) -> KV:
         """The valid tokens as KV [L, H, length, D]: the buffer itself when full, else a

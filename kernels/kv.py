@@ -109,8 +109,8 @@ def to_device(mask: Any, like: Tensor) -> Tensor:
     on CUDA."""
     t = torch.from_numpy(mask)
     if like.device.type == "cuda":
-        return t.pin_memory().to(like.device, non_blocking=True)
-    return t.to(like.device)
+        t = t.pin_memory()
+    return t.to(like.device, non_blocking=True)
 
 
 def gather(kv: KV, index: Tensor) -> KV:

@@ -14,6 +14,18 @@ from torch import Tensor, nn
 Narrow = Callable[[int, Tensor, KV, KV], Tensor]
 """(layer, sel [N], fresh KV [1, H, N, D], previous KV [1, H, N, D]) -> keep [N] bool."""
 
+Sizes = Callable[[int, int], "int | None"]
+"""(layer, N) -> how many tokens the narrowing keeps there, when known on the host."""
+
+
+def compact(keep: Tensor, count: int | None) -> Tensor:
+    """Ascending indices [K] of the True entries of ``keep`` [N]. With ``count`` (= K, known
+    on the host) a stable sort finds them at a fixed size, reading nothing; without it
+    ``nonzero`` reads the size from the device."""
+    if count is None:
+        return keep.nonzero().flatten()
+    return keep.to(torch.int8).argsort(descending=True, stable=True)[:count]
+
 
 def _layer_kv(cache: KV, layer: int, sel: Tensor) -> KV:
     return KV(cache.keys[layer : layer + 1, :, sel], cache.values[layer : layer + 1, :, sel])
@@ -49,6 +61,8 @@ def gradual_prefill(
     sel: Tensor,
     check_layers: tuple[int, ...],
     narrow: Narrow,
+    sizes: Sizes | None = None,
+    fixed_shapes: bool = False,
 ) -> PrefillResult:
     """Recompute ``sel`` layer by layer through ``parts`` (a :class:`LayerStack`), narrowing
     the set at every check layer, in place.
@@ -66,7 +80,13 @@ def gradual_prefill(
     ``sel``. This is CacheBlend's gradual filtering: the deviation probes are part of the
     prefill itself, not extra forwards.
 
-    Returns PrefillResult with ``recomputed`` = the tokens computed through every layer.
+    sizes: how many tokens ``narrow`` keeps at a layer when the host knows it (the kept set
+    is then found without a device read; :func:`compact`). fixed_shapes: where that is not
+    known, carry the whole set on instead of reading its size, writing only the kept tokens'
+    KV from there up (``SlotCache.live``): the same KV, no host read, more arithmetic.
+
+    Returns PrefillResult with ``recomputed`` = the tokens computed through every layer
+    (with ``live`` set: those of them that wrote).
     """
     model = parts.model
     sel = sel.to(torch.long)  # ascending and unique by contract (no device read to check)
@@ -84,11 +104,15 @@ def gradual_prefill(
             keep = narrow(index, sel, fresh, _layer_kv(cache, index, sel)).clone()
             keep |= q_pos == q_pos.max()  # the last token goes on (no 0-dim index: no sync)
             past.write(index, sel, fresh)  # the dropped tokens' fresh KV of this layer
-            kept = keep.nonzero().flatten()  # the one host sync of a narrowing (new size)
-            sel, q_pos, hidden = sel[kept], q_pos[kept], hidden.index_select(1, kept)
-            mask = mask.index_select(2, kept)
-            cos, sin = cos.index_select(1, kept), sin.index_select(1, kept)
-            past.slots = sel
+            count = sizes(index, sel.numel()) if sizes is not None else None
+            if past.live is not None or (count is None and fixed_shapes):
+                past.live = keep if past.live is None else past.live & keep
+            else:
+                kept = compact(keep, count)
+                sel, q_pos, hidden = sel[kept], q_pos[kept], hidden.index_select(1, kept)
+                mask = mask.index_select(2, kept)
+                cos, sin = cos.index_select(1, kept), sin.index_select(1, kept)
+                past.slots = sel
         hidden = layer(
             hidden,
             attention_mask=mask,
@@ -99,4 +123,4 @@ def gradual_prefill(
         )
     last = q_pos.argmax().reshape(1)
     logits = parts.logits(hidden[:, last])
-    return PrefillResult(cache, logits[0].float(), sel, True)
+    return PrefillResult(cache, logits[0].float(), sel, True, past.live)

@@ -19,12 +19,16 @@ class PrefillResult(NamedTuple):
     recomputed: [N'] long indices of the tokens actually recomputed (a superset of the request
         when the ordinary-prefill fallback ran), ascending.
     masked: True when the masked path ran, False for the ordinary causal prefill.
+    live: [N'] bool over ``recomputed`` when only those were recomputed through every layer
+        (a fixed-shape gradual prefill carries dropped tokens on without writing them);
+        None: all of them.
     """
 
     kv: KV
     logits: Tensor
     recomputed: Tensor
     masked: bool
+    live: Tensor | None = None
 
 
 def position_mask(q_pos: Tensor, k_pos: Tensor, dtype: torch.dtype | None) -> Tensor:

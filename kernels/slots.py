@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from kvshare.kernels.kv import KV
 from torch import Tensor
 
@@ -17,7 +18,9 @@ class SlotCache:
     tokens, cached KV for the rest — so the caller's mask must be over all S slots by true
     positions. Compared with a ``DynamicCache`` holding the unselected tokens, this saves a
     gather of the past, a concatenation per layer and a scatter of the result (three copies
-    of the cache per call). Only layers the forward runs through are written.
+    of the cache per call). Only layers the forward runs through are written. With ``live``
+    set, only the live slots take their fresh KV (fixed shapes: a narrowed set carried on at
+    full size; ``kernels.gradual_prefill``).
     """
 
     is_compileable = False
@@ -25,6 +28,7 @@ class SlotCache:
     def __init__(self, kv: KV, slots: Tensor):
         self.kv = kv
         self.slots = slots
+        self.live: Tensor | None = None  # [N] bool over ``slots``: None, every one writes
 
     def write(self, layer: int, slots: Tensor, fresh: KV) -> None:
         """Write ``fresh`` [1, H, N, D] into ``slots`` [N] of ``layer``, in place."""
@@ -35,7 +39,13 @@ class SlotCache:
     def update(
         self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
-        self.write(layer_idx, self.slots, KV(key_states, value_states))
+        fresh = KV(key_states, value_states)
+        if self.live is not None:  # carried tokens that no longer write: keep what is there
+            live = self.live[None, None, :, None]
+            old = self.kv.keys[layer_idx][None, :, self.slots]
+            olv = self.kv.values[layer_idx][None, :, self.slots]
+            fresh = KV(torch.where(live, key_states, old), torch.where(live, value_states, olv))
+        self.write(layer_idx, self.slots, fresh)
         return self.kv.keys[layer_idx][None], self.kv.values[layer_idx][None]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

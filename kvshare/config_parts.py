@@ -132,17 +132,32 @@ class AnchorsConfig:
         )
 
 
+FIXED_SHAPES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class KernelsConfig:
     """kernel_backend: ``auto`` (``KVSHARE_KERNELS`` if set, else Triton on CUDA when
-    installed, else torch), ``torch`` or ``triton`` (``kvshare.kernels.backends``)."""
+    installed, else torch), ``torch`` or ``triton`` (``kvshare.kernels.backends``).
+    fixed_shapes: a gradual prefill never reads a token count from the device (``on``: the
+    deviation threshold's set is carried on at full size instead of compacted; more
+    arithmetic, no host sync), or compacts it after one read (``off``: the cheaper choice
+    where a read costs nothing, the CPU); ``auto``: ``on`` on CUDA, ``off`` elsewhere."""
 
     kernel_backend: str = "auto"
+    fixed_shapes: str = "auto"
 
     def __post_init__(self) -> None:
         set_fields(self, {
-            "kernel_backend": check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+            "kernel_backend": check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS),
+            "fixed_shapes": check_choice("fixed_shapes", self.fixed_shapes, FIXED_SHAPES),
         })  # fmt: skip
+
+    def fixed_for(self, device: Any) -> bool:
+        """Whether calls on ``device`` (a torch.device) keep fixed shapes."""
+        if self.fixed_shapes == "auto":
+            return bool(device.type == "cuda")
+        return self.fixed_shapes == "on"
 
 
 EVICTIONS = ("workflow", "lru")

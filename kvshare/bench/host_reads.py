@@ -5,7 +5,9 @@ On a GPU every read of a tensor's value on the host (``.item()``, ``.tolist()``,
 ones torch makes for you: reading or writing through a bool mask or a 0-dim tensor index,
 ``t[mask]`` / ``t[i] = x``) waits for the device to drain its queue: kernels stop overlapping
 with Python. So does a tensor made from host data for a device (``torch.tensor(ids,
-device=...)``, ``torch.as_tensor``): an unpinned host -> device copy blocks.
+device=...)``, ``torch.as_tensor``): an unpinned host -> device copy blocks; and so does
+``.to(device)`` of a host array's tensor (``torch.from_numpy``) unless ``non_blocking=True``
+(from pinned memory, as ``kernels.to_device`` copies on CUDA).
 ``torch.cuda.set_sync_debug_mode`` finds them only on CUDA; this counter finds the same call
 sites on any device, attributed to the pipeline step (``kvshare.engine.pipeline`` function) and
 the first kvshare source line on the stack.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -88,12 +91,43 @@ def _from_host(data: Any, *args: Any, **kwargs: Any) -> bool:
     return not (hasattr(data, "__len__") and len(data) == 0)
 
 
+class _HostBorn(threading.local):
+    """ids of live tensors made from host arrays while counting (``torch.from_numpy``)."""
+
+    ids: set[int] | None = None
+
+
+_host_born = _HostBorn()
+
+
+def _blocking_upload(t: Any, *args: Any, **kwargs: Any) -> bool:
+    """``.to`` of a host array's tensor toward a device without ``non_blocking``."""
+    born = _host_born.ids
+    if born is None or id(t) not in born or kwargs.get("non_blocking", False):
+        return False
+    targets = [*args, kwargs.get("device")]
+    return any(isinstance(a, (torch.device, str)) for a in targets if a is not None)
+
+
 _TESTS: dict[str, Callable[..., bool]] = {
     "__getitem__": lambda _t, index, *a, **k: _reads_index(index),
     "__setitem__": lambda _t, index, *a, **k: _reads_index(index),
     "tensor": _from_host,
     "as_tensor": _from_host,
+    "to": _blocking_upload,
 }
+
+
+def _tagging(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def from_numpy(array: Any) -> Any:
+        out = orig(array)
+        born = _host_born.ids
+        if born is not None:
+            born.add(id(out))
+            weakref.finalize(out, born.discard, id(out))  # ids are reused once freed
+        return out
+
+    return from_numpy
 
 
 def _counting(orig: Callable[..., Any], counts: Counter, test: Callable[..., bool] | None):
@@ -118,17 +152,22 @@ def count_host_reads() -> Iterator[Counter]:
     patched: list[tuple[Any, str, Any]] = []
     for name in _METHODS:
         patched.append((torch.Tensor, name, getattr(torch.Tensor, name)))
-    for name in ("__getitem__", "__setitem__"):
+    for name in ("__getitem__", "__setitem__", "to"):
         patched.append((torch.Tensor, name, getattr(torch.Tensor, name)))
     for name in ("unique", "tensor", "as_tensor"):
         patched.append((torch, name, getattr(torch, name)))
+    from_numpy = torch.from_numpy
+    _host_born.ids = set()
     try:
         for owner, name, orig in patched:
             setattr(owner, name, _counting(orig, counts, _TESTS.get(name)))
+        torch.from_numpy = _tagging(from_numpy)
         yield counts
     finally:
         for owner, name, orig in patched:
             setattr(owner, name, orig)
+        torch.from_numpy = from_numpy
+        _host_born.ids = None
 
 
 def before_first_token(counts: Counter) -> int:

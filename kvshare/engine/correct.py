@@ -66,19 +66,16 @@ def commit_hits(pool: AnchorPool, estimates: list[RunEstimate]) -> None:
         pool.count_hits(e.key, e.estimate.anchor_ids)
 
 
-def trusted_delta(e: RunEstimate, layers: slice, max_distance: float, like: Tensor) -> KV | None:
+def trusted_delta(e: RunEstimate, layers: slice, max_distance: float, like: Tensor) -> KV:
     """The run's position-free offsets for ``layers``: KV [L', H, n, D] (dtype and device of
-    ``like``); None when no token is trusted and that is free to know (the estimate is in
-    host memory).
+    ``like``).
 
     Tokens whose nearest anchor is farther than ``max_distance`` (in τ) get no offset (zero):
-    an estimate that far away is not trusted. On a GPU an untrusted run is masked, not
-    skipped: deciding to skip would wait for the device.
+    an estimate that far away is not trusted. An untrusted run is masked, never skipped:
+    deciding to skip would read the distances on the host (a sync on a GPU).
     """
-    trusted = e.estimate.distance <= max_distance
-    if trusted.device.type == "cpu" and not bool(trusted.any()):
-        return None
-    d = e.estimate.delta[layers].to(like.device, like.dtype) * trusted.to(like.device)[:, None]
+    trusted = (e.estimate.distance <= max_distance).to(like.device)
+    d = e.estimate.delta[layers].to(like.device, like.dtype) * trusted[:, None]
     return KV(d[:, 0], d[:, 1])
 
 
@@ -96,8 +93,6 @@ def apply_estimates(
     ops = ops or TorchOps()
     for i, e in enumerate(estimates):
         delta = trusted_delta(e, slice(None), max_distance, cache.keys)
-        if delta is None:
-            continue
         gain = gains[i] if gains is not None else (1.0, 1.0)
         ops.relocate(cache, Move(e.run.start, e.run.length, offsets=delta, gains=gain), rotary)
 
@@ -183,7 +178,7 @@ class ValidatedOffsets:
         above = KV(self.cache.keys[layer + 1 :], self.cache.values[layer + 1 :])
         for r, e in enumerate(self.estimates):
             d = trusted_delta(e, slice(layer + 1, None), self.max_distance, before.keys)
-            if above.keys.shape[0] and d is not None:
+            if above.keys.shape[0]:
                 g = (gk[r].nan_to_num(0.0), gv[r].nan_to_num(0.0))
                 move = Move(e.run.start, e.run.length, offsets=d, gains=g)
                 self.ops.relocate(above, move, self.rotary)
@@ -200,8 +195,7 @@ class ValidatedOffsets:
         run_of = np.full(slots, len(self.estimates), dtype=np.int64)
         for r, e in enumerate(self.estimates):
             d = trusted_delta(e, slice(layer, layer + 1), self.max_distance, like.keys)
-            if d is not None:
-                self.ops.relocate(buf, Move(e.run.start, e.run.length, offsets=d), self.rotary)
+            self.ops.relocate(buf, Move(e.run.start, e.run.length, offsets=d), self.rotary)
             run_of[e.run.start : e.run.end] = r
         return KV(buf.keys[:, :, sel], buf.values[:, :, sel]), to_device(run_of, sel)[sel]
 

@@ -26,23 +26,35 @@ class SamplingParams:
 GREEDY_BELOW = torch.finfo(torch.float32).tiny  # 1.2e-38: sampling is in float32
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Next token from logits [V]. Host sync boundary: returns a Python int.
+def next_token(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
+    """Next token from logits [V] as a 0-dim long tensor on the logits' device: no host read.
 
-    A seeded draw runs on the generator's device (the CPU, where the call's generator lives),
-    so one seed gives the same tokens whatever device the logits are on; top-p keeps fixed
-    shapes (a mask over the sorted probabilities, no boolean indexing)."""
+    Greedy is an argmax. A draw is an exponential race (``argmax p_i / E_i`` with ``E_i ~
+    Exp(1)`` picks ``i`` with probability ``p_i``): a seeded one draws ``E`` with the call's
+    generator on its own device (the CPU) and copies it over without blocking, so one seed
+    gives the same tokens whatever device the logits are on. Top-p keeps fixed shapes (a mask
+    over the sorted probabilities, no boolean indexing)."""
     if params.temperature < GREEDY_BELOW:
-        return int(logits.argmax())
+        return logits.argmax()
     scaled = logits.float() - logits.float().max()  # <= 0, so a tiny temperature gives -inf,
     probs = torch.softmax(scaled / params.temperature, dim=-1)  # never inf - inf = nan
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < params.top_p
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p * keep)
-    if generator is not None and probs.device != generator.device:
-        probs = probs.to(generator.device)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    gen_device = generator.device if generator is not None else probs.device
+    race = torch.empty(probs.shape, device=gen_device).exponential_(generator=generator)
+    if race.device != probs.device:
+        race = (race.pin_memory() if probs.device.type == "cuda" else race).to(
+            probs.device, non_blocking=True
+        )
+    return (probs / race).argmax()
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Next token from logits [V] (:func:`next_token`). Host sync boundary: one read, the
+    token."""
+    return int(next_token(logits, params, generator))
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,7 @@ def decode(
         out = model(
             input_ids=torch.tensor([[tokens[-1]]], device=device),
             position_ids=torch.tensor([[pos]], device=device),
-            attention_mask=torch.zeros(1, 1, 1, pos + 1, dtype=cache.keys.dtype, device=device),
+            attention_mask=None,  # one token sees the whole cache: no mask (GrowingCache)
             use_cache=True,
             **cache_kwargs(model, cache),
         )

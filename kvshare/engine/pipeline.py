@@ -21,13 +21,13 @@ from kvshare.anchors import AnchorPool
 from kvshare.config import EngineConfig
 from kvshare.engine.correct import RunEstimate, commit_hits, estimate_runs
 from kvshare.engine.correct import learn as learn_offsets
-from kvshare.engine.decode import DecodeResult, decode, sample, stop_checker
+from kvshare.engine.decode import DecodeResult, decode, next_token, stop_checker
 from kvshare.engine.fidelity import adapt_ratio, compare, full_prefill
 from kvshare.engine.learned import LearnedState, ScopeState
 from kvshare.engine.policy import OffsetStep, ReusePolicy
 from kvshare.engine.relocate import Assembly, Run, assemble, find_runs
 from kvshare.engine.request import Request
-from kvshare.engine.results import FittedGain, Prefilled, check_finite
+from kvshare.engine.results import FittedGain, Prefilled, check_finite, non_finite
 from kvshare.engine.select import Plan
 from kvshare.engine.stats import GREEDY_CAP
 from kvshare.kernels import (
@@ -146,8 +146,9 @@ def prefill(
     ids = to_device(np.asarray(req.prompt.ids, dtype=np.int64), pos)  # pinned, no sync
     limit = parts.config.select.masked_prefill_max_ratio
     if chosen.narrow is not None:
-        checks = chosen.plan.checks
-        res = gradual_prefill(parts.adapter, asm.cache, ids, pos, sel, checks, chosen.narrow)
+        plan, fixed = chosen.plan, parts.config.kernels.fixed_for(dev)
+        args = (asm.cache, ids, pos, sel, plan.checks, chosen.narrow, plan.sizes, fixed)
+        res = gradual_prefill(parts.adapter, *args)
     elif chosen.plan.tail is not None and limit < 1.0:  # 1.0: the masked path, always
         res = causal_tail(parts.model, asm.cache, ids, pos, chosen.plan.tail)
     else:
@@ -155,18 +156,21 @@ def prefill(
             parts.model, asm.cache, ids, pos, sel, max_masked_ratio=limit, inplace=True
         )
     done = torch.zeros(n, dtype=torch.bool, device=dev)
-    done[res.recomputed] = True
+    done[res.recomputed] = True if res.live is None else res.live
     return Prefilled(res.kv, res.logits[-1], done, asm, ests, chosen.gains)
 
 
 def sample_first(pre: Prefilled, req: Request) -> tuple[int, torch.Generator | None]:
-    """The first token and the call's seeded generator. The logits' copy to the host is the
-    one device sync before TTFT; the finiteness check and sampling run on that copy."""
-    logits = pre.logits.cpu()
-    check_finite("the first-token logits", logits)
+    """The first token and the call's seeded generator. The token and the logits'
+    finiteness are chosen on the device and read together: the one host read before TTFT."""
     seed = req.sampling.seed
     gen = None if seed is None else torch.Generator("cpu").manual_seed(seed)
-    return sample(logits, req.sampling, gen), gen
+    token = next_token(pre.logits, req.sampling, gen)
+    finite = torch.isfinite(pre.logits).all()
+    first, ok = torch.stack([token, finite.to(token.dtype)]).tolist()
+    if not ok:
+        raise non_finite("the first-token logits")
+    return int(first), gen
 
 
 def decode_reply(

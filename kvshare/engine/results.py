@@ -54,13 +54,18 @@ class MemoryUsage(NamedTuple):
         return self.prefix_cache + self.segments + self.anchors
 
 
+def non_finite(what: str) -> NonFiniteError:
+    """The error for ``what`` holding NaN or inf."""
+    return NonFiniteError(
+        f"{what} hold NaN or infinite values (model weights, dtype overflow?); nothing "
+        f"from this call was stored"
+    )
+
+
 def check_finite(what: str, *tensors: torch.Tensor) -> None:
     """Raise NonFiniteError when any tensor holds NaN or inf (one reduction each)."""
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        raise NonFiniteError(
-            f"{what} hold NaN or infinite values (model weights, dtype overflow?); nothing "
-            f"from this call was stored"
-        )
+        raise non_finite(what)
 
 
 def call_stats(

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from kvshare.engine.relocate import Assembly
-from kvshare.kernels import KV, KernelOps, TorchOps
+from kvshare.kernels import KV, KernelOps, Sizes, TorchOps
 
 
 def forced_runs(asm: Assembly, sinks: int, recent: int, last: bool = False) -> np.ndarray:
@@ -38,13 +38,18 @@ class DeviationFilter:
     """The narrowing rule of a gradual prefill (``kernels.gradual_prefill``).
 
     At every check layer but the last: keep ``forced`` tokens, ``protect``-ed tokens and the
-    ``wide`` candidates with the largest deviation (fresh vs reused KV of that layer). At the
-    last check layer: ``forced`` plus the ``budget`` largest, or with ``threshold`` every
-    candidate whose deviation exceeds it if there are more. forced, protect: [S] bool.
+    ``wide`` candidates (neither forced nor protected) with the largest deviation (fresh vs
+    reused KV of that layer). At the last check layer: ``forced`` plus the ``budget``
+    largest, or with ``threshold`` every candidate whose deviation exceeds it if there are
+    more. forced, protect: [S] bool, disjoint; ``forced`` holds the last prompt token.
 
     ``protect`` carries the anchors' most uncertain tokens to the last check: an early layer
     misses deviations that only build up deeper (text quoted twice, say), the anchors'
     uncertainty does not.
+
+    ``n_forced`` / ``n_protect``: how many forced / protected tokens every ``sel`` holds
+    (known on the host from the plan; None: counted on the device, a host read each).
+    With both, :meth:`kept` says how many tokens a check keeps without reading anything.
     """
 
     forced: Tensor
@@ -54,26 +59,42 @@ class DeviationFilter:
     last_layer: int
     threshold: float | None = None
     ops: KernelOps = field(default_factory=TorchOps)
-    n_forced: int | None = None  # forced tokens in every ``sel`` (host); None: counted
+    n_forced: int | None = None
+    n_protect: int | None = None
 
     def __call__(self, layer: int, sel: Tensor, fresh: KV, before: KV) -> Tensor:
-        """keep [N] bool over ``sel`` [N]. Scores every token of ``sel`` (forced ones masked
-        out) and takes a top-k whose size is known on the host: no device read, except the
-        threshold's count at the last check layer."""
+        """keep [N] bool over ``sel`` [N]. Scores every token of ``sel`` (forced and, below
+        the last check, protected ones masked out) and takes a top-k whose size is known on
+        the host; the threshold adds every score above it (the ``max(budget, count above)``
+        largest, without reading the count): no device read."""
         last = layer >= self.last_layer
         forced = self.forced[sel]
-        keep = forced.clone()
-        n_forced = self.n_forced if self.n_forced is not None else int(forced.sum())
-        free = sel.numel() - n_forced
+        shielded = forced if last else forced | self.protect[sel]
+        free = sel.numel() - self._count(self.n_forced, forced)
         if not last:
-            keep |= self.protect[sel]
+            free -= self._count(self.n_protect, self.protect[sel])
         if free <= 0:
-            return keep
+            return shielded.clone()
         n = self.budget if last else self.wide
-        scores = self.ops.deviation(fresh, before).masked_fill(forced, float("-inf"))
+        scores = self.ops.deviation(fresh, before).masked_fill(shielded, float("-inf"))
+        keep = shielded.index_fill(0, scores.topk(min(n, free)).indices, True)
+        return keep | (scores > self.threshold) if last and self.threshold is not None else keep
+
+    def kept(self, layer: int, n: int) -> int | None:
+        """How many of ``n`` tokens the check at ``layer`` keeps, when that is known on the
+        host: always below the last check layer, at the last one without a threshold (whose
+        count depends on the deviations); None otherwise."""
+        if self.n_forced is None or self.n_protect is None:
+            return None
+        last = layer >= self.last_layer
         if last and self.threshold is not None:
-            n = max(n, int((scores > self.threshold).sum()))
-        return keep.index_fill(0, scores.topk(min(n, free)).indices, True)
+            return None
+        shielded = self.n_forced + (0 if last else self.n_protect)
+        return shielded + max(0, min(self.budget if last else self.wide, n - shielded))
+
+    @staticmethod
+    def _count(known: int | None, mask: Tensor) -> int:
+        return known if known is not None else int(mask.sum())
 
 
 def deviation_filter(
@@ -89,21 +110,23 @@ def deviation_filter(
 
     Every check layer but the last keeps twice the budget; with ``threshold`` at least a fifth
     of the candidates, so the last one has something to choose from. ``uncertain`` ([M]
-    indices, most uncertain first): its first ``budget`` relocated, not forced tokens are
-    protected up to the last check layer. ``n_cand``: the number of relocated, not forced
+    indices of every relocated token, most uncertain first): its first ``budget`` not forced
+    tokens are protected up to the last check layer. ``n_cand``: the number of relocated, not forced
     tokens (known on the host from the runs: ``forced_runs``).
     """
     top = max(0, asm.cache.keys.shape[0] - 2)
     checks = tuple(sorted({min(c, top) for c in check_layers}))
     wide = 2 * budget if threshold is None else max(2 * budget, round(0.2 * n_cand))
     protect = torch.zeros_like(forced)
-    if uncertain is not None and len(checks) > 1:
+    protect_used = uncertain is not None and len(checks) > 1
+    if uncertain is not None and protect_used:
         free = ~forced[uncertain] & asm.relocated[uncertain]
         first = free & (free.cumsum(0) <= budget)  # the first `budget` free ones, in order
         protect.scatter_(0, uncertain, first)
     n_forced = asm.relocated.shape[0] - asm.prefix - n_cand  # of every token after the prefix
+    n_protect = min(budget, n_cand) if protect_used else 0  # ``uncertain``: every run token
     narrow = DeviationFilter(
-        forced, protect, budget, wide, checks[-1], threshold, asm.ops, n_forced=n_forced
+        forced, protect, budget, wide, checks[-1], threshold, asm.ops, n_forced, n_protect
     )
     return checks, narrow
 
@@ -141,3 +164,8 @@ class Plan(NamedTuple):
     checks: tuple[int, ...] = ()
     narrow: DeviationFilter | None = None
     tail: int | None = None
+
+    @property
+    def sizes(self) -> Sizes | None:
+        """The narrowing's kept counts known on the host (``DeviationFilter.kept``)."""
+        return self.narrow.kept if self.narrow is not None else None

@@ -93,18 +93,67 @@ def _old_rule(f: DeviationFilter, layer: int, sel: torch.Tensor, fresh: KV, befo
 
 @pytest.mark.parametrize("seed", range(12))
 def test_the_fixed_size_filter_keeps_what_the_old_rule_kept(seed):
+    """At the last check layer the read-free filter keeps exactly what the old rule kept
+    (the threshold's ``max(budget, count above)`` largest are the budget's top-k plus every
+    score above it). Below it, protected tokens no longer take a place among the ``wide``
+    (so the count is known on the host): a superset of the old set, its size what ``kept``
+    says without reading anything."""
     g = torch.Generator().manual_seed(seed)
     s = 40
     forced = torch.rand(s, generator=g) < 0.3
     protect = (torch.rand(s, generator=g) < 0.1) & ~forced
     sel = torch.arange(s)[torch.rand(s, generator=g) < 0.8]
-    sel = torch.unique(torch.cat([sel, forced.nonzero().flatten()]))  # forced are always in
-    fresh, before = _kv((torch.rand(sel.numel(), generator=g) * 2).tolist())
-    n_forced = int(forced.sum())
+    sel = torch.unique(torch.cat([sel, forced.nonzero().flatten(), protect.nonzero().flatten()]))
+    dev = torch.rand(sel.numel(), generator=g) * 2
+    fresh, before = _kv(dev.tolist())
+    n_forced, n_protect = int(forced.sum()), int(protect.sum())
+    shielded = forced[sel] | protect[sel]
     for threshold in (None, 0.8):
         for layer in (1, 4):
             args = (forced, protect, 3, 6, 4, threshold)
-            new = DeviationFilter(*args, n_forced=n_forced)(layer, sel, fresh, before)
+            known = DeviationFilter(*args, n_forced=n_forced, n_protect=n_protect)
+            new = known(layer, sel, fresh, before)
             counted = DeviationFilter(*args)(layer, sel, fresh, before)
             old = _old_rule(DeviationFilter(*args), layer, sel, fresh, before)
-            assert torch.equal(new, old) and torch.equal(counted, old)
+            assert torch.equal(new, counted)
+            if layer == 4:
+                assert torch.equal(new, old)
+            else:
+                assert bool((new | ~old).all()) and bool((new | ~shielded).all())  # ⊇ both
+                chosen, passed = new & ~shielded, ~new & ~shielded
+                want = min(6, int((~shielded).sum()))  # wide = 6
+                assert int(chosen.sum()) == want
+                if passed.any():  # the top ``wide`` of the unshielded by deviation
+                    assert float(dev[chosen].min()) >= float(dev[passed].max())
+            size = known.kept(layer, sel.numel())
+            if layer == 4 and threshold is not None:
+                assert size is None  # the threshold's count depends on the data
+            else:
+                assert size == int(new.sum())
+
+
+def _reuse_counting(engine: Engine, **options: object) -> tuple[object, int]:
+    """``_learn_then_reuse``'s last call again under ``options``, its host reads counted."""
+    from kvshare.bench.host_reads import before_first_token, count_host_reads
+
+    eng = _learn_then_reuse(engine.fork(**options))
+    eng.prefix_cache.clear()
+    eng.segments.clear()
+    eng.chat(team("planner"), agent="planner", max_new_tokens=3)
+    with count_host_reads() as counts:
+        r = eng.chat(team("critic"), agent="critic", max_new_tokens=3)
+    return r, before_first_token(counts)
+
+
+def test_a_fixed_shape_kvshare_call_reads_the_host_once(deep_engine):
+    """With fixed shapes and the device-side k-NN (what a GPU runs) a ``kvshare`` call with
+    relocated runs, anchor offsets, gains and a deviation threshold reads the host exactly
+    once before its first token: the sampled token. The compacting path (the CPU default,
+    where a read costs nothing) reads more and computes the same reply."""
+    fixed, reads = _reuse_counting(deep_engine, fixed_shapes="on", anchor_index="torch")
+    assert fixed.stats.relocated_tokens > 0 and fixed.stats.recomputed_tokens > 0
+    assert reads == 1
+    compacted, more = _reuse_counting(deep_engine, fixed_shapes="off", anchor_index="torch")
+    assert more > 1
+    assert fixed.tokens == compacted.tokens
+    assert fixed.stats.recomputed_tokens == compacted.stats.recomputed_tokens

@@ -222,11 +222,23 @@ def _keep_all(layer, sel, fresh, before):
     return torch.ones(sel.numel(), dtype=torch.bool)
 
 
-def narrowed(model, stale: KV, sel, checks, narrow):
+def narrowed(model, stale: KV, sel, checks, narrow, **options):
     """A gradual prefill of ``sel`` over a copy of ``stale`` (ids and positions 0..S-1)."""
     ids, pos = ids_of(S), torch.arange(S)
     cache = KV(stale.keys.clone(), stale.values.clone())
-    return gradual_prefill(ModelAdapter(model), cache, ids, pos, sel, checks, narrow)
+    return gradual_prefill(ModelAdapter(model), cache, ids, pos, sel, checks, narrow, **options)
+
+
+KEPT = torch.tensor([5, 9, 12, S - 1])
+
+
+def _keep_some(layer, s, fresh, before):
+    return torch.isin(s, KEPT)
+
+
+def _stale(model) -> KV:
+    kv, _ = full_prefill(model, ids_of(S))
+    return KV(kv.keys * 0.9 + 0.1, kv.values * 1.1 - 0.1)
 
 
 def test_gradual_prefill_without_narrowing_equals_full_prefill(model):
@@ -276,15 +288,8 @@ def test_gradual_prefill_kept_tokens_equal_partial_prefill_over_fresh_lower_laye
     """Narrowed inside check layer 0: the kept tokens are computed as a partial prefill of
     themselves over a cache whose layer-0 KV of the whole set is fresh (and stale above)."""
     ids, pos = ids_of(S), torch.arange(S)
-    kv, _ = full_prefill(model, ids)
-    stale = KV(kv.keys * 0.9 + 0.1, kv.values * 1.1 - 0.1)
-    sel = torch.arange(4, S)
-    kept = torch.tensor([5, 9, 12, S - 1])
-
-    def keep_some(layer, s, fresh, before):
-        return torch.isin(s, kept)
-
-    res = narrowed(model, stale, sel, (0,), keep_some)
+    stale, sel, kept = _stale(model), torch.arange(4, S), KEPT
+    res = narrowed(model, stale, sel, (0,), _keep_some)
     assert torch.equal(res.recomputed, kept)
     lower = partial_prefill(model, stale, ids, pos, sel, max_masked_ratio=1.0)
     mixed = KV(stale.keys.clone(), stale.values.clone())
@@ -296,14 +301,19 @@ def test_gradual_prefill_kept_tokens_equal_partial_prefill_over_fresh_lower_laye
     assert not torch.allclose(res.kv.keys[1:, :, kept], stale.keys[1:, :, kept])
 
 
-def test_growing_cache_decodes_like_a_dynamic_cache():
-    """Greedy decode over the preallocated cache equals transformers' own cache, token for
-    token, and its KV equals the one a DynamicCache accumulates."""
+@pytest.mark.parametrize(
+    ("family", "attn"), [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa")]
+)
+def test_growing_cache_decodes_like_a_dynamic_cache(family, attn):
+    """Greedy decode over the preallocated cache (no mask passed: transformers' mask builder
+    asks the cache for its sizes) equals transformers' own cache, token for token, under
+    either attention, and its KV equals the one a DynamicCache accumulates."""
     from kvshare.kernels import GrowingCache
 
     from kvshare.engine.decode import SamplingParams, decode
 
-    model = tiny_model("llama")
+    model = tiny_model(family)
+    model.config._attn_implementation = attn
     ids = torch.randint(3, 1000, (1, 20))
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True)
@@ -331,3 +341,32 @@ def test_masked_prefill_is_exact_under_each_attention(attn):
     assert res.masked
     assert (res.logits[-1] - logits[-1]).abs().max() <= 1e-4
     assert (res.kv.values - kv.values).abs().max() <= 1e-4
+
+
+def test_compact_finds_the_kept_tokens_at_a_known_size():
+    """With the count known, a stable sort gives nonzero's ascending indices (no read)."""
+    from kvshare.kernels import compact
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        keep = torch.rand(50, generator=g) < 0.3
+        want = keep.nonzero().flatten()
+        assert torch.equal(compact(keep, want.numel()), want)
+        assert torch.equal(compact(keep, None), want)
+
+
+def test_a_fixed_shape_gradual_prefill_writes_what_the_compacting_one_does(model):
+    """Carrying the set on at full size (only the kept tokens writing) gives the compacting
+    prefill's KV and logits; ``live`` marks the tokens that were recomputed. With the kept
+    count known on the host, the compaction itself reads nothing and keeps the same set."""
+    stale, sel = _stale(model), torch.arange(4, S)
+    compacted = narrowed(model, stale, sel, (0,), _keep_some)
+    fixed = narrowed(model, stale, sel, (0,), _keep_some, fixed_shapes=True)
+    assert torch.equal(fixed.recomputed, sel) and fixed.live is not None
+    assert torch.equal(fixed.recomputed[fixed.live], compacted.recomputed)
+    assert (fixed.logits[-1] - compacted.logits[-1]).abs().max() <= 1e-4
+    assert (fixed.kv.keys - compacted.kv.keys).abs().max() <= 1e-5
+    assert (fixed.kv.values - compacted.kv.values).abs().max() <= 1e-5
+    known = narrowed(model, stale, sel, (0,), _keep_some, sizes=lambda layer, n: KEPT.numel())
+    assert torch.equal(known.recomputed, compacted.recomputed) and known.live is None
+    assert torch.equal(known.kv.keys, compacted.kv.keys)
