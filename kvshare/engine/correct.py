@@ -66,16 +66,21 @@ def commit_hits(pool: AnchorPool, estimates: list[RunEstimate]) -> None:
         pool.count_hits(e.key, e.estimate.anchor_ids)
 
 
-def trusted_delta(e: RunEstimate, layers: slice, max_distance: float, like: Tensor) -> KV:
+def trusted_delta(
+    e: RunEstimate, layers: slice, max_distance: float, like: Tensor, may_skip: bool = False
+) -> KV | None:
     """The run's position-free offsets for ``layers``: KV [L', H, n, D] (dtype and device of
-    ``like``).
+    ``like``); with ``may_skip``, None when no token of the run is trusted.
 
     Tokens whose nearest anchor is farther than ``max_distance`` (in τ) get no offset (zero):
-    an estimate that far away is not trusted. An untrusted run is masked, never skipped:
-    deciding to skip would read the distances on the host (a sync on a GPU).
+    an estimate that far away is not trusted. Knowing that a whole run is untrusted takes a
+    host read of its distances: ``may_skip`` where a read is free (the compacting path, the
+    CPU), saving the offsets' arithmetic; with fixed shapes the run is masked instead.
     """
-    trusted = (e.estimate.distance <= max_distance).to(like.device)
-    d = e.estimate.delta[layers].to(like.device, like.dtype) * trusted[:, None]
+    trusted = e.estimate.distance <= max_distance
+    if may_skip and not bool(trusted.any()):
+        return None
+    d = e.estimate.delta[layers].to(like.device, like.dtype) * trusted.to(like.device)[:, None]
     return KV(d[:, 0], d[:, 1])
 
 
@@ -86,13 +91,16 @@ def apply_estimates(
     max_distance: float,
     gains: list[tuple[float, float]] | None = None,
     ops: KernelOps | None = None,
+    may_skip: bool = False,
 ) -> None:
     """Add every run's offsets to ``cache`` [L, H, S, D] in place, keys re-rotated to the
     target positions, scaled by the run's (K, V) ``gains`` (default 1); one ``ops.relocate``
     per run."""
     ops = ops or TorchOps()
     for i, e in enumerate(estimates):
-        delta = trusted_delta(e, slice(None), max_distance, cache.keys)
+        delta = trusted_delta(e, slice(None), max_distance, cache.keys, may_skip)
+        if delta is None:
+            continue
         gain = gains[i] if gains is not None else (1.0, 1.0)
         ops.relocate(cache, Move(e.run.start, e.run.length, offsets=delta, gains=gain), rotary)
 
@@ -155,6 +163,7 @@ class ValidatedOffsets:
     first: int
     record: Callable[[str, Tensor, Tensor], None] | None = None
     ops: KernelOps = field(default_factory=TorchOps)
+    may_skip: bool = False  # untrusted runs skipped after a host read (``trusted_delta``)
 
     def __call__(self, layer: int, sel: Tensor, fresh: KV, before: KV) -> Tensor:
         if layer == self.first:
@@ -176,9 +185,10 @@ class ValidatedOffsets:
         keys = before.keys + _per_token(gk, rid).to(est.keys) * est.keys
         values = before.values + _per_token(gv, rid).to(est.values) * est.values
         above = KV(self.cache.keys[layer + 1 :], self.cache.values[layer + 1 :])
+        skip = self.may_skip
         for r, e in enumerate(self.estimates):
-            d = trusted_delta(e, slice(layer + 1, None), self.max_distance, before.keys)
-            if above.keys.shape[0]:
+            d = trusted_delta(e, slice(layer + 1, None), self.max_distance, before.keys, skip)
+            if above.keys.shape[0] and d is not None:
                 g = (gk[r].nan_to_num(0.0), gv[r].nan_to_num(0.0))
                 move = Move(e.run.start, e.run.length, offsets=d, gains=g)
                 self.ops.relocate(above, move, self.rotary)
@@ -193,9 +203,11 @@ class ValidatedOffsets:
         _, heads, _, dim = like.keys.shape
         buf = KV(*(t.new_zeros(1, heads, slots, dim) for t in (like.keys, like.values)))
         run_of = np.full(slots, len(self.estimates), dtype=np.int64)
+        skip = self.may_skip
         for r, e in enumerate(self.estimates):
-            d = trusted_delta(e, slice(layer, layer + 1), self.max_distance, like.keys)
-            self.ops.relocate(buf, Move(e.run.start, e.run.length, offsets=d), self.rotary)
+            d = trusted_delta(e, slice(layer, layer + 1), self.max_distance, like.keys, skip)
+            if d is not None:
+                self.ops.relocate(buf, Move(e.run.start, e.run.length, offsets=d), self.rotary)
             run_of[e.run.start : e.run.end] = r
         return KV(buf.keys[:, :, sel], buf.values[:, :, sel]), to_device(run_of, sel)[sel]
 

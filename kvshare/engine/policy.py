@@ -152,7 +152,9 @@ class AnchorPolicy(ReusePolicy):
     def offsets(self, step: OffsetStep) -> Narrow | None:
         if step.pool is not None and step.estimates:
             max_d = step.config.anchors.anchor_max_distance
-            apply_estimates(step.asm.cache, step.estimates, step.rotary, max_d, ops=step.asm.ops)
+            cache = step.asm.cache
+            skip = not step.config.kernels.fixed_for(cache.keys.device)
+            apply_estimates(cache, step.estimates, step.rotary, max_d, None, step.asm.ops, skip)
         return step.plan.narrow
 
 
@@ -174,13 +176,15 @@ class KVSharePolicy(BlendPolicy):
         max_d = step.config.anchors.anchor_max_distance
         if pool is None or not ests:
             return plan.narrow
+        skip = not step.config.kernels.fixed_for(cache.keys.device)  # reads are free there
         if plan.narrow is None or plan.checks[0] == 0:  # layer-0 offsets are 0: nothing to fit
             gains = [pool.gain(e.key) for e in ests]
-            apply_estimates(cache, ests, step.rotary, max_d, gains, step.asm.ops)
+            apply_estimates(cache, ests, step.rotary, max_d, gains, step.asm.ops, skip)
             return plan.narrow
-        first, ops = plan.checks[0], step.asm.ops
-        rotary = step.rotary
-        return ValidatedOffsets(plan.narrow, ests, cache, rotary, max_d, first, step.record, ops)
+        first, ops, rotary = plan.checks[0], step.asm.ops, step.rotary
+        return ValidatedOffsets(
+            plan.narrow, ests, cache, rotary, max_d, first, step.record, ops, skip
+        )
 
 
 POLICIES: Registry[ReusePolicy] = Registry("mode")
