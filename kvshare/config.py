@@ -106,6 +106,9 @@ class EngineConfig:
     host_tier_bytes, disk_tier_dir, disk_tier_bytes, disk_write_behind_bytes, eviction,
         prefetch, pin_bytes: the tiers below the device tier and how segments move between
         them (:class:`TiersConfig`).
+    kernel_backend, fixed_shapes: the kernel ops' backend and whether a gradual prefill keeps
+        fixed shapes (no host read before the first token but the sampled token; ``auto``: on
+        CUDA only, where a read is a device sync; :class:`KernelsConfig`).
     profile: record seconds per pipeline stage in ``CallStats.stages`` (synchronising the
         device at stage edges: for measurement, not production; ``kvshare.engine.profile``).
     """
