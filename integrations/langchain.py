@@ -48,7 +48,8 @@ class ChatKVShare(BaseChatModel):
 
     Parameters are the defaults of every call: agent, session, tenant (ids: ``str``),
     max_tokens, temperature, top_p, stop, seed, shadow (measure fidelity against a full
-    prefill). Errors are kvshare's named exceptions (``kvshare.errors``).
+    prefill, changing nothing), teach (let a full prefill teach the anchor pool and the
+    recompute ratio). Errors are kvshare's named exceptions (``kvshare.errors``).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -63,6 +64,7 @@ class ChatKVShare(BaseChatModel):
     stop: list[str] | None = None
     seed: int | None = None
     shadow: bool = False
+    teach: bool = False
 
     @model_validator(mode="after")
     def _load(self) -> ChatKVShare:
@@ -194,6 +196,7 @@ class ChatKVShare(BaseChatModel):
             "stop": stop if stop is not None else self.stop,
             "seed": kwargs.get("seed", self.seed),
             "shadow": kwargs.get("shadow", self.shadow),
+            "teach": kwargs.get("teach", self.teach),
         }
 
     def _hint(self, node: Any, session: Any) -> None:

@@ -80,8 +80,11 @@ class EngineConfig:
         context (docs/results.md).
     check_layers: layers at which deviation is scored; all but the last keep twice the
         budget (gradual filtering), the last keeps the budget.
-    target_kl, max_recompute_ratio: ``kvshare`` starts at ``recompute_ratio`` and, after every
-        shadowed call, moves its ratio toward the first-token KL target, never above the cap.
+    target_kl, max_recompute_ratio, adaptive: ``kvshare`` starts at ``recompute_ratio``; after
+        a call with ``teach=True`` it moves its ratio toward the first-token KL target, after
+        any other call toward the share of relocated tokens whose deviation exceeded
+        ``deviation_threshold`` (``kvshare.engine.fidelity.steer_ratio``); never above the
+        cap, and not at all with ``adaptive=False``.
     deviation_threshold: ``kvshare`` also recomputes every short-listed token whose deviation
         at the last check layer exceeds this (None: the budget alone decides).
     anchor_gamma: ``anchor`` mode's KVCOMM entropy threshold (dense prefill above

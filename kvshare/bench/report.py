@@ -16,7 +16,13 @@ def markdown(report: BenchReport) -> str:
     w = report.workload
     lines = [
         f"Workload `{w['name']}`: {w}. Machine: {report.machine}, torch {report.torch}; "
-        f"median of {report.repeats} repeats, modes interleaved.",
+        f"median of {report.repeats} repeats, modes interleaved; "
+        + (
+            "every reused call also taught by a full prefill (`--teach`: not what production "
+            "calls get)."
+            if report.teach
+            else "production learning (shadow prefills observe only)."
+        ),
         "",
         "| mode | token reuse | call reuse | last-agent TTFT (s) | last-agent speedup | "
         "mean KL | top-1 | greedy match | task score | peak stored KV (MiB) | anchor pool (MiB) |",

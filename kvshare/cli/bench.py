@@ -62,6 +62,12 @@ def add_parser(sub: Any) -> None:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--no-shadow", action="store_true", help="skip fidelity measurement")
     bench.add_argument(
+        "--teach",
+        action="store_true",
+        help="a full prefill beside every reused call teaches the anchor pool and the ratio "
+        "(the figures of a system production calls are not; default: production learning)",
+    )
+    bench.add_argument(
         "--anchor-budget-mib", type=float, default=256, help="anchor pool byte budget (MiB)"
     )
     bench.add_argument(
@@ -176,9 +182,8 @@ def run(args: argparse.Namespace) -> int:
     options = {m: {**(pool if m in ("anchor", "kvshare") else {})} for m in ["full", *modes]}
     if args.profile:
         options = {m: {**o, "profile": True} for m, o in options.items()}
-    rep = run_bench(
-        engine, workload, modes, repeats=args.repeats, shadow=not args.no_shadow, options=options
-    )
+    shadow, teach = not args.no_shadow, args.teach
+    rep = run_bench(engine, workload, modes, args.repeats, shadow, options=options, teach=teach)
     paths = report.write(rep, out)
     print(report.markdown(rep))
     if args.profile:

@@ -17,6 +17,7 @@ from kvshare.engine import pipeline, wiring
 from kvshare.engine.decode import cut_at_stop
 from kvshare.engine.policy import POLICIES
 from kvshare.engine.profile import StageClock
+from kvshare.engine.reference import reference
 from kvshare.engine.relocate import Assembly
 from kvshare.engine.request import Request, make_request
 from kvshare.engine.results import ChatResult, MemoryUsage, call_stats, check_finite
@@ -95,6 +96,7 @@ class Engine(WorkflowCalls):
         seed: int | None = None,
         shadow: bool = False,
         on_token: Callable[[int], None] | None = None,
+        teach: bool = False,
     ) -> ChatResult:
         """Answer ``messages`` (dicts ``{"role","content"}``, LangChain messages, tuples).
 
@@ -103,6 +105,10 @@ class Engine(WorkflowCalls):
         NonFiniteError: the model produced NaN/inf; nothing from the call is stored.
         on_token: called with every generated token id as it is sampled (streaming; it runs
         on the calling thread, inside the call's turn on the model).
+        shadow: also prefill the prompt from scratch and report fidelity (``CallStats.kl``,
+        ``top1_agree``, ``greedy_match``); it changes nothing learned. teach: let a full
+        prefill teach the anchor pool and the recompute ratio (an extra prefill per call;
+        ``kvshare.engine.reference``).
         """
         req = make_request(
             self.config,
@@ -118,6 +124,7 @@ class Engine(WorkflowCalls):
             stop=stop,
             seed=seed,
             shadow=shadow,
+            teach=teach,
         )
         if on_token is not None and not callable(on_token):
             raise ConfigError(f"on_token must be callable (token id -> None), got {on_token!r}")
@@ -248,7 +255,7 @@ class Engine(WorkflowCalls):
             first, gen = pipeline.sample_first(pre, req)
         ttft = time.perf_counter() - req.t0
         with clock.stage("learn"):
-            pipeline.learn(parts, req.scope, state, pre)
+            pipeline.learn(parts, req, state, pre)
         t1 = time.perf_counter()
         dec = pipeline.decode_reply(parts, req, pre, first, gen, self._turns.pass_turn, on_token)
         decode_s = time.perf_counter() - t1
@@ -261,7 +268,7 @@ class Engine(WorkflowCalls):
             user = (req.session, req.agent)
             parts.segments.record_call(keys, wrote, user, readers, req.prompt.ids)
         with clock.stage("shadow"):
-            fidelity = pipeline.shadow(parts, req, state, pre, dec.tokens) if req.shadow else {}
+            fidelity = reference(parts, req, state, pre, dec.tokens)
         stats = call_stats(
             self.config.mode, req, pre, dec, ttft, decode_s, fidelity, clock.result()
         )

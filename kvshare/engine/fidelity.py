@@ -67,3 +67,15 @@ def adapt_ratio(ratio: float, kl: float, target_kl: float, cap: float) -> float:
     step = (kl / target_kl) ** 0.5
     step = min(2.0, step) if step > 1 else max(0.85, step)
     return min(cap, max(0.01, ratio * step))
+
+
+def steer_ratio(ratio: float, above: float, cap: float) -> float:
+    """A production call's step for the recompute ratio, with no reference to measure KL:
+    toward ``above``, the share of relocated tokens whose deviation at the last check layer
+    exceeded the threshold (what the threshold alone would recompute; the budget is the
+    floor under it), by the steps of :func:`adapt_ratio` (x2 up, x0.85 down at most),
+    within [0.01, cap]."""
+    want = min(cap, max(0.01, above))
+    step = (want / ratio) ** 0.5
+    step = min(2.0, step) if step > 1 else max(0.85, step)
+    return min(cap, max(0.01, ratio * step))

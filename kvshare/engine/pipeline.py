@@ -2,7 +2,7 @@
 
 render (``kvshare.engine.request``) → :func:`plan` → :func:`assemble_prompt` → :func:`estimate` →
 :func:`choose` (the policy: tokens and offsets) → :func:`prefill` → :func:`sample_first` →
-:func:`decode_reply` → :func:`learn` → :func:`remember` → :func:`shadow`.
+:func:`decode_reply` → :func:`learn` → :func:`remember` (then ``reference``: shadow, teach).
 :class:`~kvshare.engine.engine.Engine` is the facade that owns the state, the turns and the order.
 """
 
@@ -22,14 +22,13 @@ from kvshare.config import EngineConfig
 from kvshare.engine.correct import RunEstimate, commit_hits, estimate_runs
 from kvshare.engine.correct import learn as learn_offsets
 from kvshare.engine.decode import DecodeResult, decode, next_token, stop_checker
-from kvshare.engine.fidelity import adapt_ratio, compare, full_prefill
+from kvshare.engine.fidelity import steer_ratio
 from kvshare.engine.learned import LearnedState, ScopeState
 from kvshare.engine.policy import OffsetStep, ReusePolicy
 from kvshare.engine.relocate import Assembly, Run, assemble, find_runs
 from kvshare.engine.request import Request
 from kvshare.engine.results import FittedGain, Prefilled, check_finite, non_finite
 from kvshare.engine.select import Plan
-from kvshare.engine.stats import GREEDY_CAP
 from kvshare.kernels import (
     KV,
     KernelOps,
@@ -157,7 +156,9 @@ def prefill(
         )
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     done[res.recomputed] = True if res.live is None else res.live
-    return Prefilled(res.kv, res.logits[-1], done, asm, ests, chosen.gains)
+    seen = chosen.plan.narrow.above if chosen.plan.narrow is not None else []
+    above = seen[-1] if seen else None
+    return Prefilled(res.kv, res.logits[-1], done, asm, ests, chosen.gains, above)
 
 
 def sample_first(pre: Prefilled, req: Request) -> tuple[int, torch.Generator | None]:
@@ -207,9 +208,14 @@ def decode_reply(
     )
 
 
-def learn(parts: Parts, scope: Scope, state: ScopeState, pre: Prefilled) -> None:
-    """Commit what the prefill observed: anchor hits, fitted gains, and the true deviation
+def learn(parts: Parts, req: Request, state: ScopeState, pre: Prefilled) -> None:
+    """Commit what the prefill observed: the ratio's production signal (a call that does
+    not teach; ``fidelity.steer_ratio``), anchor hits, fitted gains, and the true deviation
     of every relocated token it recomputed."""
+    c, scope = parts.config.select, req.scope
+    if pre.above is not None and parts.policy.adapts and c.adaptive and not req.teach:
+        share = int(pre.above) / max(1, pre.asm.relocated_count)  # read now, after TTFT
+        state.ratio = steer_ratio(state.ratio, share, c.max_recompute_ratio)
     pool = state.pool
     if pool is None or not pre.estimates:
         return
@@ -275,25 +281,3 @@ def precompute(parts: Parts, req: Request, state: ScopeState) -> None:
     pre = prefill(parts, req, asm, ests, choose(parts, asm, ests, state))
     check_finite("the KV of a precomputed prompt", pre.kv.keys, pre.kv.values)
     remember(parts, req, [0], pre.kv)  # a placeholder reply token, never fed: no KV
-
-
-def shadow(
-    parts: Parts, req: Request, state: ScopeState, pre: Prefilled, tokens: list[int]
-) -> dict[str, Any]:
-    """Fidelity of this call vs a full prefill of the same prompt (design.md section 5).
-
-    The full prefill's KV also teaches the scope's anchor pool every relocated token's
-    true deviation, and steers the scope's ``kvshare`` recompute ratio toward ``target_kl``.
-    """
-    model, ctx = parts.model, parts.loaded.context_length
-    full = full_prefill(model, req.prompt.ids, parts.empty())
-    check_finite("the shadow prefill", full[1])
-    greedy_done = len(tokens) >= GREEDY_CAP or tokens[-1] in parts.eos_ids
-    greedy = req.sampling.temperature == 0 and greedy_done
-    out = compare(model, full, (pre.kv, pre.logits), tokens, greedy, set(parts.eos_ids), ctx)
-    if state.pool is not None:
-        teach(parts, req.scope, state.pool, pre, full[0], pre.asm.relocated)
-    c = parts.config.select
-    if parts.policy.adapts and c.adaptive and pre.asm.runs:
-        state.ratio = adapt_ratio(state.ratio, out["kl"], c.target_kl, c.max_recompute_ratio)
-    return out

@@ -34,7 +34,9 @@ class Request:
     prompt: rendered ids and segments; scope: where its KV may be shared; stop: stop strings
     (a single str given by the caller is one stop string, never split into characters);
     t0: ``time.perf_counter()`` when the call began (TTFT counts from it); render_s: seconds
-    spent rendering the prompt (waiting for the render lock included).
+    spent rendering the prompt (waiting for the render lock included); shadow: measure
+    fidelity against a full prefill, changing nothing; teach: let that full prefill teach
+    the scope's anchor pool and recompute ratio (``kvshare.engine.reference``).
     """
 
     prompt: Prompt
@@ -48,6 +50,7 @@ class Request:
     shadow: bool
     t0: float
     render_s: float = 0.0
+    teach: bool = False
 
 
 def check_stop(stop: Any) -> tuple[str, ...]:
@@ -84,6 +87,7 @@ def make_request(
     stop: Any = None,
     seed: Any = None,
     shadow: Any = False,
+    teach: Any = False,
 ) -> Request:
     """Validate one call's arguments and render its prompt (see the module docstring).
 
@@ -98,7 +102,7 @@ def make_request(
     n_new = check_int("max_new_tokens", max_new_tokens, 1, cap)
     sampling = check_sampling(temperature, top_p, seed)
     stops = check_stop(stop)
-    shadow = check_bool("shadow", shadow)
+    shadow, teach = check_bool("shadow", shadow), check_bool("teach", teach)
     t_render = time.perf_counter()
     with _RENDER_LOCK:
         prompt = render(tokenizer, messages, special_roles=config.special_token_roles)
@@ -109,5 +113,5 @@ def make_request(
             f"shorten or drop earlier messages"
         )
     return Request(
-        prompt, scope, agent, session, tenant, sampling, n_new, stops, shadow, t0, render_s
+        prompt, scope, agent, session, tenant, sampling, n_new, stops, shadow, t0, render_s, teach
     )

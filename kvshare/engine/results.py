@@ -23,7 +23,8 @@ had nothing to fit; read on the host only after the first token."""
 
 class Prefilled(NamedTuple):
     """A call's prefill: KV [L, H, S, D], last logits [V], recomputed mask [S], its
-    assembly, anchor estimates, and the gains fitted on the way (not yet recorded)."""
+    assembly, anchor estimates, the gains fitted on the way (not yet recorded), and how many
+    candidates exceeded the deviation threshold at the last check layer (not yet read)."""
 
     kv: KV
     logits: torch.Tensor
@@ -31,6 +32,7 @@ class Prefilled(NamedTuple):
     asm: Assembly
     estimates: list[RunEstimate]
     gains: list[FittedGain]
+    above: torch.Tensor | None = None  # 0-dim: candidates above the deviation threshold
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ class DeviationFilter:
     ``n_forced`` / ``n_protect``: how many forced / protected tokens every ``sel`` holds
     (known on the host from the plan; None: counted on the device, a host read each).
     With both, :meth:`kept` says how many tokens a check keeps without reading anything.
+    ``above``: per last-check call, how many candidates exceeded the threshold (0-dim device
+    tensors; the production signal that steers the recompute ratio, ``fidelity.steer_ratio``).
     """
 
     forced: Tensor
@@ -61,6 +63,7 @@ class DeviationFilter:
     ops: KernelOps = field(default_factory=TorchOps)
     n_forced: int | None = None
     n_protect: int | None = None
+    above: list[Tensor] = field(default_factory=list, compare=False)  # see __call__
 
     def __call__(self, layer: int, sel: Tensor, fresh: KV, before: KV) -> Tensor:
         """keep [N] bool over ``sel`` [N]. Scores every token of ``sel`` (forced and, below
@@ -78,7 +81,11 @@ class DeviationFilter:
         n = self.budget if last else self.wide
         scores = self.ops.deviation(fresh, before).masked_fill(shielded, float("-inf"))
         keep = shielded.index_fill(0, scores.topk(min(n, free)).indices, True)
-        return keep | (scores > self.threshold) if last and self.threshold is not None else keep
+        if not last or self.threshold is None:
+            return keep
+        over = scores > self.threshold
+        self.above.append(over.sum())  # 0-dim, read after the first token (ratio steering)
+        return keep | over
 
     def kept(self, layer: int, n: int) -> int | None:
         """How many of ``n`` tokens the check at ``layer`` keeps, when that is known on the

@@ -94,7 +94,7 @@ def test_a_fixed_shape_call_never_syncs_before_its_token_on_cuda(tiny_dirs, monk
     cfg = EngineConfig.of(mode="kvshare", fixed_shapes="on", anchor_index="torch")
     engine = Engine.from_pretrained(str(tiny_dirs["llama"]), device="cuda", config=cfg)
     engine.chat(team("planner"), agent="planner", max_new_tokens=2)
-    engine.chat(team("critic"), agent="critic", max_new_tokens=2, shadow=True)  # anchors
+    engine.chat(team("critic"), agent="critic", max_new_tokens=2, teach=True)  # anchors
     engine.chat(team("planner"), agent="planner", max_new_tokens=2)
     ran: list[str] = []
 

@@ -15,7 +15,7 @@ from factories import fingerprint, team
 
 def _learn(eng, tenant: str | None = None) -> None:
     for role in ("planner", "critic", "judge"):
-        eng.chat(team(role), tenant=tenant, agent=role, max_new_tokens=3, shadow=True)
+        eng.chat(team(role), tenant=tenant, agent=role, max_new_tokens=3, shadow=True, teach=True)
 
 
 @pytest.fixture()

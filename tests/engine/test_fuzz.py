@@ -99,7 +99,7 @@ def warm_engines(tiny_engine):
     for mode in MODES:
         eng = tiny_engine.fork(mode=mode, max_new_tokens_cap=64)
         for role in ("planner", "critic"):
-            eng.chat(team(role), agent=role, max_new_tokens=3, shadow=True)
+            eng.chat(team(role), agent=role, max_new_tokens=3, shadow=True, teach=True)
         out[mode] = eng
     return out
 

@@ -15,14 +15,14 @@ TENANT_SCOPE = Scope("tenant")  # the scope of calls without a tenant id
 def test_kvshare_with_ratio_one_equals_full(tiny_engine):
     eng = tiny_engine.fork(mode="kvshare", recompute_ratio=1.0, adaptive=False)
     eng.chat(team("planner"), agent="planner", max_new_tokens=4)
-    r = eng.chat(team("critic"), agent="critic", max_new_tokens=6, shadow=True)
+    r = eng.chat(team("critic"), agent="critic", max_new_tokens=6, shadow=True, teach=True)
     ref = tiny_engine.fork(mode="full").chat(team("critic"), max_new_tokens=6)
     assert r.stats.relocated_tokens == 0 and r.stats.recomputed_tokens > 0
     assert r.stats.kl is not None and r.stats.kl < 1e-8 and r.tokens == ref.tokens
 
 
 def _learned_then_reused(engine, mode: str, recompute_ratio: float = 0.0, **options):
-    """planner reads DOC; critic reads it (shadow teaches Δ); critic again reuses it from a
+    """planner reads DOC; critic reads it (a full prefill teaches Δ); critic again reuses it from a
     fresh planner trace (its own trace, which would be a closer source, is dropped)."""
     eng = engine.fork(
         mode=mode,
@@ -35,11 +35,11 @@ def _learned_then_reused(engine, mode: str, recompute_ratio: float = 0.0, **opti
         **options,
     )
     eng.chat(team("planner"), agent="planner", max_new_tokens=3)
-    first = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True)
+    first = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True, teach=True)
     eng.prefix_cache.clear()
     eng.segments.clear()
     eng.chat(team("planner"), agent="planner", max_new_tokens=3)
-    again = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True)
+    again = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True, teach=True)
     return eng, first, again
 
 
@@ -64,12 +64,12 @@ def test_anchor_mode_falls_back_to_dense_prefill_without_anchors(tiny_engine):
 def test_kvshare_adapts_its_ratio_toward_the_target(tiny_engine):
     eng = tiny_engine.fork(mode="kvshare", target_kl=1e-12, recompute_ratio=0.1)
     eng.chat(team("planner"), agent="planner", max_new_tokens=2)
-    r = eng.chat(team("critic"), agent="critic", max_new_tokens=2, shadow=True)
+    r = eng.chat(team("critic"), agent="critic", max_new_tokens=2, shadow=True, teach=True)
     assert r.stats.kl is not None and r.stats.kl > 1e-12
     assert eng.recompute_ratio() > 0.1  # too much error: recompute more next time
     loose = tiny_engine.fork(mode="kvshare", target_kl=10.0, recompute_ratio=0.1)
     loose.chat(team("planner"), agent="planner", max_new_tokens=2)
-    loose.chat(team("critic"), agent="critic", max_new_tokens=2, shadow=True)
+    loose.chat(team("critic"), agent="critic", max_new_tokens=2, shadow=True, teach=True)
     assert loose.recompute_ratio() < 0.1
     loose.reset()
     assert loose.recompute_ratio() == 0.1 and len(loose.anchor_pool()) == 0

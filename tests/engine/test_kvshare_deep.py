@@ -27,22 +27,22 @@ def deep_engine(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Engine:
 
 
 def _learn_then_reuse(engine: Engine) -> Engine:
-    """planner reads DOC; critic reads it (a shadow teaches Δ); critic again reuses it from a
+    """planner reads DOC; critic reads it (a full prefill teaches Δ); critic again reuses it from a
     fresh planner trace."""
     eng = engine.fork(mode="kvshare", sink_tokens=0, recent_tokens=0, adaptive=False, neighbours=1)
     eng.chat(team("planner"), agent="planner", max_new_tokens=3)
-    first = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True)
+    first = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True, teach=True)
     assert first.stats.relocated_tokens > 0 and len(eng.anchor_pool()) > 0
     eng.prefix_cache.clear()
     eng.segments.clear()
     eng.chat(team("planner"), agent="planner", max_new_tokens=3)
-    again = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True)
+    again = eng.chat(team("critic"), agent="critic", max_new_tokens=3, shadow=True, teach=True)
     assert again.stats.relocated_tokens > 0 and again.stats.kl is not None
     return eng
 
 
 def test_the_default_check_layers_fit_gains_on_a_deep_model(deep_engine, tiny_engine):
-    """Offsets learned from a shadowed call are checked at layer 1 on the next reuse: a gain
+    """Offsets taught by a full prefill are checked at layer 1 on the next reuse: a gain
     in [0, 1] is fitted and recorded for the key it used. The 2-layer model, whose check
     layers clamp to (0,), records none: its offsets are scaled by gains never checked."""
     assert deep_engine.config.select.check_layers == (1, 4) and LAYERS - 2 >= 4
@@ -157,3 +157,25 @@ def test_a_fixed_shape_kvshare_call_reads_the_host_once(deep_engine):
     assert more > 1
     assert fixed.tokens == compacted.tokens
     assert fixed.stats.recomputed_tokens == compacted.stats.recomputed_tokens
+
+
+def test_production_calls_steer_the_ratio_within_bounds(deep_engine):
+    """Without a reference prefill, the ratio follows the share of relocated tokens whose
+    deviation exceeded the threshold at the last check layer (layer 4 here; at layer 0
+    relocated KV is exact): a threshold nothing exceeds walks it down (by at most x0.85 a
+    call, never below 0.01), one everything exceeds walks it up toward the cap;
+    ``adaptive=False`` leaves it alone."""
+    from kvshare.engine.fidelity import steer_ratio
+
+    assert steer_ratio(0.15, 0.0, 0.5) == pytest.approx(0.15 * 0.85)
+    assert 0.4 < steer_ratio(0.4, 1.0, 0.5) <= 0.5 and steer_ratio(0.01, 0.0, 0.5) == 0.01
+
+    def run(**options: object) -> float:
+        eng = deep_engine.fork(mode="kvshare", recompute_ratio=0.15, **options)
+        for role in ("planner", "critic", "judge", "critic"):
+            eng.chat(team(role), agent=role, max_new_tokens=2)
+        return eng.recompute_ratio()
+
+    assert 0.01 <= run(deviation_threshold=1e9) < 0.15
+    assert 0.15 < run(deviation_threshold=0.0, max_recompute_ratio=0.5) <= 0.5
+    assert run(deviation_threshold=0.0, adaptive=False) == 0.15

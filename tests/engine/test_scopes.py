@@ -99,8 +99,9 @@ def _tenant_b(eng, mode: str) -> list[tuple]:
 def _tenant_a(eng) -> None:
     """Tenant A's private traffic over the same document (it would teach B's anchors)."""
     for role in ("planner", "critic", "judge", "critic"):
-        eng.chat(team(role), tenant="A", agent=role, max_new_tokens=4, shadow=True)
-        eng.chat(team(role, DOC[::-1]), tenant="A", agent=role, max_new_tokens=3, shadow=True)
+        eng.chat(team(role), tenant="A", agent=role, max_new_tokens=4, shadow=True, teach=True)
+        reversed_doc = team(role, DOC[::-1])
+        eng.chat(reversed_doc, tenant="A", agent=role, max_new_tokens=3, shadow=True, teach=True)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -193,7 +193,7 @@ def test_engine_calls_agree_across_kernel_backends(tiny_engine, monkeypatch, mod
         eng = tiny_engine.fork(mode=mode, anchor_gamma=10.0)  # anchor: offsets, no fallback
         assert eng.kernels.name == backend
         runs[backend] = [
-            eng.chat(team(r, doc), agent=r, max_new_tokens=4, shadow=True)
+            eng.chat(team(r, doc), agent=r, max_new_tokens=4, shadow=True, teach=True)
             for doc in (DOC, DOC2)
             for r in ("planner", "critic")
         ]
