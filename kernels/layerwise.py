@@ -103,7 +103,7 @@ def gradual_prefill(
             fresh = parts.layer_kv(layer, hidden, cos, sin)
             keep = narrow(index, sel, fresh, _layer_kv(cache, index, sel)).clone()
             keep |= q_pos == q_pos.max()  # the last token goes on (no 0-dim index: no sync)
-            past.write(index, sel, fresh)  # the dropped tokens' fresh KV of this layer
+            past.write(index, sel, past.only_live(index, fresh))  # dropped ones' fresh KV
             count = sizes(index, sel.numel()) if sizes is not None else None
             if past.live is not None or (count is None and fixed_shapes):
                 past.live = keep if past.live is None else past.live & keep

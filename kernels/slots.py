@@ -30,6 +30,19 @@ class SlotCache:
         self.slots = slots
         self.live: Tensor | None = None  # [N] bool over ``slots``: None, every one writes
 
+    def only_live(self, layer: int, fresh: KV) -> KV:
+        """``fresh`` [1, H, N, D] of ``slots`` where ``live``, the cached KV elsewhere (carried
+        tokens that no longer write keep what is there); ``fresh`` itself without ``live``."""
+        if self.live is None:
+            return fresh
+        live = self.live[None, None, :, None]
+        old = KV(
+            self.kv.keys[layer][None, :, self.slots], self.kv.values[layer][None, :, self.slots]
+        )
+        return KV(
+            torch.where(live, fresh.keys, old.keys), torch.where(live, fresh.values, old.values)
+        )
+
     def write(self, layer: int, slots: Tensor, fresh: KV) -> None:
         """Write ``fresh`` [1, H, N, D] into ``slots`` [N] of ``layer``, in place."""
         keys, values = self.kv.keys[layer], self.kv.values[layer]
@@ -39,13 +52,7 @@ class SlotCache:
     def update(
         self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
-        fresh = KV(key_states, value_states)
-        if self.live is not None:  # carried tokens that no longer write: keep what is there
-            live = self.live[None, None, :, None]
-            old = self.kv.keys[layer_idx][None, :, self.slots]
-            olv = self.kv.values[layer_idx][None, :, self.slots]
-            fresh = KV(torch.where(live, key_states, old), torch.where(live, value_states, olv))
-        self.write(layer_idx, self.slots, fresh)
+        self.write(layer_idx, self.slots, self.only_live(layer_idx, KV(key_states, value_states)))
         return self.kv.keys[layer_idx][None], self.kv.values[layer_idx][None]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -370,3 +370,22 @@ def test_a_fixed_shape_gradual_prefill_writes_what_the_compacting_one_does(model
     known = narrowed(model, stale, sel, (0,), _keep_some, sizes=lambda layer, n: KEPT.numel())
     assert torch.equal(known.recomputed, compacted.recomputed) and known.live is None
     assert torch.equal(known.kv.keys, compacted.kv.keys)
+
+
+def test_a_carried_set_narrowed_again_writes_what_the_compacting_one_does():
+    """Carried on at full size from check layer 0, then narrowed again at layer 1: tokens
+    dropped at 0 keep their cached KV at 1 (they no longer write), as when compacted."""
+    deep = tiny_model("llama", num_hidden_layers=4)
+    stale, sel = _stale(deep), torch.arange(4, S)
+    second = torch.tensor([9, S - 1])
+
+    def twice(layer, s, fresh, before):
+        return torch.isin(s, KEPT if layer == 0 else second)
+
+    compacted = narrowed(deep, stale, sel, (0, 1), twice)
+    fixed = narrowed(deep, stale, sel, (0, 1), twice, fixed_shapes=True)
+    assert torch.equal(compacted.recomputed, second)
+    assert fixed.live is not None and torch.equal(fixed.recomputed[fixed.live], second)
+    assert (fixed.logits[-1] - compacted.logits[-1]).abs().max() <= 1e-4
+    assert (fixed.kv.keys - compacted.kv.keys).abs().max() <= 1e-5
+    assert (fixed.kv.values - compacted.kv.values).abs().max() <= 1e-5
