@@ -64,9 +64,7 @@ def adapt_ratio(ratio: float, kl: float, target_kl: float, cap: float) -> float:
     First-token KL is heavy-tailed, so a symmetric step would steer its geometric mean,
     not the mean we report, to the target; the slow way down keeps the mean in check.
     """
-    step = (kl / target_kl) ** 0.5
-    step = min(2.0, step) if step > 1 else max(0.85, step)
-    return min(cap, max(0.01, ratio * step))
+    return _bounded_step(ratio, (kl / target_kl) ** 0.5, cap)
 
 
 def steer_ratio(ratio: float, above: float, cap: float) -> float:
@@ -76,6 +74,10 @@ def steer_ratio(ratio: float, above: float, cap: float) -> float:
     floor under it), by the steps of :func:`adapt_ratio` (x2 up, x0.85 down at most),
     within [0.01, cap]."""
     want = min(cap, max(0.01, above))
-    step = (want / ratio) ** 0.5
+    return _bounded_step(ratio, (want / ratio) ** 0.5, cap)
+
+
+def _bounded_step(ratio: float, step: float, cap: float) -> float:
+    """``ratio * step`` with the step held to [0.85, 2] and the result to [0.01, cap]."""
     step = min(2.0, step) if step > 1 else max(0.85, step)
     return min(cap, max(0.01, ratio * step))
