@@ -25,7 +25,8 @@ from torch import Tensor
 
 @dataclass
 class KeyEntry:
-    """One context key's anchors; ``index``/``tau``/``dirty``: its k-NN index and scale.
+    """One context key's anchors; ``index``: its k-NN index (kept in step with the anchors
+    in place, built once); ``tau``: its distance scale, ``dirty`` until recalibrated.
 
     ``deltas`` and ``scales`` live on the pool's device; features and counters on the host.
     """
@@ -108,12 +109,14 @@ def appended(
     device: torch.device,
 ) -> KeyEntry:
     """A new entry: ``old``'s anchors (if any) then N new ones. f: [N, F]; d: [N, L, 2, H, D]
-    (stored on ``device``)."""
+    (stored on ``device``). ``old``'s index, if built, gets the N rows appended in place."""
     stored, scales = (t.to(device) for t in encode(d, dtype))
     m = len(f)
     fresh = KeyEntry(f, stored, scales, np.ones(m), np.zeros(m), np.full(m, tick))
     if old is None:
         return fresh
+    if old.index is not None:
+        old.index.append(f)
     return KeyEntry(
         np.concatenate([old.feats, f]),
         torch.cat([old.deltas, stored]),
@@ -121,17 +124,21 @@ def appended(
         np.concatenate([old.counts, fresh.counts]),
         np.concatenate([old.hits, fresh.hits]),
         np.concatenate([old.born, fresh.born]),
+        index=old.index,
     )
 
 
 # ---------------------------------------------------------------------- estimation
 def prepare(entry: KeyEntry, make: type[KNNIndex], device: torch.device) -> None:
-    """Build ``entry``'s k-NN index (``make``) and calibrate ``entry.tau`` (the median
-    nearest-other-anchor distance) if its anchors changed. The pool calls it when it learns,
-    loads or evicts, after a call's first token, so a search never builds inside a call."""
-    if not entry.dirty and entry.index is not None:
+    """Build ``entry``'s k-NN index (``make``) if it has none (a new key, a loaded file), and
+    recalibrate ``entry.tau`` (the median nearest-other-anchor distance, one search on the
+    index's device) if its anchors changed. The pool calls it when it learns, loads or
+    evicts, after a call's first token, so a search never builds or calibrates in a call."""
+    if entry.index is None:
+        entry.index = make(entry.feats, device)
+        entry.dirty = True
+    if not entry.dirty:
         return
-    entry.index = make(entry.feats, device)
     if len(entry.feats) > 1:
         d, _ = entry.index.search(torch.from_numpy(entry.feats), 2)
         entry.tau = _median(d[:, 1]).clamp_min(1e-4)
@@ -199,8 +206,16 @@ def _keep(keys: dict[str, KeyEntry], key: str, keep: np.ndarray) -> int:
     if not keep.any():
         del keys[key]
         return dropped
+    if e.index is not None:
+        e.index.keep(keep)
     keys[key] = KeyEntry(
-        e.feats[keep], e.deltas[sel], e.scales[sel], e.counts[keep], e.hits[keep], e.born[keep]
+        e.feats[keep],
+        e.deltas[sel],
+        e.scales[sel],
+        e.counts[keep],
+        e.hits[keep],
+        e.born[keep],
+        index=e.index,
     )
     return dropped
 

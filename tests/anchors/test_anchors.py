@@ -209,3 +209,38 @@ def test_pool_estimates_are_the_same_on_either_index_and_stay_on_its_device(devi
     dev.count_hits("k", b.anchor_ids)
     ref.count_hits("k", a.anchor_ids)
     assert ref.fingerprint() == dev.fingerprint()
+
+
+@pytest.mark.parametrize("index", ["faiss", "torch"])
+def test_learning_updates_the_index_in_place_never_rebuilding_it(index, monkeypatch):
+    """Adds (appends and merges) and evictions (per-key cap, byte budget) keep one index per
+    key, built once; after each, it answers exactly as an index of the other backend built
+    fresh over the key's anchors."""
+    from kvshare.anchors import knn
+
+    built: list[int] = []
+    kind = knn.index_for("cpu", index)
+    monkeypatch.setattr(kind, "__init__", _counting(kind.__init__, built))
+    per = AnchorPool().token_bytes(SHAPE[0], SHAPE[2], SHAPE[3])
+    cfg = AnchorConfig(neighbours=3, merge_distance=0.05, max_per_key=50, budget_bytes=70 * per)
+    pool = AnchorPool(cfg, index=index)
+    q = unit(9, seed=99)
+    for seed in range(8):
+        pool.add("k", unit(20, seed=seed), deltas(20, seed=seed))
+        pool.add("j", unit(5, seed=50 + seed), deltas(5, seed=seed))
+        entry = pool._keys["k"]
+        other = knn.TorchIndex if index == "faiss" else knn.FaissIndex
+        fresh = other(entry.feats, torch.device("cpu"))
+        assert entry.index.size == len(entry.feats)
+        got, want = entry.index.search(q, 4), fresh.search(q, 4)
+        assert torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0], atol=1e-5)
+    assert pool.evicted > 0 and pool.size("k") <= 50
+    assert len(built) == 2  # one per key, at its first add
+
+
+def _counting(init, built):
+    def counted(self, feats, device):
+        built.append(len(feats))
+        init(self, feats, device)
+
+    return counted
