@@ -95,6 +95,11 @@ class EngineConfig:
     anchor_max_distance: offsets are applied only to tokens whose nearest anchor lies within
         this many τ (the key's median anchor spacing); farther estimates are not trusted.
     anchor_budget_bytes, anchor_storage: the anchor pool's byte cap and Δ storage dtype.
+    idle_teach: after a call that relocated, queue a teaching job; a worker runs its full
+        prefill once the model has been idle ``idle_quiet_s`` seconds and teaches the pool
+        from it, giving the model back between two layers as soon as a call waits (at most
+        ``idle_jobs`` wait, the least sure first; ``kvshare.engine.idle``). Off by default:
+        it spends idle compute (and, on a shared CPU, cores) on learning.
     neighbours, anchor_budget_bytes and anchor_storage default to ``AnchorConfig``'s values.
         The anchor budget is one cap over the pools of every sharing scope.
     max_new_tokens_cap: the most tokens one call may ask for (``max_new_tokens`` above it is

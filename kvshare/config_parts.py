@@ -98,7 +98,8 @@ class SelectConfig:
 class AnchorsConfig:
     """Anchor offsets (fields: see :class:`~kvshare.config.EngineConfig`); ``pool`` is the per-scope
     pools' :class:`~kvshare.anchors.AnchorConfig`. anchor_index: the pools' exact k-NN
-    (``auto``: faiss on CPU when installed, torch elsewhere; ``kvshare.anchors.knn``)."""
+    (``auto``: faiss on CPU when installed, torch elsewhere; ``kvshare.anchors.knn``).
+    idle_teach, idle_quiet_s, idle_jobs: idle-time teaching (``kvshare.engine.idle``)."""
 
     anchor_gamma: float = 0.3
     neighbours: int = AnchorConfig.neighbours
@@ -107,10 +108,16 @@ class AnchorsConfig:
     anchor_budget_bytes: int = AnchorConfig.budget_bytes
     anchor_storage: str = AnchorConfig.storage
     anchor_index: str = "auto"
+    idle_teach: bool = False
+    idle_quiet_s: float = 0.05
+    idle_jobs: int = 4
 
     def __post_init__(self) -> None:
         set_fields(self, {
             "anchor_index": check_choice("anchor_index", self.anchor_index, ANCHOR_INDEXES),
+            "idle_teach": check_bool("idle_teach", self.idle_teach),
+            "idle_quiet_s": check_float("idle_quiet_s", self.idle_quiet_s, 0.0, 3600.0),
+            "idle_jobs": check_int("idle_jobs", self.idle_jobs, 1, 1024),
             "anchor_gamma": check_float("anchor_gamma", self.anchor_gamma, 0.0),
             "neighbours": check_int("neighbours", self.neighbours, 1, 1024),
             "feature_layer": check_int("feature_layer", self.feature_layer, 0, 1 << 16),

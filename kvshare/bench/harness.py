@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from kvshare.bench.workloads import Workload
 from kvshare.engine.engine import Engine
+from kvshare.engine.idle import IdleStats
 from kvshare.engine.stats import CallStats, aggregate
 
 
@@ -48,6 +50,8 @@ class BenchReport(BaseModel):
     calls: list[dict[str, object]]
     random_weights: bool = False  # timing only: fidelity and task scores are n/a
     teach: bool = False  # every reused call also taught by a full prefill (not production)
+    gap_s: float = 0.0  # idle seconds after every call (a workflow's tool or think time)
+    idle: dict[str, dict[str, float]] = {}  # mode -> idle-time teaching figures (idle_summary)
 
 
 def machine_description(engine: Engine) -> str:
@@ -69,9 +73,11 @@ def run_workflow(
     session: str,
     item: int = 0,
     teach: bool = False,
+    gap_s: float = 0.0,
 ) -> tuple[list[CallStats], list[str], int]:
     """One item of the workflow on ``engine``; returns stats, outputs and peak stored bytes.
-    shadow: measure fidelity (changes nothing); teach: a full prefill teaches each call."""
+    shadow: measure fidelity (changes nothing); teach: a full prefill teaches each call;
+    gap_s: seconds idle after each call (what idle-time teaching may use)."""
     outputs: list[str] = []
     stats: list[CallStats] = []
     peak = 0
@@ -87,7 +93,36 @@ def run_workflow(
         outputs.append(r.text)
         stats.append(r.stats)
         peak = max(peak, stored_bytes(engine))
+        time.sleep(gap_s)
     return stats, outputs, peak
+
+
+def idle_summary(passes: Sequence[IdleStats]) -> dict[str, float]:
+    """Idle-time teaching over a mode's passes: jobs offered/taught/preempted/dropped, seconds
+    on the model, its longest step, the calls that waited on it, the longest wait, and how
+    many waited longer than one step."""
+    delays = [d for p in passes for d in p.delays]
+    step = max((p.step_s for p in passes), default=0.0)
+    return {
+        "offered": sum(p.offered for p in passes),
+        "taught": sum(p.taught for p in passes),
+        "preempted": sum(p.preempted for p in passes),
+        "dropped": sum(p.dropped for p in passes),
+        "busy_s": sum(p.busy_s for p in passes),
+        "step_s": step,
+        "waited_calls": len(delays),
+        "max_wait_s": max(delays, default=0.0),
+        "waits_over_a_step": sum(d > step for d in delays),
+    }
+
+
+def pause_teaching(engine: Engine, passes: dict[str, list[IdleStats]], mode: str) -> None:
+    """Keep a pass's idle-teaching figures, then stop its pending jobs (another mode's
+    engine runs next: its worker must not take the cores then)."""
+    if engine.teacher is not None:
+        passes.setdefault(mode, []).append(engine.teacher.stats())
+        engine.teacher.clear()
+        engine.teacher.drain()
 
 
 def _mode_result(
@@ -128,6 +163,7 @@ def run_bench(
     progress: bool = True,
     options: dict[str, dict[str, Any]] | None = None,
     teach: bool = False,
+    gap_s: float = 0.0,
 ) -> BenchReport:
     """Run ``workload`` under every mode ``repeats`` times, interleaving modes per repeat.
 
@@ -138,6 +174,7 @@ def run_bench(
     mode but ``full``; it observes only, so the figures are what production calls get.
     ``teach``: that full prefill (run even without ``shadow``) also teaches the anchor pool
     and the ratio, as the benchmarks did before shadows were made side-effect free.
+    ``gap_s``: idle seconds after every call (an engine with ``idle_teach`` teaches in them).
     """
     random_weights = bool(getattr(base.loaded, "random_weights", False))
     shadow = shadow and not random_weights  # fidelity of random weights means nothing
@@ -148,6 +185,7 @@ def run_bench(
     scores: dict[str, list[float]] = {m: [] for m in modes}
     pools: dict[str, int] = dict.fromkeys(modes, 0)
     calls: list[dict[str, object]] = []
+    idle: dict[str, list[IdleStats]] = {}
     total = repeats * len(modes) * workload.n_agents * workload.n_items
     bar = tqdm(total=total, disable=not progress, desc=f"bench {workload.name}", unit="call")
     for rep in range(repeats):
@@ -158,7 +196,7 @@ def run_bench(
             for item in range(workload.n_items):
                 reused = mode != "full"
                 stats, outs, peak = run_workflow(
-                    eng, workload, shadow and reused, f"r{rep}", item, teach and reused
+                    eng, workload, shadow and reused, f"r{rep}", item, teach and reused, gap_s
                 )
                 runs[mode].append(stats)
                 peaks[mode].append(peak)
@@ -171,6 +209,7 @@ def run_bench(
                 ]
                 bar.update(len(stats))
                 pools[mode] = max(pools[mode], eng.memory().anchors)
+            pause_teaching(eng, idle, mode)
     bar.close()
     full = _mode_result("full", runs["full"], peaks["full"], None, scores["full"], 0)
     results = [full] + [
@@ -187,4 +226,6 @@ def run_bench(
         calls=calls,
         random_weights=random_weights,
         teach=teach,
+        gap_s=gap_s,
+        idle={m: idle_summary(p) for m, p in idle.items()},
     )

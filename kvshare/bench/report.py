@@ -41,6 +41,7 @@ def markdown(report: BenchReport) -> str:
             f"{m.speedup[-1]:.2f}× | {fidelity} | "
             f"{m.peak_kv_bytes / 2**20:.1f} | {m.anchor_pool_bytes / 2**20:.1f} |"
         )
+    lines += idle_lines(report.idle, report.gap_s)
     lines += ["", "TTFT per agent position (s), speedup vs full in brackets:", ""]
     rows = {
         name: [f"{m.ttft_s[i]:.3f} ({m.speedup[i]:.2f}×)" for m in report.modes]
@@ -48,6 +49,21 @@ def markdown(report: BenchReport) -> str:
     }
     lines += agent_grid([m.mode for m in report.modes], rows)
     return "\n".join(lines) + "\n"
+
+
+def idle_lines(idle: dict[str, dict[str, float]], gap_s: float, where: str = "call") -> list[str]:
+    """Idle-time teaching per mode that had it (``--idle-teach``), with the gap used."""
+    lines = []
+    for mode, f in idle.items():
+        lines.append(
+            f"Idle-time teaching, `{mode}` ({gap_s:g} s idle after each {where}): "
+            f"{f['taught']:.0f} of {f['offered']:.0f} jobs taught ({f['preempted']:.0f} "
+            f"preempted, {f['dropped']:.0f} dropped), {f['busy_s']:.1f} s on the model, "
+            f"longest step {1000 * f['step_s']:.0f} ms; {f['waited_calls']:.0f} calls waited "
+            f"on it (longest {1000 * f['max_wait_s']:.0f} ms, {f['waits_over_a_step']:.0f} "
+            "longer than one step)."
+        )
+    return [""] + lines if lines else []
 
 
 def agent_grid(modes: list[str], rows: dict[str, list[str]]) -> list[str]:

@@ -11,6 +11,7 @@ token reuse and median TTFT. The wrapper's own cost per call (``ChatKVShare.invo
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,9 +22,10 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from kvshare.agents.teams.base import Team, TeamRun, run_team, team_graph
-from kvshare.bench.harness import machine_description
-from kvshare.bench.report import agent_grid
+from kvshare.bench.harness import idle_summary, machine_description, pause_teaching
+from kvshare.bench.report import agent_grid, idle_lines
 from kvshare.engine.engine import Engine
+from kvshare.engine.idle import IdleStats
 from kvshare.engine.stats import CallStats, aggregate
 
 
@@ -64,6 +66,8 @@ class TeamReport(BaseModel):
     created: str
     modes: list[TeamModeResult]
     wrapper: dict[str, float]
+    gap_s: float = 0.0  # idle seconds after every workflow run (idle-time teaching's room)
+    idle: dict[str, dict[str, float]] = {}  # mode -> idle-time teaching figures
 
 
 def _agent_rows(team: Team, calls: Sequence[CallStats]) -> list[AgentRow]:
@@ -122,19 +126,27 @@ def run_team_bench(
     shadow: bool = True,
     progress: bool = True,
     wrapper: bool = True,
+    idle_teach: bool = False,
+    gap_s: float = 0.0,
 ) -> TeamReport:
     """``team`` over ``items`` under each of ``modes`` (``full`` is never shadowed: it is
-    the oracle), plus (``wrapper``) the wrapper's cost per call."""
+    the oracle), plus (``wrapper``) the wrapper's cost per call. ``idle_teach``: anchored
+    modes teach in the ``gap_s`` idle seconds after each of their workflow runs (their
+    pending jobs are dropped before the next mode runs)."""
     from kvshare.bench.wrapper import measure as wrapper_cost
 
     base.fork(mode="full").chat([{"role": "user", "content": "Hello"}], max_new_tokens=2)
-    forks = {m: base.fork(mode=m) for m in modes}
+    forks = {m: base.fork(mode=m, idle_teach=idle_teach) for m in modes}
+    idle: dict[str, list[IdleStats]] = {}
     graphs = {m: team_graph(team, forks[m], shadow and m != "full") for m in modes}
     runs: dict[str, list[TeamRun]] = {m: [] for m in modes}
     bar = tqdm(total=len(items) * len(modes), desc=team.name, unit="run", disable=not progress)
     for k, item in enumerate(items):
         for m in modes:
             runs[m].append(run_team(forks[m], team, [item], first=k, graph=graphs[m]))
+            if forks[m].teacher is not None:
+                time.sleep(gap_s)
+                pause_teaching(forks[m], idle, m)
             bar.update()
     bar.close()
     return TeamReport(
@@ -147,6 +159,8 @@ def run_team_bench(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         modes=[_mode_result(team, _merge(runs[m])) for m in modes],
         wrapper=wrapper_cost(base, calls=20) if wrapper else {},
+        gap_s=gap_s,
+        idle={m: idle_summary(p) for m, p in idle.items()},
     )
 
 
@@ -177,6 +191,7 @@ def markdown(rep: TeamReport) -> str:
             f"{_fmt(m.mean_kl, '.4f')} | {_fmt(m.top1_agree, '.0%')} | "
             f"{_fmt(m.median_greedy_match, '.0f')} | {m.wall_s:.1f} |"
         )
+    lines += idle_lines(rep.idle, rep.gap_s, "workflow run")
     lines += ["", "Per agent: token reuse, median TTFT (s):", ""]
     rows = {
         agent: [_agent_cell(m, agent) for m in rep.modes]

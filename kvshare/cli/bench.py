@@ -68,6 +68,15 @@ def add_parser(sub: Any) -> None:
         "(the figures of a system production calls are not; default: production learning)",
     )
     bench.add_argument(
+        "--idle-teach",
+        action="store_true",
+        help="anchored modes teach their pools with full prefills while the engine is idle "
+        "(EngineConfig idle_teach; use with --gap)",
+    )
+    bench.add_argument(
+        "--gap", type=float, default=0.0, help="idle seconds after every call (tool time)"
+    )
+    bench.add_argument(
         "--anchor-budget-mib", type=float, default=256, help="anchor pool byte budget (MiB)"
     )
     bench.add_argument(
@@ -115,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     from kvshare.bench.harness import run_bench
 
     args.workload = args.target or args.workload
+    if not 0 <= args.gap <= 3600:
+        raise KVShareError(f"--gap must be between 0 and 3600 seconds, got {args.gap}")
     if args.workload == "kernels":
         return bench_more.run_kernels(args)
     engine = engine_for(args)
@@ -178,12 +189,15 @@ def run(args: argparse.Namespace) -> int:
     pool = {
         "anchor_budget_bytes": int(args.anchor_budget_mib * 2**20),
         "anchor_storage": args.anchor_storage,
+        **({"idle_teach": True} if args.idle_teach else {}),
     }
     options = {m: {**(pool if m in ("anchor", "kvshare") else {})} for m in ["full", *modes]}
     if args.profile:
         options = {m: {**o, "profile": True} for m, o in options.items()}
     shadow, teach = not args.no_shadow, args.teach
-    rep = run_bench(engine, workload, modes, args.repeats, shadow, options=options, teach=teach)
+    rep = run_bench(
+        engine, workload, modes, args.repeats, shadow, options=options, teach=teach, gap_s=args.gap
+    )
     paths = report.write(rep, out)
     print(report.markdown(rep))
     if args.profile:

@@ -20,7 +20,9 @@ def run_team(args: argparse.Namespace, engine) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.modes == ",".join(IMPLEMENTED_MODES):
         modes = ["full", "prefix", "kvshare"]  # the comparison, unless asked
-    rep = teams.run_team_bench(engine, team, items, modes, shadow=not args.no_shadow)
+    rep = teams.run_team_bench(
+        engine, team, items, modes, not args.no_shadow, idle_teach=args.idle_teach, gap_s=args.gap
+    )
     paths = teams.write(rep, Path(args.out))
     print(teams.markdown(rep))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -62,6 +62,7 @@ class Engine(WorkflowCalls):
         self._turns = TurnLock()
         self.workflows = WorkflowMemory(self.config.call_log_size)
         self.prefetcher = wiring.make_prefetcher(self.parts, lambda: self._turns)
+        self.teacher = wiring.make_teacher(self.parts, self._turns)
 
     @classmethod
     def from_pretrained(
@@ -129,7 +130,7 @@ class Engine(WorkflowCalls):
         if on_token is not None and not callable(on_token):
             raise ConfigError(f"on_token must be callable (token id -> None), got {on_token!r}")
         try:
-            with self._turns:
+            with self._turns if self.teacher is None else self.teacher.call_turn():
                 return self._call(req, on_token)
         finally:  # the gap after a call: what the session's last hint parked starts now
             if self.prefetcher is not None:
@@ -161,6 +162,8 @@ class Engine(WorkflowCalls):
             self.learned.clear()
             self.ledger.clear()
             self.hint_log.clear()
+            if self.teacher is not None:
+                self.teacher.clear()
 
     # ---------------------------------------------------------------- learned state
     def _named_scope(self, tenant: str | None, session: str | None) -> Scope:
@@ -256,6 +259,8 @@ class Engine(WorkflowCalls):
         ttft = time.perf_counter() - req.t0
         with clock.stage("learn"):
             pipeline.learn(parts, req, state, pre)
+            if self.teacher is not None:  # the idle-time teacher's job (after the 1st token)
+                self.teacher.offer(req, state, pre)
         t1 = time.perf_counter()
         dec = pipeline.decode_reply(parts, req, pre, first, gen, self._turns.pass_turn, on_token)
         decode_s = time.perf_counter() - t1

@@ -224,19 +224,25 @@ def learn(parts: Parts, req: Request, state: ScopeState, pre: Prefilled) -> None
         k, v = float(gk), float(gv)
         if not (math.isnan(k) or math.isnan(v)):
             pool.record_gain(key, k, v)
-    teach(parts, scope, pool, pre, pre.kv, pre.done & pre.asm.relocated)
+    teach(parts, scope, pool, pre.estimates, pre.kv, pre.done & pre.asm.relocated)
 
 
 def teach(
-    parts: Parts, scope: Scope, pool: AnchorPool, pre: Prefilled, true_kv: KV, known: Tensor
-) -> None:
-    """Admit Δ for the ``known`` [S] relocated tokens, room made across every scope's pool
-    first (the budget holds at every instant). An anonymous scope keeps nothing."""
-    if scope.anonymous or not pre.estimates:
-        return
+    parts: Parts,
+    scope: Scope,
+    pool: AnchorPool,
+    estimates: list[RunEstimate],
+    true_kv: KV,
+    known: Tensor,
+) -> int:
+    """Admit Δ for the ``known`` [S] relocated tokens of a call's runs (``estimates``), room
+    made across every scope's pool first (the budget holds at every instant). An anonymous
+    scope keeps nothing. Returns the anchor tokens admitted."""
+    if scope.anonymous or not estimates:
+        return 0
     reserve = pool.token_bytes(*parts.adapter.kv_dims) * int(known.sum())
     parts.learned.fit_budget(scope, reserve=reserve)
-    learn_offsets(pool, pre.estimates, true_kv, known, parts.rotary)
+    return learn_offsets(pool, estimates, true_kv, known, parts.rotary)
 
 
 def remember(

@@ -38,7 +38,7 @@ def reference(
         out = compare(model, full, (pre.kv, pre.logits), tokens, greedy, eos, ctx)
     if req.teach:
         if state.pool is not None:
-            teach(parts, req.scope, state.pool, pre, full[0], pre.asm.relocated)
+            teach(parts, req.scope, state.pool, pre.estimates, full[0], pre.asm.relocated)
         c = parts.config.select
         if parts.policy.adapts and c.adaptive and pre.asm.runs:
             kl = out["kl"] if out else kl_divergence(full[1], pre.logits)

@@ -1,6 +1,6 @@
 """How an :class:`~kvshare.engine.engine.Engine` is put together from a loaded model and its
 config: the scheduler, the stores (the trace store tiered or not), the pipeline's parts,
-the stop ids and the prefetcher."""
+the stop ids, the prefetcher and the idle-time teacher."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from kvshare.config import EngineConfig
 from kvshare.engine import pipeline
+from kvshare.engine.idle import IdleTeacher
 from kvshare.engine.learned import LearnedState
 from kvshare.engine.policy import ReusePolicy
 from kvshare.errors import ConfigError
@@ -104,3 +105,11 @@ def make_prefetcher(
     on_cpu = parts.adapter.device.type == "cpu"
     tiered = parts.segments if isinstance(parts.segments, TieredStore) else None
     return Prefetcher(tiered, turn if on_cpu else nullcontext, overlap=not on_cpu)
+
+
+def make_teacher(parts: pipeline.Parts, turns: AbstractContextManager[Any]) -> IdleTeacher | None:
+    """The idle-time teacher (None unless ``anchors.idle_teach`` and the mode learns anchors)."""
+    a = parts.config.anchors
+    if not (a.idle_teach and parts.policy.anchored):
+        return None
+    return IdleTeacher(parts, turns, a.idle_quiet_s, a.idle_jobs)

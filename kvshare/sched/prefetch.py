@@ -16,17 +16,15 @@ very call the hint announced. On CUDA the moves start at once (they overlap the 
 
 from __future__ import annotations
 
-import atexit
-import threading
-import weakref
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any
 
+from kvshare.sched.worker import Worker
 from kvshare.store.tiered import TieredStore, User
 
 
-class Prefetcher:
+class Prefetcher(Worker):
     """Prefetch worker of one engine (its tiered store, if any, and its precompute jobs).
     ``turn()`` returns the context the worker holds while it moves a segment (the engine's
     turn lock on CPU, nothing on CUDA)."""
@@ -37,18 +35,14 @@ class Prefetcher:
         turn: Callable[[], AbstractContextManager[Any]] = nullcontext,
         overlap: bool = False,
     ) -> None:
+        super().__init__()
         self.store, self.turn, self.overlap = store, turn, overlap
         # session -> (users, precompute jobs); the latest request of a session wins
         self._wanted: dict[str, tuple[list[User], list[Callable[[], Any]]]] = {}
         self._parked: dict[str, tuple[list[User], list[Callable[[], Any]]]] = {}
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
         self._busy = False  # a popped request is being worked on
         self.promoted = 0
         self.warmed = 0
-        # a worker killed mid-copy at interpreter exit aborts the process: stop it first
-        atexit.register(_close_at_exit, weakref.ref(self))
         self.requests = 0
 
     def request(
@@ -88,9 +82,7 @@ class Prefetcher:
         if not users and not warm:
             return
         self._wanted[session] = (users, warm)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, daemon=True, name="kvshare-prefetch")
-            self._thread.start()
+        self._spawn(self._run, "kvshare-prefetch")
         self._cond.notify()
 
     def _next(self) -> tuple[list[User], list[Callable[[], Any]]] | None:
@@ -128,18 +120,3 @@ class Prefetcher:
         """Wait until no request is pending and the worker is idle (tests, benchmarks)."""
         with self._cond:
             return self._cond.wait_for(lambda: not self._wanted and not self._busy, timeout)
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the worker and wait for it (it finishes the segment it is moving)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-
-
-def _close_at_exit(ref: weakref.ref[Prefetcher]) -> None:
-    found = ref()
-    if found is not None:
-        found.close()

@@ -261,3 +261,17 @@ def test_run_team_releases_each_items_agents_and_registers_static_prompts(tiny_d
     assert last.release == team.agents and last.running is None
     assert engine.prefetcher is not None and engine.prefetcher.drain()
     assert engine.prefetcher.warmed >= 2  # verifier and answerer, each after the call before
+
+
+def test_team_bench_idle_teaching_runs_in_the_gap_after_each_workflow(tiny_engine):
+    from kvshare.bench.teams import markdown, run_team_bench
+
+    team = get_team("rag")
+    rep = run_team_bench(
+        tiny_engine, team, team.items(2), ["full", "kvshare"], progress=False, wrapper=False,
+        idle_teach=True, gap_s=0.5,
+    )  # fmt: skip
+    assert rep.gap_s == 0.5 and list(rep.idle) == ["kvshare"]
+    idle = rep.idle["kvshare"]
+    assert idle["offered"] >= 1 and idle["taught"] >= 1 and idle["waited_calls"] == 0
+    assert "0.5 s idle after each workflow run" in markdown(rep)

@@ -184,3 +184,19 @@ def test_tiers_bench_on_a_team_reports_pressure_and_precompute(tiny_dirs, tmp_pa
     assert "| 50% | disk | workflow |" in text and "| 50% | disk | lru |" in text
     assert text.count("| extractor |") == 3  # prefix and kvshare ahead of the run, then live
     assert "Wall time of the run: prefetcher off" in capsys.readouterr().out
+
+
+def test_bench_cli_idle_teaching_in_the_gaps(tiny_dirs, tmp_path, capsys):
+    """``--idle-teach --gap``: the anchored modes' workers teach between calls, the report
+    counts it; a negative gap is refused."""
+    common = ["bench", "--model", str(tiny_dirs["llama"]), "--agents", "3", "--prefix", "16"]
+    common += ["--input", "32", "--output", "3", "--repeats", "1", "--out", str(tmp_path)]
+    args = [*common, "--modes", "prefix,kvshare", "--idle-teach", "--gap", "0.3"]
+    assert main(args) == 0
+    rep = BenchReport.model_validate(json.loads((tmp_path / "synthetic.json").read_text()))
+    assert rep.gap_s == 0.3 and list(rep.idle) == ["kvshare"]
+    idle = rep.idle["kvshare"]
+    assert idle["taught"] >= 1 and idle["busy_s"] > 0 and idle["waits_over_a_step"] == 0
+    assert "Idle-time teaching, `kvshare`" in capsys.readouterr().out
+    assert main([*common, "--gap", "-1"]) == 2
+    assert "--gap must be" in capsys.readouterr().err
