@@ -104,8 +104,12 @@ class EngineConfig:
         The anchor budget is one cap over the pools of every sharing scope.
     max_new_tokens_cap: the most tokens one call may ask for (``max_new_tokens`` above it is
         a ConfigError).
-    decode_slice: fairness: a call decodes this many tokens per turn, then the engine serves
-        the next waiting call (arrival order), so one long reply cannot hold every tenant.
+    batch_decode: calls that decode at the same time advance together, one batched forward
+        per step (``kvshare.engine.batcher``; Llama/Qwen2/Mistral without a sliding window);
+        off, or for another layout, each call decodes alone in turn slices.
+    decode_slice: fairness where calls decode alone: a call decodes this many tokens per
+        turn, then the engine serves the next waiting call (arrival order), so one long reply
+        cannot hold every tenant.
     call_log_size: ``Engine.calls`` keeps the last this many CallStats; ``Engine.stats``
         totals stay exact over every call, its medians are over the kept window.
     special_token_roles: roles whose content may contain control tokens (``<|im_start|>``...)
@@ -129,6 +133,7 @@ class EngineConfig:
     kernels: KernelsConfig = KernelsConfig()
     tiers: TiersConfig = TiersConfig()
     max_new_tokens_cap: int = 4096
+    batch_decode: bool = True
     decode_slice: int = 16
     call_log_size: int = 10_000
     special_token_roles: tuple[str, ...] = ("system",)
@@ -149,6 +154,7 @@ class EngineConfig:
             "max_new_tokens_cap": check_int(
                 "max_new_tokens_cap", self.max_new_tokens_cap, 1, 1 << 24
             ),
+            "batch_decode": check_bool("batch_decode", self.batch_decode),
             "decode_slice": check_int("decode_slice", self.decode_slice, 1, 1 << 24),
             "call_log_size": check_int("call_log_size", self.call_log_size, 1, 1 << 24),
             "profile": check_bool("profile", self.profile),

@@ -30,7 +30,8 @@ def add_parser(sub: Any) -> None:
         help="synthetic N-agent workflow, real-text QA team, the partial-prefill crossover, "
         "the per-call overhead outside the model (default model random:tiny-deep), or the "
         "kernel ops against their torch reference (8B shapes), or the LangChain wrapper's "
-        "cost per call (ChatKVShare vs Engine.chat)",
+        "cost per call (ChatKVShare vs Engine.chat), or N concurrent streams against the "
+        "same calls one at a time",
     )
     bench.add_argument(
         "--profile",
@@ -44,6 +45,9 @@ def add_parser(sub: Any) -> None:
         "lengths (default 256,1024,4096,8192 on CUDA, 256,1024 on CPU)",
     )
     bench.add_argument("--modes", default=",".join(IMPLEMENTED_MODES), help="comma-separated")
+    bench.add_argument(
+        "--streams", default="1,2,4,8", help="concurrent: stream counts (comma-separated)"
+    )
     bench.add_argument(
         "--items",
         type=int,
@@ -142,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         return bench_more.run_tiers(args, engine)
     if args.workload == "overhead":
         return bench_more.run_overhead(args, engine)
+    if args.workload == "concurrent":
+        return bench_more.run_concurrent(args, engine)
     if args.workload == "wrapper":
         from kvshare.bench.wrapper import measure as wrapper_cost
 

@@ -91,19 +91,34 @@ def run_team_tiers(args: argparse.Namespace, engine, fraction: float, lowers: li
 
 
 def run_overhead(args: argparse.Namespace, engine) -> int:
-    import json
-
     from kvshare.bench.overhead import markdown, measure
 
     lengths = parse_lengths(args.lengths or "256,512,1024,2048")
     modes = [m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "anchor"]
     rows = measure(engine, lengths, modes=modes, items=args.items or 2, agents=args.agents)
+    return _write_rows(args, engine, "overhead", rows, markdown(rows))
+
+
+def _write_rows(args: argparse.Namespace, engine, name: str, rows: list, table: str) -> int:
+    """``<out>/<name>.json`` with ``rows``; prints the model and ``table``."""
+    import json
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "overhead.json").write_text(json.dumps([r.model_dump() for r in rows], indent=1))
+    (out / f"{name}.json").write_text(json.dumps([r.model_dump() for r in rows], indent=1))
     print(f"model {engine.loaded.source} on {engine.device}\n")
-    print(markdown(rows))
+    print(table)
     return 0
+
+
+def run_concurrent(args: argparse.Namespace, engine) -> int:
+    from kvshare.bench.concurrent import markdown, measure
+
+    streams = parse_lengths(args.streams, "--streams")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    mode = modes[0] if len(modes) == 1 else "full"  # default: the engine alone, no reuse
+    rows = measure(engine, streams, mode=mode, new_tokens=args.output, prompt_tokens=args.input)
+    return _write_rows(args, engine, "concurrent", rows, markdown(rows))
 
 
 def run_kernels(args: argparse.Namespace) -> int:

@@ -8,7 +8,8 @@ from typing import Any
 from kvshare.errors import KVShareError
 
 TEAMS = ["rag", "debate", "code"]
-WORKLOADS = ["synthetic", "qa", "crossover", "overhead", "kernels", "wrapper", "tiers", *TEAMS]
+WORKLOADS = ["synthetic", "qa", "crossover", "overhead", "kernels", "wrapper", "tiers"]
+WORKLOADS += ["concurrent", *TEAMS]
 
 
 def engine_for(args: argparse.Namespace) -> Any:
@@ -38,11 +39,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
 
 
-def parse_lengths(text: str) -> list[int]:
+def parse_lengths(text: str, option: str = "--lengths") -> list[int]:
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         lengths = []
     if not lengths or min(lengths) < 1:
-        raise KVShareError(f"--lengths wants positive integers like 256,1024; got {text!r}")
+        raise KVShareError(f"{option} wants positive integers like 256,1024; got {text!r}")
     return lengths

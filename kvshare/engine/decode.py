@@ -57,6 +57,24 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     return int(next_token(logits, params, generator))
 
 
+def end_reason(
+    tokens: list[int],
+    eos_ids: set[int],
+    should_stop: Callable[[list[int]], bool] | None,
+    max_new_tokens: int,
+    pos: int,
+    context_length: int,
+) -> str | None:
+    """Why a reply ends after its last token (None: it goes on), checked in this order:
+    ``stop`` (EOS, or ``should_stop``, which sees every token but EOS), ``length``
+    (``max_new_tokens`` generated), ``context`` (the next position ``pos`` is past it)."""
+    if tokens[-1] in eos_ids or (should_stop is not None and should_stop(tokens)):
+        return "stop"
+    if len(tokens) >= max_new_tokens:
+        return "length"
+    return "context" if pos >= context_length else None
+
+
 @dataclass(frozen=True)
 class DecodeResult:
     """tokens: every generated token (the first one included).
@@ -94,16 +112,8 @@ def decode(
     cache = GrowingCache(prompt_kv, pos + max(0, min(max_new_tokens, context_length - pos) - 1))
     device = prompt_kv.keys.device
     tokens = [first]
-    reason = "length"
-    while True:
-        if tokens[-1] in eos_ids or (should_stop is not None and should_stop(tokens)):
-            reason = "stop"
-            break
-        if len(tokens) >= max_new_tokens:
-            break
-        if pos >= context_length:
-            reason = "context"
-            break
+    ends = (eos_ids, should_stop, max_new_tokens)
+    while (reason := end_reason(tokens, *ends, pos, context_length)) is None:
         out = model(
             input_ids=torch.tensor([[tokens[-1]]], device=device),
             position_ids=torch.tensor([[pos]], device=device),

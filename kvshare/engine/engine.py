@@ -7,20 +7,18 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 
 from kvshare.anchors import AnchorPool, ModelIdentity
 from kvshare.config import EngineConfig
-from kvshare.engine import pipeline, wiring
-from kvshare.engine.decode import cut_at_stop
+from kvshare.engine import call, pipeline, wiring
 from kvshare.engine.policy import POLICIES
-from kvshare.engine.profile import StageClock
-from kvshare.engine.reference import reference
 from kvshare.engine.relocate import Assembly
 from kvshare.engine.request import Request, make_request
-from kvshare.engine.results import ChatResult, MemoryUsage, call_stats, check_finite
+from kvshare.engine.results import ChatResult, MemoryUsage
 from kvshare.engine.stats import CallLedger, CallStats, SessionStats
 from kvshare.engine.turns import TurnLock
 from kvshare.engine.workflow_calls import WorkflowCalls
@@ -36,8 +34,10 @@ from kvshare.scope import Scope, scope_of
 class Engine(WorkflowCalls):
     """Runs agent chat calls on one model, reusing KV across calls, agents and sessions.
 
-    Thread-safe: calls take fair turns on the model (``kvshare.engine.turns``: prefill whole,
-    decode in slices of ``decode_slice`` tokens, waiting calls served in arrival order).
+    Thread-safe: calls take fair turns on the model (``kvshare.engine.turns``, arrival
+    order) for their prefill and their end; calls decoding at the same time advance together
+    in one batched step (``kvshare.engine.batcher``; without it, in turn slices of
+    ``decode_slice`` tokens).
     Hints, workflows and static prompts: :class:`~kvshare.engine.workflow_calls.WorkflowCalls`;
     how the parts are built: ``kvshare.engine.wiring``.
     """
@@ -63,6 +63,7 @@ class Engine(WorkflowCalls):
         self.workflows = WorkflowMemory(self.config.call_log_size)
         self.prefetcher = wiring.make_prefetcher(self.parts, lambda: self._turns)
         self.teacher = wiring.make_teacher(self.parts, self._turns)
+        self.batcher = wiring.make_batcher(self.parts, self._turns)
 
     @classmethod
     def from_pretrained(
@@ -130,7 +131,7 @@ class Engine(WorkflowCalls):
         if on_token is not None and not callable(on_token):
             raise ConfigError(f"on_token must be callable (token id -> None), got {on_token!r}")
         try:
-            with self._turns if self.teacher is None else self.teacher.call_turn():
+            with self._busy():
                 return self._call(req, on_token)
         finally:  # the gap after a call: what the session's last hint parked starts now
             if self.prefetcher is not None:
@@ -236,46 +237,28 @@ class Engine(WorkflowCalls):
             self.parts.segments.release(r.segment.key for r in planned.runs)
 
     def _call(self, req: Request, on_token: Callable[[int], None] | None = None) -> ChatResult:
-        """The pipeline, in order, with stage times (``kvshare.engine.pipeline`` does the work)."""
-        parts, clock = self.parts, StageClock(self.config.profile, self.device)
-        clock.add("render", req.render_s)
-        state = self.learned.get(req.scope)
-        with clock.stage("plan"):
-            planned = pipeline.plan(parts, req.scope, req.prompt)
-        keys = [r.segment.key for r in planned.runs]
-        try:  # stored KV is read here; a tiered store keeps it leased (unmoved) until then
-            with clock.stage("assemble"):
-                asm = pipeline.assemble_prompt(parts, len(req.prompt), planned)
-        finally:
-            parts.segments.release(keys)
-        with clock.stage("estimate"):
-            ests = pipeline.estimate(parts, req, asm, state)
-        with clock.stage("choose"):
-            chosen = pipeline.choose(parts, asm, ests, state)
-        with clock.stage("prefill"):
-            pre = pipeline.prefill(parts, req, asm, ests, chosen)
-        with clock.stage("sample"):
-            first, gen = pipeline.sample_first(pre, req)
-        ttft = time.perf_counter() - req.t0
-        with clock.stage("learn"):
-            pipeline.learn(parts, req, state, pre)
-            if self.teacher is not None:  # the idle-time teacher's job (after the 1st token)
-                self.teacher.offer(req, state, pre)
+        """The call (``kvshare.engine.call``): its prefill and its end each take a turn on the
+        model; its decode runs in the batcher between them (or in turn slices without one)."""
+        if self.batcher is None:
+            with self._turn():
+                b = call.begin(self, req)
+                t1 = time.perf_counter()
+                dec = pipeline.decode_reply(
+                    self.parts, req, b.pre, b.first, b.gen, self._turns.pass_turn, on_token
+                )
+                return call.finish(self, req, b, dec, time.perf_counter() - t1)
+        with self._turn():
+            b = call.begin(self, req)
         t1 = time.perf_counter()
-        dec = pipeline.decode_reply(parts, req, pre, first, gen, self._turns.pass_turn, on_token)
+        dec = call.decode_batched(self, req, b, on_token)
         decode_s = time.perf_counter() - t1
-        clock.add("decode", decode_s)
-        with clock.stage("remember"):
-            check_finite("the KV of this call", dec.kv.keys, dec.kv.values)
-            text = self.tokenizer.decode(dec.tokens, skip_special_tokens=True)
-            readers = self.workflows.readers(req.session, req.agent)
-            wrote = pipeline.remember(parts, req, dec.tokens, dec.kv, readers)
-            user = (req.session, req.agent)
-            parts.segments.record_call(keys, wrote, user, readers, req.prompt.ids)
-        with clock.stage("shadow"):
-            fidelity = reference(parts, req, state, pre, dec.tokens)
-        stats = call_stats(
-            self.config.mode, req, pre, dec, ttft, decode_s, fidelity, clock.result()
-        )
-        self.ledger.add(stats)
-        return ChatResult(cut_at_stop(str(text), req.stop), dec.tokens, stats)
+        with self._turns:
+            return call.finish(self, req, b, dec, decode_s)
+
+    def _busy(self) -> AbstractContextManager[Any]:
+        """A call's whole span, as the idle-time teacher sees it."""
+        return nullcontext() if self.teacher is None else self.teacher.active()
+
+    def _turn(self) -> AbstractContextManager[Any]:
+        """A call's turn on the model (waits on a teaching prefill recorded)."""
+        return self._turns if self.teacher is None else self.teacher.turn()

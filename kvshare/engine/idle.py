@@ -135,22 +135,28 @@ class IdleTeacher(Worker):
             self._start()
 
     @contextmanager
-    def call_turn(self) -> Iterator[None]:
-        """A call's turn on the model; records its wait when the worker held the model."""
+    def active(self) -> Iterator[None]:
+        """A call from its start to its end: no teaching prefill starts meanwhile, and a
+        running one stops at its next layer."""
         with self._cond:
             self._active += 1
-        found_busy, t0 = self.holding, time.perf_counter()
         try:
-            with self.turns:
-                if found_busy:
-                    with self._cond:
-                        self._tally.delays.append(time.perf_counter() - t0)
-                yield
+            yield
         finally:
             with self._cond:
                 self._active -= 1
                 self._last = time.monotonic()
                 self._cond.notify_all()
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """A call's turn on the model; records its wait when the worker held the model."""
+        found_busy, t0 = self.holding, time.perf_counter()
+        with self.turns:
+            if found_busy:
+                with self._cond:
+                    self._tally.delays.append(time.perf_counter() - t0)
+            yield
 
     # ------------------------------------------------------------------ the worker
     def _start(self) -> None:

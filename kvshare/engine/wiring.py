@@ -10,12 +10,14 @@ from typing import Any
 
 from kvshare.config import EngineConfig
 from kvshare.engine import pipeline
+from kvshare.engine.batcher import DecodeBatcher
 from kvshare.engine.idle import IdleTeacher
 from kvshare.engine.learned import LearnedState
 from kvshare.engine.policy import ReusePolicy
 from kvshare.errors import ConfigError
 from kvshare.kernels import kernels_for
 from kvshare.model.adapter import ModelAdapter
+from kvshare.model.batched import BatchedDecoder, batchable
 from kvshare.model.load import LoadedModel
 from kvshare.sched.prefetch import Prefetcher
 from kvshare.sched.schedule import BaseScheduler, LRUScheduler, Scheduler, SchedulerConfig
@@ -113,3 +115,11 @@ def make_teacher(parts: pipeline.Parts, turns: AbstractContextManager[Any]) -> I
     if not (a.idle_teach and parts.policy.anchored):
         return None
     return IdleTeacher(parts, turns, a.idle_quiet_s, a.idle_jobs)
+
+
+def make_batcher(parts: pipeline.Parts, turns: AbstractContextManager[Any]) -> DecodeBatcher | None:
+    """The decode step loop (None where ``batch_decode`` is off or the model's layout cannot
+    be batched: calls then decode alone, in turn slices)."""
+    if not (parts.config.batch_decode and batchable(parts.model)):
+        return None
+    return DecodeBatcher(BatchedDecoder(parts.model), turns, parts.adapter.kv_dims)

@@ -200,3 +200,15 @@ def test_bench_cli_idle_teaching_in_the_gaps(tiny_dirs, tmp_path, capsys):
     assert "Idle-time teaching, `kvshare`" in capsys.readouterr().out
     assert main([*common, "--gap", "-1"]) == 2
     assert "--gap must be" in capsys.readouterr().err
+
+
+def test_concurrent_bench_cli_compares_streams_with_one_at_a_time(tiny_dirs, tmp_path, capsys):
+    args = ["bench", "--workload", "concurrent", "--model", str(tiny_dirs["llama"])]
+    args += ["--streams", "1,3", "--input", "24", "--output", "4", "--out", str(tmp_path)]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "concurrent.json").read_text())
+    assert [r["streams"] for r in rows] == [1, 3] and rows[1]["mean_batch"] > 1
+    assert all(r["tokens"] > 0 and r["serial_wall_s"] > 0 for r in rows)
+    assert "| 3 | full |" in capsys.readouterr().out
+    assert main([*args[:5], "--streams", "0"]) == 2
+    assert "--streams wants positive integers" in capsys.readouterr().err

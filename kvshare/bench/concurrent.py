@@ -1,0 +1,135 @@
+"""``kvshare bench --workload concurrent``: N streams at once against the same N calls one
+at a time, in one process.
+
+Each stream is one call: its own short question over the shared long text (a different
+slice per stream), ``max_new_tokens`` of reply, from its own thread, all released together.
+Per stream count: wall time, generated tokens per second end to end, the steady decode
+rate (tokens generated after the last stream's first token, per second, until the last
+stream ends; serially: generated tokens after the first over the decode seconds), p50/p99
+TTFT and the decoder's mean batch, concurrent and serial side by side (the serial run is
+the same calls, same engine config, one after another).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from pydantic import BaseModel
+
+from kvshare.bench.corpus import long_text
+from kvshare.engine.engine import Engine
+from kvshare.engine.results import ChatResult
+
+
+class ConcurrentRow(BaseModel):
+    """One stream count: ``*_s`` seconds, ``tok_s`` generated tokens per second overall."""
+
+    streams: int
+    mode: str
+    tokens: int
+    wall_s: float
+    serial_wall_s: float
+    tok_s: float
+    serial_tok_s: float
+    decode_tok_s: float
+    serial_decode_tok_s: float
+    p50_ttft_s: float
+    p99_ttft_s: float
+    serial_p50_ttft_s: float
+    mean_batch: float
+
+
+def _messages(engine: Engine, ids: list[int], i: int, prompt_tokens: int) -> list[dict]:
+    """Stream i's prompt: ~``prompt_tokens`` of the shared text ``ids`` from its own offset."""
+    start = (i * 97) % max(1, len(ids) - prompt_tokens)
+    text = engine.tokenizer.decode(ids[start : start + prompt_tokens])
+    return [{"role": "system", "content": "Summarise the passage in detail."},
+            {"role": "user", "content": text}]  # fmt: skip
+
+
+def _run(engine: Engine, msgs: Sequence[list[dict[str, str]]], new: int, together: bool):
+    """(results, wall seconds, per stream the times its tokens arrived)."""
+    times: list[list[float]] = [[] for _ in msgs]
+
+    def one(i: int) -> ChatResult:
+        if together:
+            gate.wait()
+        return engine.chat(msgs[i], agent=f"a{i}", session=f"s{i}", max_new_tokens=new,
+                           on_token=lambda _: times[i].append(time.perf_counter()))  # fmt: skip
+
+    gate = threading.Barrier(len(msgs))
+    t0 = time.perf_counter()
+    if together:
+        with ThreadPoolExecutor(len(msgs)) as pool:
+            out = list(pool.map(one, range(len(msgs))))
+    else:
+        out = [one(i) for i in range(len(msgs))]
+    return out, time.perf_counter() - t0, times
+
+
+def _steady(times: list[list[float]]) -> float:
+    """Tokens per second after the last stream's first token, until the last token."""
+    start = max(t[0] for t in times if t)
+    end = max(t[-1] for t in times if t)
+    n = sum(1 for ts in times for t in ts if t > start)
+    return n / (end - start) if end > start else 0.0
+
+
+def _p(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def measure(
+    base: Engine,
+    streams: Sequence[int] = (1, 2, 4, 8),
+    mode: str = "full",
+    new_tokens: int = 64,
+    prompt_tokens: int = 128,
+) -> list[ConcurrentRow]:
+    """The rows, one per stream count (see the module docstring)."""
+    rows = []
+    ids = base.tokenizer(long_text())["input_ids"]
+    for n in streams:
+        msgs = [_messages(base, ids, i, prompt_tokens) for i in range(n)]
+        serial_eng, eng = base.fork(mode=mode), base.fork(mode=mode)
+        serial, serial_wall, _ = _run(serial_eng, msgs, new_tokens, together=False)
+        out, wall, times = _run(eng, msgs, new_tokens, together=True)
+        serial_decode = sum(len(r.tokens) - 1 for r in serial) / sum(
+            (len(r.tokens) - 1) / r.stats.decode_tok_s for r in serial if r.stats.decode_tok_s
+        )
+        tokens = sum(len(r.tokens) for r in out)
+        ttft = [r.stats.ttft_s for r in out]
+        batch = eng.batcher.stats()["mean_batch"] if eng.batcher is not None else 1.0
+        rows.append(ConcurrentRow(
+            streams=n, mode=mode, tokens=tokens, wall_s=wall, serial_wall_s=serial_wall,
+            tok_s=tokens / wall, serial_tok_s=sum(len(r.tokens) for r in serial) / serial_wall,
+            decode_tok_s=_steady(times), serial_decode_tok_s=serial_decode,
+            p50_ttft_s=statistics.median(ttft), p99_ttft_s=_p(ttft, 0.99),
+            serial_p50_ttft_s=statistics.median(r.stats.ttft_s for r in serial),
+            mean_batch=batch,
+        ))  # fmt: skip
+    return rows
+
+
+def markdown(rows: Sequence[ConcurrentRow]) -> str:
+    lines = [
+        "| streams | mode | tokens | wall together / one at a time (s) | tokens/s together / "
+        "one at a time | × | steady decode tokens/s together / one at a time | × | p50 / p99 "
+        "TTFT together (s) | p50 TTFT one at a time (s) | mean decode batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.streams} | {r.mode} | {r.tokens} | {r.wall_s:.2f} / {r.serial_wall_s:.2f} | "
+            f"{r.tok_s:.1f} / {r.serial_tok_s:.1f} | {r.tok_s / r.serial_tok_s:.2f}× | "
+            f"{r.decode_tok_s:.1f} / {r.serial_decode_tok_s:.1f} | "
+            f"{r.decode_tok_s / r.serial_decode_tok_s:.2f}× | "
+            f"{r.p50_ttft_s:.3f} / {r.p99_ttft_s:.3f} | {r.serial_p50_ttft_s:.3f} | "
+            f"{r.mean_batch:.2f} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,107 @@
+"""One call through the pipeline (``kvshare.engine.pipeline``), in three parts: ``begin``
+(plan to first token and learning, inside a turn on the model), the decode (batched with
+every other decoding call by ``kvshare.engine.batcher``, outside any turn, or sliced by
+turns where the model cannot be batched) and ``finish`` (remember, shadow, stats, inside a
+turn again)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvshare.engine import pipeline
+from kvshare.engine.decode import DecodeResult, cut_at_stop, stop_checker
+from kvshare.engine.learned import ScopeState
+from kvshare.engine.profile import StageClock
+from kvshare.engine.reference import reference
+from kvshare.engine.request import Request
+from kvshare.engine.results import ChatResult, Prefilled, call_stats, check_finite
+from kvshare.store.contract import StoreKey
+
+if TYPE_CHECKING:
+    from kvshare.engine.engine import Engine
+
+
+@dataclass
+class Begun:
+    """A call after its first token: its clock, state, read keys, prefill and sampler."""
+
+    clock: StageClock
+    state: ScopeState
+    keys: list[StoreKey]
+    pre: Prefilled
+    first: int
+    gen: torch.Generator | None
+    ttft: float
+
+
+def begin(engine: Engine, req: Request) -> Begun:
+    """Plan, assemble, estimate, choose, prefill, sample the first token, learn."""
+    parts, clock = engine.parts, StageClock(engine.config.profile, engine.device)
+    clock.add("render", req.render_s)
+    state = engine.learned.get(req.scope)
+    with clock.stage("plan"):
+        planned = pipeline.plan(parts, req.scope, req.prompt)
+    keys = [r.segment.key for r in planned.runs]
+    try:  # stored KV is read here; a tiered store keeps it leased (unmoved) until then
+        with clock.stage("assemble"):
+            asm = pipeline.assemble_prompt(parts, len(req.prompt), planned)
+    finally:
+        parts.segments.release(keys)
+    with clock.stage("estimate"):
+        ests = pipeline.estimate(parts, req, asm, state)
+    with clock.stage("choose"):
+        chosen = pipeline.choose(parts, asm, ests, state)
+    with clock.stage("prefill"):
+        pre = pipeline.prefill(parts, req, asm, ests, chosen)
+    with clock.stage("sample"):
+        first, gen = pipeline.sample_first(pre, req)
+    ttft = time.perf_counter() - req.t0
+    with clock.stage("learn"):
+        pipeline.learn(parts, req, state, pre)
+        if engine.teacher is not None:  # the idle-time teacher's job (after the 1st token)
+            engine.teacher.offer(req, state, pre)
+    return Begun(clock, state, keys, pre, first, gen, ttft)
+
+
+def decode_batched(
+    engine: Engine, req: Request, b: Begun, on_token: Callable[[int], None] | None
+) -> DecodeResult:
+    """The reply, decoded by the engine's batcher beside every other decoding call."""
+    assert engine.batcher is not None
+    parts = engine.parts
+    return engine.batcher.decode(
+        b.pre.kv,
+        b.first,
+        req.max_new_tokens,
+        params=req.sampling,
+        eos_ids=set(parts.eos_ids),
+        context_length=parts.loaded.context_length,
+        generator=b.gen,
+        should_stop=stop_checker(parts.loaded.tokenizer, req.stop),
+        on_token=on_token,
+    )
+
+
+def finish(engine: Engine, req: Request, b: Begun, dec: DecodeResult, decode_s: float):
+    """Remember what the call computed, run its shadow, record and return its result."""
+    parts, clock = engine.parts, b.clock
+    clock.add("decode", decode_s)
+    with clock.stage("remember"):
+        check_finite("the KV of this call", dec.kv.keys, dec.kv.values)
+        text = engine.tokenizer.decode(dec.tokens, skip_special_tokens=True)
+        readers = engine.workflows.readers(req.session, req.agent)
+        wrote = pipeline.remember(parts, req, dec.tokens, dec.kv, readers)
+        user = (req.session, req.agent)
+        parts.segments.record_call(b.keys, wrote, user, readers, req.prompt.ids)
+    with clock.stage("shadow"):
+        fidelity = reference(parts, req, b.state, b.pre, dec.tokens)
+    stats = call_stats(
+        engine.config.mode, req, b.pre, dec, b.ttft, decode_s, fidelity, clock.result()
+    )
+    engine.ledger.add(stats)
+    return ChatResult(cut_at_stop(str(text), req.stop), dec.tokens, stats)
