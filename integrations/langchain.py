@@ -17,19 +17,25 @@ live in ``kvshare.integrations.structured``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from functools import partial
 from typing import Any
 
 from kvshare.integrations.langgraph import successors, workflow_of
-from kvshare.integrations.replies import TokenStream, as_chunk, response_metadata, usage
+from kvshare.integrations.replies import (
+    TokenStream,
+    as_chunk,
+    astream_texts,
+    last_chunk,
+    reply_message,
+)
 from kvshare.integrations.structured import (
     check_structured_options,
     parse_structured,
     structured_attempts,
 )
-from kvshare.integrations.tools import parse_calls, tool_schemas, with_tools
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from kvshare.integrations.tools import tool_schemas, with_tools
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import BaseChatModel
@@ -40,6 +46,7 @@ from langchain_core.runnables.config import ensure_config
 from pydantic import ConfigDict, Field, model_validator
 
 from kvshare.engine.engine import Engine
+from kvshare.engine.results import ChatResult as KVResult
 from kvshare.errors import ConfigError
 
 
@@ -219,16 +226,19 @@ class ChatKVShare(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         result = self.engine.chat(**self._start_call(messages, stop, **kwargs))
-        text, calls, bad = (
-            parse_calls(result.text) if kwargs.get("tools") else (result.text, [], [])
-        )
-        message = AIMessage(
-            content=text,
-            tool_calls=calls,
-            invalid_tool_calls=bad,
-            usage_metadata=usage(result),
-            response_metadata=response_metadata(result, self.engine),
-        )
+        message = reply_message(result, self.engine, bool(kwargs.get("tools")))
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        """``Engine.achat``: the call joins the engine's batch; no executor thread."""
+        result = await self.engine.achat(**self._start_call(messages, stop, **kwargs))
+        message = reply_message(result, self.engine, bool(kwargs.get("tools")))
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(
@@ -246,8 +256,7 @@ class ChatKVShare(BaseChatModel):
             assert isinstance(whole, AIMessage)
             yield ChatGenerationChunk(message=as_chunk(whole))
             return
-        args = self._start_call(messages, stop, **kwargs)
-        stream = TokenStream(self.engine, args)
+        stream = TokenStream(self.engine, self._start_call(messages, stop, **kwargs))
         sent = ""
         for text in stream.texts():
             if len(text) > len(sent):
@@ -256,12 +265,31 @@ class ChatKVShare(BaseChatModel):
                     run_manager.on_llm_new_token(text[len(sent) :], chunk=chunk)
                 sent = text
                 yield chunk
-        result = stream.result()
-        rest = result.text[len(sent) :] if result.text.startswith(sent) else ""
-        last = AIMessageChunk(
-            content=rest,
-            usage_metadata=usage(result),
-            response_metadata=response_metadata(result, self.engine),
-            chunk_position="last",
-        )
-        yield ChatGenerationChunk(message=last)
+        yield ChatGenerationChunk(message=last_chunk(stream.result(), sent, self.engine))
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        """:meth:`_stream` on the event loop (``Engine.achat``; no executor thread)."""
+        if kwargs.get("tools"):
+            whole = await self._agenerate(messages, stop, run_manager, **kwargs)
+            message = whole.generations[0].message
+            assert isinstance(message, AIMessage)
+            yield ChatGenerationChunk(message=as_chunk(message))
+            return
+        done: list[KVResult] = []
+        sent = ""
+        async for text in astream_texts(
+            self.engine, self._start_call(messages, stop, **kwargs), done
+        ):
+            if len(text) > len(sent):
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=text[len(sent) :]))
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(text[len(sent) :], chunk=chunk)
+                sent = text
+                yield chunk
+        yield ChatGenerationChunk(message=last_chunk(done[0], sent, self.engine))

@@ -1,15 +1,18 @@
 """Engine results as LangChain replies: usage and response metadata, a whole reply as one
-stream chunk, and ``TokenStream`` (one ``Engine.chat`` on a worker thread, its text as it
-grows) for ``ChatKVShare._stream``."""
+stream chunk, ``TokenStream`` (one ``Engine.chat`` on a worker thread, its text as it grows)
+for ``ChatKVShare._stream`` and ``astream_texts`` (one ``Engine.achat`` on the event loop) for
+``ChatKVShare._astream``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
+from kvshare.integrations.tools import parse_calls
 from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
@@ -30,6 +33,24 @@ def as_chunk(message: AIMessage) -> AIMessageChunk:
         response_metadata=message.response_metadata,
         chunk_position="last",
     )
+
+
+class TextGrowth:
+    """A reply's text as its tokens come: each new token gives the text that may be shown
+    so far, never into a stop string or a half-decoded character (None: nothing new)."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.tokens: list[int] = []
+        self.hold = max((len(s) for s in stop), default=1) - 1
+
+    def add(self, token: int) -> str | None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return None
+        cuts = [text.find(s) for s in self.stop if s in text]
+        return text[: min(cuts)] if cuts else text[: len(text) - self.hold]
 
 
 class TokenStream:
@@ -53,17 +74,11 @@ class TokenStream:
         self._queue.put(self._DONE)
 
     def texts(self) -> Iterator[str]:
-        """The decoded reply so far, each time it can safely grow: never into a stop string
-        or a half-decoded character."""
-        tokens: list[int] = []
-        hold = max((len(s) for s in self.stop), default=1) - 1
+        """The decoded reply so far, each time it can safely grow (:class:`TextGrowth`)."""
+        growth = TextGrowth(self.engine.tokenizer, self.stop)
         while (item := self._queue.get()) is not self._DONE:
-            tokens.append(item)
-            text = self.engine.tokenizer.decode(tokens, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue
-            cuts = [text.find(s) for s in self.stop if s in text]
-            yield text[: min(cuts)] if cuts else text[: len(text) - hold]
+            if (text := growth.add(item)) is not None:
+                yield text
 
     def result(self) -> KVResult:
         self._thread.join()
@@ -71,6 +86,47 @@ class TokenStream:
             raise self._outcome
         assert self._outcome is not None
         return self._outcome
+
+
+async def astream_texts(
+    engine: Any, args: dict[str, Any], out: list[KVResult]
+) -> AsyncIterator[str]:
+    """``Engine.achat``'s reply as it grows (:class:`TextGrowth`), on the event loop, no
+    thread per call; the call's result is appended to ``out`` at the end."""
+    tokens: asyncio.Queue[Any] = asyncio.Queue()
+    call = asyncio.ensure_future(engine.achat(**args, on_token=tokens.put_nowait))
+    call.add_done_callback(lambda _: tokens.put_nowait(TokenStream._DONE))
+    growth = TextGrowth(engine.tokenizer, args["stop"] or ())
+    try:
+        while (item := await tokens.get()) is not TokenStream._DONE:
+            if (text := growth.add(item)) is not None:
+                yield text
+        out.append(await call)
+    finally:
+        call.cancel()  # a consumer that stops early cancels the call (no-op once done)
+
+
+def reply_message(result: KVResult, engine: Any, tools: bool) -> AIMessage:
+    """The LangChain reply of a whole call (tool calls parsed when tools are bound)."""
+    text, calls, bad = parse_calls(result.text) if tools else (result.text, [], [])
+    return AIMessage(
+        content=text,
+        tool_calls=calls,
+        invalid_tool_calls=bad,
+        usage_metadata=usage(result),
+        response_metadata=response_metadata(result, engine),
+    )
+
+
+def last_chunk(result: KVResult, sent: str, engine: Any) -> AIMessageChunk:
+    """The stream's last chunk: the text not sent yet, usage and kvshare's figures."""
+    rest = result.text[len(sent) :] if result.text.startswith(sent) else ""
+    return AIMessageChunk(
+        content=rest,
+        usage_metadata=usage(result),
+        response_metadata=response_metadata(result, engine),
+        chunk_position="last",
+    )
 
 
 def usage(result: KVResult) -> UsageMetadata:

@@ -107,6 +107,7 @@ class EngineConfig:
     batch_decode: calls that decode at the same time advance together, one batched forward
         per step (``kvshare.engine.batcher``; Llama/Qwen2/Mistral without a sliding window);
         off, or for another layout, each call decodes alone in turn slices.
+    max_decode_batch: the most calls one step decodes; later ones wait, in arrival order.
     decode_slice: fairness where calls decode alone: a call decodes this many tokens per
         turn, then the engine serves the next waiting call (arrival order), so one long reply
         cannot hold every tenant.
@@ -134,6 +135,7 @@ class EngineConfig:
     tiers: TiersConfig = TiersConfig()
     max_new_tokens_cap: int = 4096
     batch_decode: bool = True
+    max_decode_batch: int = 16
     decode_slice: int = 16
     call_log_size: int = 10_000
     special_token_roles: tuple[str, ...] = ("system",)
@@ -155,6 +157,7 @@ class EngineConfig:
                 "max_new_tokens_cap", self.max_new_tokens_cap, 1, 1 << 24
             ),
             "batch_decode": check_bool("batch_decode", self.batch_decode),
+            "max_decode_batch": check_int("max_decode_batch", self.max_decode_batch, 1, 4096),
             "decode_slice": check_int("decode_slice", self.decode_slice, 1, 1 << 24),
             "call_log_size": check_int("call_log_size", self.call_log_size, 1, 1 << 24),
             "profile": check_bool("profile", self.profile),

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from kvshare.engine.engine import Engine
 from kvshare.engine.stats import CallStats
+from kvshare.errors import ConfigError
 
 Models = Mapping[str, Any]
 """One LangChain chat model per agent name (``ChatKVShare`` in runs, scripted fakes in tests)."""
@@ -106,25 +107,32 @@ def run_team(
     graph: Any = None,
     static: bool = False,
     before_item: Callable[[str, Any], None] | None = None,
+    max_concurrency: int = 1,
 ) -> TeamRun:
     """Run ``team``'s graph, wrapped for ``engine``, once per item (item k on thread
     ``<team>-<first + k>``);
     the run's calls are those of its threads that ``engine`` still logs (``call_log_size``).
 
-    Tasks of one superstep run one at a time (``max_concurrency=1``), so a run is
+    Tasks of one superstep run one at a time by default (``max_concurrency=1``), so a run is
     reproducible: which parallel branch is served first decides what the other can reuse.
+    With ``max_concurrency`` > 1 the branches of a superstep run at once and their decodes
+    share the engine's batch (``kvshare.engine.batcher``): ``full`` and ``prefix`` give the
+    serial run's answers token for token; in the relocating modes what a branch reuses
+    depends on which prefill ran first, so answers may differ within the fidelity bar.
     ``graph``: one built by :func:`team_graph` for this engine (built here when None).
     ``static``: register each item's :meth:`Team.static_prompts` for its thread (the
     prefetcher precomputes them when a hint names the agent next). ``before_item(thread,
     item)``: called before each item's run (benchmarks). After each item the thread's agents
     are released (``Engine.hint(release=...)``): none of them runs in that thread again.
     """
+    if max_concurrency < 1:
+        raise ConfigError(f"max_concurrency must be >= 1, got {max_concurrency}")
     graph = graph if graph is not None else team_graph(team, engine, shadow)
     threads = [f"{team.name}-{first + k}" for k in range(len(items))]
     scores, answers = [], []
     t0 = time.perf_counter()
     for thread, item in zip(threads, items, strict=True):
-        config = {"configurable": {"thread_id": thread}, "max_concurrency": 1}
+        config = {"configurable": {"thread_id": thread}, "max_concurrency": max_concurrency}
         if static:
             for agent, messages in team.static_prompts(item).items():
                 engine.register_static(thread, agent, messages)

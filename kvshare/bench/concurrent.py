@@ -4,8 +4,8 @@ at a time, in one process.
 Each stream is one call: its own short question over the shared long text (a different
 slice per stream), ``max_new_tokens`` of reply, from its own thread, all released together.
 Per stream count: wall time, generated tokens per second end to end, the steady decode
-rate (tokens generated after the last stream's first token, per second, until the last
-stream ends; serially: generated tokens after the first over the decode seconds), p50/p99
+rate (tokens per second while all N streams decode: after the last stream's first token,
+until the first stream's last; serially: tokens after the first over decode seconds), p50/p99
 TTFT and the decoder's mean batch, concurrent and serial side by side (the serial run is
 the same calls, same engine config, one after another).
 """
@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -30,7 +31,7 @@ class ConcurrentRow(BaseModel):
 
     streams: int
     mode: str
-    tokens: int
+    tokens: float
     wall_s: float
     serial_wall_s: float
     tok_s: float
@@ -72,10 +73,11 @@ def _run(engine: Engine, msgs: Sequence[list[dict[str, str]]], new: int, togethe
 
 
 def _steady(times: list[list[float]]) -> float:
-    """Tokens per second after the last stream's first token, until the last token."""
+    """Tokens per second while every stream decodes: after the last stream's first token,
+    until the first stream's last one."""
     start = max(t[0] for t in times if t)
-    end = max(t[-1] for t in times if t)
-    n = sum(1 for ts in times for t in ts if t > start)
+    end = min(t[-1] for t in times if t)
+    n = sum(1 for ts in times for t in ts if start < t <= end)
     return n / (end - start) if end > start else 0.0
 
 
@@ -90,30 +92,41 @@ def measure(
     mode: str = "full",
     new_tokens: int = 64,
     prompt_tokens: int = 128,
+    repeats: int = 1,
 ) -> list[ConcurrentRow]:
-    """The rows, one per stream count (see the module docstring)."""
-    rows = []
+    """The rows, one per stream count (see the module docstring); each figure the median of
+    ``repeats`` runs (serial and together alternating, fresh engines each time)."""
     ids = base.tokenizer(long_text())["input_ids"]
+    rows = []
     for n in streams:
         msgs = [_messages(base, ids, i, prompt_tokens) for i in range(n)]
-        serial_eng, eng = base.fork(mode=mode), base.fork(mode=mode)
-        serial, serial_wall, _ = _run(serial_eng, msgs, new_tokens, together=False)
-        out, wall, times = _run(eng, msgs, new_tokens, together=True)
-        serial_decode = sum(len(r.tokens) - 1 for r in serial) / sum(
-            (len(r.tokens) - 1) / r.stats.decode_tok_s for r in serial if r.stats.decode_tok_s
-        )
-        tokens = sum(len(r.tokens) for r in out)
-        ttft = [r.stats.ttft_s for r in out]
-        batch = eng.batcher.stats()["mean_batch"] if eng.batcher is not None else 1.0
-        rows.append(ConcurrentRow(
-            streams=n, mode=mode, tokens=tokens, wall_s=wall, serial_wall_s=serial_wall,
-            tok_s=tokens / wall, serial_tok_s=sum(len(r.tokens) for r in serial) / serial_wall,
-            decode_tok_s=_steady(times), serial_decode_tok_s=serial_decode,
-            p50_ttft_s=statistics.median(ttft), p99_ttft_s=_p(ttft, 0.99),
-            serial_p50_ttft_s=statistics.median(r.stats.ttft_s for r in serial),
-            mean_batch=batch,
-        ))  # fmt: skip
+        runs = [_once(base, msgs, mode, new_tokens) for _ in range(repeats)]
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        rows.append(ConcurrentRow(streams=n, mode=mode, **med))
     return rows
+
+
+def _once(base: Engine, msgs: list[list[dict]], mode: str, new: int) -> dict[str, Any]:
+    serial_eng, eng = base.fork(mode=mode), base.fork(mode=mode)
+    serial, serial_wall, _ = _run(serial_eng, msgs, new, together=False)
+    out, wall, times = _run(eng, msgs, new, together=True)
+    tokens = sum(len(r.tokens) for r in out)
+    ttft = [r.stats.ttft_s for r in out]
+    rates = [(len(r.tokens) - 1, r.stats.decode_tok_s) for r in serial if r.stats.decode_tok_s]
+    decode_s = sum(n / rate for n, rate in rates)
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "serial_wall_s": serial_wall,
+        "tok_s": tokens / wall,
+        "serial_tok_s": sum(len(r.tokens) for r in serial) / serial_wall,
+        "decode_tok_s": _steady(times),
+        "serial_decode_tok_s": sum(len(r.tokens) - 1 for r in serial) / max(decode_s, 1e-9),
+        "p50_ttft_s": statistics.median(ttft),
+        "p99_ttft_s": _p(ttft, 0.99),
+        "serial_p50_ttft_s": statistics.median(r.stats.ttft_s for r in serial),
+        "mean_batch": eng.batcher.stats()["mean_batch"] if eng.batcher is not None else 1.0,
+    }
 
 
 def markdown(rows: Sequence[ConcurrentRow]) -> str:
@@ -125,7 +138,7 @@ def markdown(rows: Sequence[ConcurrentRow]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.streams} | {r.mode} | {r.tokens} | {r.wall_s:.2f} / {r.serial_wall_s:.2f} | "
+            f"| {r.streams} | {r.mode} | {r.tokens:.0f} | {r.wall_s:.2f} / {r.serial_wall_s:.2f} | "
             f"{r.tok_s:.1f} / {r.serial_tok_s:.1f} | {r.tok_s / r.serial_tok_s:.2f}× | "
             f"{r.decode_tok_s:.1f} / {r.serial_decode_tok_s:.1f} | "
             f"{r.decode_tok_s / r.serial_decode_tok_s:.2f}× | "

@@ -67,6 +67,7 @@ class TeamReport(BaseModel):
     modes: list[TeamModeResult]
     wrapper: dict[str, float]
     gap_s: float = 0.0  # idle seconds after every workflow run (idle-time teaching's room)
+    max_concurrency: int = 1  # parallel branches of a superstep run at once
     idle: dict[str, dict[str, float]] = {}  # mode -> idle-time teaching figures
 
 
@@ -128,11 +129,13 @@ def run_team_bench(
     wrapper: bool = True,
     idle_teach: bool = False,
     gap_s: float = 0.0,
+    max_concurrency: int = 1,
 ) -> TeamReport:
     """``team`` over ``items`` under each of ``modes`` (``full`` is never shadowed: it is
     the oracle), plus (``wrapper``) the wrapper's cost per call. ``idle_teach``: anchored
     modes teach in the ``gap_s`` idle seconds after each of their workflow runs (their
-    pending jobs are dropped before the next mode runs)."""
+    pending jobs are dropped before the next mode runs). ``max_concurrency``: parallel
+    branches of a superstep at once (``run_team``)."""
     from kvshare.bench.wrapper import measure as wrapper_cost
 
     base.fork(mode="full").chat([{"role": "user", "content": "Hello"}], max_new_tokens=2)
@@ -143,7 +146,8 @@ def run_team_bench(
     bar = tqdm(total=len(items) * len(modes), desc=team.name, unit="run", disable=not progress)
     for k, item in enumerate(items):
         for m in modes:
-            runs[m].append(run_team(forks[m], team, [item], first=k, graph=graphs[m]))
+            runs[m].append(run_team(forks[m], team, [item], first=k, graph=graphs[m],
+                                    max_concurrency=max_concurrency))  # fmt: skip
             if forks[m].teacher is not None:
                 time.sleep(gap_s)
                 pause_teaching(forks[m], idle, m)
@@ -161,6 +165,7 @@ def run_team_bench(
         wrapper=wrapper_cost(base, calls=20) if wrapper else {},
         gap_s=gap_s,
         idle={m: idle_summary(p) for m, p in idle.items()},
+        max_concurrency=max_concurrency,
     )
 
 
@@ -179,7 +184,8 @@ def markdown(rep: TeamReport) -> str:
     )
     lines = [
         f"Team `{rep.team}` ({rep.title}), {rep.items} item(s). Machine: {rep.machine}, "
-        f"torch {rep.torch}; modes interleaved per item.{cost}",
+        f"torch {rep.torch}; modes interleaved per item; {rep.max_concurrency} branch(es) of a "
+        f"superstep at once.{cost}",
         "",
         f"| mode | {rep.score_name} | token reuse | calls | mean KL | top-1 | greedy match "
         "| wall (s) |",

@@ -49,6 +49,12 @@ def add_parser(sub: Any) -> None:
         "--streams", default="1,2,4,8", help="concurrent: stream counts (comma-separated)"
     )
     bench.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="teams: parallel branches of a superstep at once (1: one at a time, reproducible)",
+    )
+    bench.add_argument(
         "--items",
         type=int,
         default=None,

@@ -21,7 +21,14 @@ def run_team(args: argparse.Namespace, engine) -> int:
     if args.modes == ",".join(IMPLEMENTED_MODES):
         modes = ["full", "prefix", "kvshare"]  # the comparison, unless asked
     rep = teams.run_team_bench(
-        engine, team, items, modes, not args.no_shadow, idle_teach=args.idle_teach, gap_s=args.gap
+        engine,
+        team,
+        items,
+        modes,
+        not args.no_shadow,
+        idle_teach=args.idle_teach,
+        gap_s=args.gap,
+        max_concurrency=args.concurrency,
     )
     paths = teams.write(rep, Path(args.out))
     print(teams.markdown(rep))
@@ -117,7 +124,7 @@ def run_concurrent(args: argparse.Namespace, engine) -> int:
     streams = parse_lengths(args.streams, "--streams")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     mode = modes[0] if len(modes) == 1 else "full"  # default: the engine alone, no reuse
-    rows = measure(engine, streams, mode=mode, new_tokens=args.output, prompt_tokens=args.input)
+    rows = measure(engine, streams, mode, args.output, args.input, repeats=args.repeats)
     return _write_rows(args, engine, "concurrent", rows, markdown(rows))
 
 

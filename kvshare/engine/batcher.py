@@ -6,8 +6,11 @@ model's turn (``kvshare.engine.turns``), admits the calls that arrived (their pr
 into a row of :class:`~kvshare.model.batched.DecodeSlots`), feeds every running call's last
 token in one :class:`~kvshare.model.batched.BatchedDecoder` step, picks each next token
 with the call's own sampling parameters and generator (one host read for the batch), and
-frees the rows of calls that finished. Calls join and leave between steps; a prefill that
-arrives waits for at most one step, and a step for at most one prefill.
+frees the rows of calls that finished. Calls join and leave between steps (at most
+``max_batch`` decode at once, the rest wait in arrival order); a prefill that arrives waits
+for at most one step, and a step for at most one prefill. Asyncio callers
+(``Engine.achat``) hand their prefill and their end to the same worker (:meth:`submit`) and
+await their tokens (:meth:`adecode`): no thread per call.
 
 A call's tokens are the ones it would decode alone: the same rules in the same order as
 ``kvshare.engine.decode.decode`` (EOS, stop strings, ``max_new_tokens``, context length),
@@ -17,20 +20,29 @@ failing callback holds up or cancels only its own call.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import torch
 
-from kvshare.engine.decode import DecodeResult, SamplingParams, end_reason, next_token
+from kvshare.engine.decode import (
+    GREEDY_BELOW,
+    DecodeResult,
+    SamplingParams,
+    end_reason,
+    next_token,
+)
 from kvshare.kernels import KV
 from kvshare.model.batched import BatchedDecoder, DecodeSlots
 from kvshare.sched.worker import Worker
 
 _END = object()
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,12 +52,12 @@ class Member:
     prompt: KV
     tokens: list[int]
     max_new_tokens: int
+    emit: Callable[[object], Any]  # each token id, then _END: into the caller's queue
     params: SamplingParams
-    generator: torch.Generator | None
     eos_ids: set[int]
     context_length: int
-    should_stop: Callable[[list[int]], bool] | None
-    out: queue.Queue = field(default_factory=queue.Queue)
+    generator: torch.Generator | None = None
+    should_stop: Callable[[list[int]], bool] | None = None
     row: int | None = None
     reason: str = "length"
     result: DecodeResult | None = None
@@ -62,20 +74,28 @@ class Member:
         return why is not None
 
     def _hand_over(self, tokens: list[int]) -> bool:
-        self.out.put(tokens[-1])
+        self.emit(tokens[-1])
         return self.should_stop is not None and self.should_stop(tokens)
 
 
 class DecodeBatcher(Worker):
     """The engine's step loop (see the module docstring). ``turns``: the model's turn."""
 
-    def __init__(self, decoder: BatchedDecoder, turns: AbstractContextManager, kv_dims: tuple):
+    def __init__(
+        self,
+        decoder: BatchedDecoder,
+        turns: AbstractContextManager,
+        kv_dims: tuple[int, int, int],
+        max_batch: int = 16,
+    ) -> None:
         super().__init__()
         self.decoder, self.turns = decoder, turns
         self.slots: DecodeSlots | None = None
         self.kv_dims = kv_dims
+        self.max_batch = max_batch
         self._pending: list[Member] = []
         self._running: list[Member] = []  # running[i] holds slot row i
+        self._jobs: list[tuple[Callable[[], Any], Future[Any]]] = []
         self.steps = 0
         self.batch_tokens = 0  # tokens fed over all steps (mean batch = batch_tokens / steps)
 
@@ -94,45 +114,92 @@ class DecodeBatcher(Worker):
     ) -> DecodeResult:
         """Decode after a prefill whose first token was sampled; blocks until done.
         prompt: KV [L, H, S, D] at positions 0..S-1. Same contract as ``decode.decode``."""
-        m = Member(prompt, [first], max_new_tokens, params, generator, eos_ids, context_length,
-                   should_stop)  # fmt: skip
-        if m.ended():
-            m.out.put(_END)
-            m.result = DecodeResult(m.tokens, prompt, m.reason)
-        else:
-            with self._cond:
-                self._pending.append(m)
-                self._spawn(self._run, "kvshare-decode")
-                self._cond.notify_all()
+        out: queue.Queue[object] = queue.Queue()
+        m = Member(prompt, [first], max_new_tokens, out.put, params, eos_ids, context_length,
+                   generator, should_stop)  # fmt: skip
+        self._enter(m)
         try:
-            while (token := m.out.get()) is not _END:
+            while (token := out.get()) is not _END:
                 if on_token is not None:
-                    on_token(token)
+                    on_token(cast(int, token))
         except BaseException:
             m.cancelled = True
             raise
-        if m.error is not None:
-            raise m.error
-        assert m.result is not None
-        return m.result
+        return _outcome(m)
+
+    async def adecode(
+        self,
+        prompt: KV,
+        first: int,
+        max_new_tokens: int,
+        *,
+        on_token: Callable[[int], None] | None = None,
+        **rules: Any,
+    ) -> DecodeResult:
+        """:meth:`decode` for asyncio (``rules``: its keyword arguments): tokens reach
+        ``on_token`` on the event loop's thread; no thread waits for them."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[object] = asyncio.Queue()
+
+        def emit(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(out.put_nowait, item)
+            except RuntimeError:  # the caller's loop is closed: nobody waits for this call
+                m.cancelled = True
+
+        m = Member(prompt, [first], max_new_tokens, emit=emit, **rules)
+        self._enter(m)
+        try:
+            while (token := await out.get()) is not _END:
+                if on_token is not None:
+                    on_token(cast(int, token))
+        except BaseException:  # a failing callback or a cancelled task
+            m.cancelled = True
+            raise
+        return _outcome(m)
+
+    def _enter(self, m: Member) -> None:
+        """Queue ``m`` for the next step (or finish it now when its first token ends it)."""
+        if m.ended():
+            m.result = DecodeResult(m.tokens, m.prompt, m.reason)
+            m.emit(_END)
+            return
+        with self._cond:
+            self._pending.append(m)
+            self._spawn(self._run, "kvshare-decode")
+            self._cond.notify_all()
+
+    def submit(self, job: Callable[[], T]) -> Future[T]:
+        """Run ``job`` on the worker, in a turn on the model, between two steps (what an
+        asyncio caller cannot run on its own thread: its prefill, its end)."""
+        future: Future[T] = Future()
+        with self._cond:
+            self._jobs.append((job, future))
+            self._spawn(self._run, "kvshare-decode")
+            self._cond.notify_all()
+        return future
 
     # ------------------------------------------------------------------ the worker
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._pending or self._running or self._closed):
+                while not (self._pending or self._running or self._jobs or self._closed):
                     self._cond.wait()
                 if self._closed:
                     return
-                arrived, self._pending = self._pending, []
+                jobs, self._jobs = self._jobs, []
+                room = max(0, self.max_batch - len(self._running))
+                arrived, self._pending = self._pending[:room], self._pending[room:]
             with self.turns:
+                for job, future in jobs:
+                    _run_job(job, future)
                 try:
                     self._step(arrived)
                 except BaseException as exc:  # the step failed: every call in it fails
                     for m in [*arrived, *self._running]:
                         if m.result is None:
                             m.error = exc
-                            m.out.put(_END)
+                            m.emit(_END)
                     self._running, self.slots = [], None
 
     def _step(self, arrived: Sequence[Member]) -> None:
@@ -150,8 +217,10 @@ class DecodeBatcher(Worker):
         logits = self.decoder.step(slots, tokens, positions)  # [B, V]
         self.steps += 1
         self.batch_tokens += len(self._running)
-        chosen = torch.stack([next_token(row, m.params, m.generator)
-                              for row, m in zip(logits, self._running, strict=True)])  # fmt: skip
+        chosen = logits.argmax(-1)  # greedy rows in one op; sampled rows drawn one by one
+        for i, m in enumerate(self._running):
+            if m.params.temperature >= GREEDY_BELOW:
+                chosen[i] = next_token(logits[i], m.params, m.generator)
         for m, token in zip(list(self._running), chosen.tolist(), strict=True):
             m.tokens.append(int(token))
             if m.ended():
@@ -176,8 +245,24 @@ class DecodeBatcher(Worker):
         if moved is not None:  # the last row moved into m's
             self._running[m.row] = last
             last.row = m.row
-        m.out.put(_END)
+        m.emit(_END)
 
     def stats(self) -> dict[str, Any]:
         """Steps run and the mean batch (tokens fed per step)."""
         return {"steps": self.steps, "mean_batch": self.batch_tokens / max(1, self.steps)}
+
+
+def _outcome(m: Member) -> DecodeResult:
+    if m.error is not None:
+        raise m.error
+    assert m.result is not None
+    return m.result
+
+
+def _run_job(job: Callable[[], Any], future: Future[Any]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(job())
+    except BaseException as exc:  # handed to the caller
+        future.set_exception(exc)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -68,22 +68,35 @@ def begin(engine: Engine, req: Request) -> Begun:
     return Begun(clock, state, keys, pre, first, gen, ttft)
 
 
-def decode_batched(
-    engine: Engine, req: Request, b: Begun, on_token: Callable[[int], None] | None
-) -> DecodeResult:
-    """The reply, decoded by the engine's batcher beside every other decoding call."""
-    assert engine.batcher is not None
+def _rules(engine: Engine, req: Request, b: Begun) -> dict[str, Any]:
+    """The batcher's decode rules for this call (``decode.decode``'s keyword arguments)."""
     parts = engine.parts
-    return engine.batcher.decode(
-        b.pre.kv,
-        b.first,
-        req.max_new_tokens,
+    return dict(
         params=req.sampling,
         eos_ids=set(parts.eos_ids),
         context_length=parts.loaded.context_length,
         generator=b.gen,
         should_stop=stop_checker(parts.loaded.tokenizer, req.stop),
-        on_token=on_token,
+    )
+
+
+def decode_batched(
+    engine: Engine, req: Request, b: Begun, on_token: Callable[[int], None] | None
+) -> DecodeResult:
+    """The reply, decoded by the engine's batcher beside every other decoding call."""
+    assert engine.batcher is not None
+    rules = _rules(engine, req, b)
+    return engine.batcher.decode(b.pre.kv, b.first, req.max_new_tokens, **rules, on_token=on_token)
+
+
+async def decode_async(
+    engine: Engine, req: Request, b: Begun, on_token: Callable[[int], None] | None
+) -> DecodeResult:
+    """:func:`decode_batched` awaited (tokens reach ``on_token`` on the event loop)."""
+    assert engine.batcher is not None
+    rules = _rules(engine, req, b)
+    return await engine.batcher.adecode(
+        b.pre.kv, b.first, req.max_new_tokens, **rules, on_token=on_token
     )
 
 

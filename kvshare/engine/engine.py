@@ -3,6 +3,7 @@ and turns."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import time
@@ -29,6 +30,9 @@ from kvshare.model.prompt import Prompt
 from kvshare.sched.hints import HintLog
 from kvshare.sched.workflow import WorkflowMemory
 from kvshare.scope import Scope, scope_of
+
+CHAT_OPTIONS = {"agent", "session", "tenant", "max_new_tokens", "temperature", "top_p", "stop",
+                "seed", "shadow", "teach"}  # fmt: skip
 
 
 class Engine(WorkflowCalls):
@@ -112,30 +116,52 @@ class Engine(WorkflowCalls):
         prefill teach the anchor pool and the recompute ratio (an extra prefill per call;
         ``kvshare.engine.reference``).
         """
-        req = make_request(
-            self.config,
-            self.tokenizer,
-            self.loaded.context_length,
-            messages,
-            agent=agent,
-            session=session,
-            tenant=tenant,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop=stop,
-            seed=seed,
-            shadow=shadow,
-            teach=teach,
-        )
-        if on_token is not None and not callable(on_token):
-            raise ConfigError(f"on_token must be callable (token id -> None), got {on_token!r}")
+        options = dict(agent=agent, session=session, tenant=tenant, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, stop=stop, seed=seed,
+                       shadow=shadow, teach=teach)  # fmt: skip
+        req = self._request(messages, on_token, options)
         try:
             with self._busy():
                 return self._call(req, on_token)
         finally:  # the gap after a call: what the session's last hint parked starts now
             if self.prefetcher is not None:
                 self.prefetcher.call_ended(req.session)
+
+    async def achat(
+        self, messages: Any, on_token: Callable[[int], None] | None = None, **options: Any
+    ) -> ChatResult:
+        """:meth:`chat` for asyncio, same arguments and result. The prefill and the end of
+        the call run on the engine's step worker and the decode joins its batch, so no
+        thread waits for the call; ``on_token`` runs on the event loop's thread. Where calls
+        cannot be batched (``batch_decode=False``, another layout) it runs :meth:`chat` in a
+        thread."""
+        if self.batcher is None:
+            return await asyncio.to_thread(self.chat, messages, on_token=on_token, **options)
+        req = self._request(messages, on_token, options)
+        batcher = self.batcher
+        try:
+            with self._busy():
+                b = await asyncio.wrap_future(batcher.submit(lambda: call.begin(self, req)))
+                t1 = time.perf_counter()
+                dec = await call.decode_async(self, req, b, on_token)
+                s = time.perf_counter() - t1
+                return await asyncio.wrap_future(
+                    batcher.submit(lambda: call.finish(self, req, b, dec, s))
+                )
+        finally:
+            if self.prefetcher is not None:
+                self.prefetcher.call_ended(req.session)
+
+    def _request(self, messages: Any, on_token: Any, options: dict[str, Any]) -> Request:
+        """The validated request (``kvshare.engine.request``: ScopeError, ConfigError,
+        PromptError or ContextLengthError before anything is touched)."""
+        unknown = set(options) - CHAT_OPTIONS
+        if unknown:
+            raise ConfigError(f"unknown chat option(s): {', '.join(sorted(unknown))}")
+        if on_token is not None and not callable(on_token):
+            raise ConfigError(f"on_token must be callable (token id -> None), got {on_token!r}")
+        ctx = self.loaded.context_length
+        return make_request(self.config, self.tokenizer, ctx, messages, **options)
 
     def stats(self, session: str | None = None, agent: str | None = None) -> SessionStats:
         """Aggregate CallStats over every call (or those of ``session`` / ``agent``), and the

@@ -122,4 +122,5 @@ def make_batcher(parts: pipeline.Parts, turns: AbstractContextManager[Any]) -> D
     be batched: calls then decode alone, in turn slices)."""
     if not (parts.config.batch_decode and batchable(parts.model)):
         return None
-    return DecodeBatcher(BatchedDecoder(parts.model), turns, parts.adapter.kv_dims)
+    dims, most = parts.adapter.kv_dims, parts.config.max_decode_batch
+    return DecodeBatcher(BatchedDecoder(parts.model), turns, dims, most)

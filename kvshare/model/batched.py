@@ -55,11 +55,12 @@ class DecodeSlots:
         layers, have_rows, heads, have_cap, dim = self.keys.shape
         if rows <= have_rows and capacity <= have_cap:
             return
-        rows, capacity = max(rows, have_rows), max(capacity, have_cap)
+        rows = max(rows, 2 * have_rows)  # doubling: a join rarely reallocates
+        capacity = -(-max(capacity, have_cap) // 128) * 128
         for name in ("keys", "values"):
             old = getattr(self, name)
-            new = old.new_empty(layers, rows, heads, capacity, dim)
-            new[:, : self.rows, :, :have_cap] = old[:, : self.rows]
+            new = old.new_zeros(layers, rows, heads, capacity, dim)  # padding must be finite:
+            new[:, : self.rows, :, :have_cap] = old[:, : self.rows]  # masked weight 0 × NaN = NaN
             setattr(self, name, new)
 
     def admit(self, prompt: KV, capacity: int) -> int:
@@ -114,15 +115,18 @@ class BatchedDecoder:
         x = self.inner.embed_tokens(tokens[:, None])  # [B, 1, E]
         cos, sin = self.inner.rotary_emb(x, positions[:, None])  # [B, 1, D]
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
-        rows = torch.arange(b, device=dev)
+        _, _, heads, cap, dim = slots.keys.shape
+        # flat row index of (sequence r, head h, slot at[r]) in a layer's [B' * H * C, D] view
+        flat = ((torch.arange(b, device=dev)[:, None] * heads + torch.arange(heads, device=dev))
+                * cap + at[:, None]).flatten()  # fmt: skip
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             q, k, v = (_heads(p(h), attn.head_dim) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
             q = q * cos + _rotate_half(q) * sin  # [B, Hq, 1, D]
             k = k * cos + _rotate_half(k) * sin
-            slots.keys[i, rows, :, at] = k[:, :, 0]
-            slots.values[i, rows, :, at] = v[:, :, 0]
+            slots.keys[i].view(-1, dim).index_copy_(0, flat, k.reshape(-1, dim))
+            slots.values[i].view(-1, dim).index_copy_(0, flat, v.reshape(-1, dim))
             keys, values = slots.keys[i, :b, :, :span], slots.values[i, :b, :, :span]
             o = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True

@@ -275,3 +275,20 @@ def test_team_bench_idle_teaching_runs_in_the_gap_after_each_workflow(tiny_engin
     idle = rep.idle["kvshare"]
     assert idle["offered"] >= 1 and idle["taught"] >= 1 and idle["waited_calls"] == 0
     assert "0.5 s idle after each workflow run" in markdown(rep)
+
+
+@pytest.mark.parametrize("name", ["debate", "code"])
+def test_parallel_branches_run_at_once_with_the_serial_answers(tiny_engine, name):
+    """``max_concurrency=2``: the debate's two solvers (the code team's fan-out) run at once
+    and their decodes batch; in ``full`` mode every call equals the serial run's."""
+    team = get_team(name)
+    items = team.items(2 if name == "code" else 1)  # code: one run fanning out over two
+    serial = run_team(tiny_engine.fork(mode="full"), team, items)
+    eng = tiny_engine.fork(mode="full")
+    together = run_team(eng, team, items, max_concurrency=2)
+    assert together.answers == serial.answers
+    key = lambda c: (c.agent, c.prompt_tokens)  # noqa: E731
+    assert sorted(map(key, together.calls)) == sorted(map(key, serial.calls))
+    assert eng.batcher.stats()["mean_batch"] > 1
+    with pytest.raises(ConfigError, match="max_concurrency"):
+        run_team(eng, team, items, max_concurrency=0)

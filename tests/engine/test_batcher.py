@@ -88,3 +88,74 @@ def test_batch_decode_off_decodes_alone_with_the_same_tokens(tiny_engine):
     on, off = tiny_engine.fork(mode="prefix"), tiny_engine.fork(mode="prefix", batch_decode=False)
     assert off.batcher is None and on.batcher is not None
     assert [_call(on, i).tokens for i in range(3)] == [_call(off, i).tokens for i in range(3)]
+
+
+def test_achat_batches_without_a_thread_per_call_and_matches_chat(tiny_engine):
+    import asyncio
+
+    serial = tiny_engine.fork(mode="prefix")
+    want = [_call(serial, i).tokens for i in range(8)]
+    eng = tiny_engine.fork(mode="prefix")
+    _call(eng, 0)  # the worker thread exists from here on
+    before = threading.active_count()
+    seen: list[str] = []
+
+    async def main():
+        def note(token: int) -> None:
+            seen.append(threading.current_thread().name)
+
+        async def one(i: int):
+            return await eng.achat(team(ROLES[i]), agent=ROLES[i], session=f"s{i}",
+                                   tenant=f"t{i % 3}", max_new_tokens=6 + i % 5,
+                                   on_token=note)  # fmt: skip
+
+        out = await asyncio.gather(*(one(i) for i in range(8)))
+        return out, threading.active_count()
+
+    got, during = asyncio.run(main())
+    assert [r.tokens for r in got[1:]] == want[1:]  # call 0 reused its own earlier call
+    assert during == before and set(seen) == {threading.main_thread().name}
+    assert eng.batcher.stats()["mean_batch"] > 1.5
+
+
+def test_achat_checks_its_arguments_first_and_falls_back_without_a_batcher(tiny_engine):
+    import asyncio
+
+    from kvshare.errors import ConfigError
+
+    eng = tiny_engine.fork(mode="prefix")
+    with pytest.raises(ConfigError, match="unknown chat option"):
+        asyncio.run(eng.achat(team("critic"), colour="red"))
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        asyncio.run(eng.achat(team("critic"), max_new_tokens=0))
+    assert len(eng.calls) == 0
+    off = tiny_engine.fork(mode="prefix", batch_decode=False)
+    r = asyncio.run(off.achat(team("critic"), max_new_tokens=5))
+    assert r.tokens == tiny_engine.fork(mode="prefix").chat(team("critic"), max_new_tokens=5).tokens
+
+
+def test_at_most_max_decode_batch_calls_decode_at_once(tiny_engine):
+    eng = tiny_engine.fork(mode="prefix", max_decode_batch=2)
+    got = _together(eng)
+    assert [r.tokens for r in got] == [_call(tiny_engine.fork(mode="prefix"), i).tokens
+                                       for i in range(8)]  # fmt: skip
+    stats = eng.batcher.stats()
+    assert 1.0 < stats["mean_batch"] <= 2.0
+
+
+def test_seeded_sampling_and_greedy_mixed_in_one_batch_match_alone(tiny_engine):
+    """Half the calls sample (their own seed and generator), half are greedy: each gets the
+    tokens it gets alone."""
+    kw = lambda i: {"temperature": 0.8, "seed": i} if i % 2 else {}  # noqa: E731
+    alone = tiny_engine.fork(mode="full")
+    want = [_call(alone, i, **kw(i)).tokens for i in range(6)]
+    eng = tiny_engine.fork(mode="full")
+    start = threading.Barrier(6)
+
+    def run(i: int):
+        start.wait()
+        return _call(eng, i, **kw(i)).tokens
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(run, range(6))) == want
+    assert eng.batcher.stats()["mean_batch"] > 1.5

@@ -45,6 +45,35 @@ def test_stream_concatenates_to_invoke_with_and_without_a_stop_string(tiny_engin
     assert "".join(str(c.content) for c in model.stream(msgs, stop=[stop])) == cut
 
 
+def test_async_invoke_and_stream_are_native_and_equal_the_sync_ones(tiny_engine):
+    """ainvoke/astream go through Engine.achat: same text as invoke/stream (stop strings
+    included), several at once share the engine's decode batch, and no thread is started
+    per call (LangChain's default would run each in an executor thread)."""
+    import asyncio
+    import threading
+
+    msgs = team("critic")
+    model = ChatKVShare(engine=tiny_engine.fork(mode="full"), max_tokens=16)
+    whole = str(model.invoke(msgs).content)
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 3]
+    cut = str(model.invoke(msgs, stop=[stop]).content)
+    before = threading.active_count()
+
+    async def main():
+        async def streamed(**kw):
+            return [str(c.content) async for c in model.astream(msgs, **kw)]
+
+        replies = await asyncio.gather(*(model.ainvoke(msgs) for _ in range(3)),
+                                       streamed(), streamed(stop=[stop]))  # fmt: skip
+        return replies, threading.active_count()
+
+    (a, b, c, chunks, cut_chunks), during = asyncio.run(main())
+    assert [str(m.content) for m in (a, b, c)] == [whole] * 3
+    assert "".join(chunks) == whole and len(chunks) >= 2 and "".join(cut_chunks) == cut
+    assert during == before
+    assert model.engine.batcher.stats()["mean_batch"] > 1
+
+
 def test_bad_messages_raise_kvshare_errors(tiny_engine):
     model = ChatKVShare(engine=tiny_engine.fork(mode="prefix"), max_tokens=2)
     with pytest.raises(PromptError):

@@ -70,12 +70,13 @@ def test_links_resolve(page):
 def test_readme_and_docs_examples_run(capsys):
     readme = python_blocks(ROOT / "README.md")
     teams, tiers = python_blocks(ROOT / "docs/teams.md"), python_blocks(ROOT / "docs/tiers.md")
-    assert (len(readme), len(teams), len(tiers)) == (2, 1, 1)
+    assert (len(readme), len(teams), len(tiers)) == (2, 2, 1)
     namespace: dict = {}
     for block in [*readme, *teams, *tiers]:  # each continues the ones before
         exec(compile(block, "README", "exec"), namespace)  # noqa: S102 - our own docs
     out = capsys.readouterr().out
     assert "|" in out and "SessionStats" in out
+    assert "achat: [('a', " in out and "('b', " in out
     assert "('france', 't1'," in out and "('germany', 't1'," in out
     assert "Hint(session='run-2', running='reader', next=('judge',)" in out
     assert "{'device': " in out and "'disk': 0} 2" in out  # nothing spilled; critic 2 steps away
