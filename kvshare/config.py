@@ -34,7 +34,7 @@ from kvshare.config_parts import (
 )
 from kvshare.errors import ConfigError
 from kvshare.model.prompt import ROLES
-from kvshare.validate import check_bool, check_choice, check_int, check_str_tuple
+from kvshare.validate import check_bool, check_choice, check_float, check_int, check_str_tuple
 
 MODES = ("full", "prefix", "blend", "anchor", "kvshare")
 IMPLEMENTED_MODES = MODES
@@ -107,7 +107,15 @@ class EngineConfig:
     batch_decode: calls that decode at the same time advance together, one batched forward
         per step (``kvshare.engine.batcher``; Llama/Qwen2/Mistral without a sliding window);
         off, or for another layout, each call decodes alone in turn slices.
-    max_decode_batch: the most calls one step decodes; later ones wait, in arrival order.
+    decode_every_ms: while a call prefills, the calls decoding get a step between two of its
+        layers whenever they have waited this long; those steps count in the prefilling
+        call's TTFT. 0 (default): a prefill runs whole and the streams wait for it — better
+        TTFT and throughput for agent workflows; set it (e.g. 100) where steady streaming to
+        people matters more (measured trade-off: docs/results.md, "Concurrency").
+    max_decode_batch, decode_pool_bytes: the most calls one step decodes, and the bytes their
+        decode KV rows may take together (prompt plus ``max_new_tokens`` each, in blocks of
+        128 tokens); a call that does not fit waits for a free row, and one that would not
+        fit even alone is refused before it runs (``DecodeCapacityError``).
     decode_slice: fairness where calls decode alone: a call decodes this many tokens per
         turn, then the engine serves the next waiting call (arrival order), so one long reply
         cannot hold every tenant.
@@ -135,7 +143,9 @@ class EngineConfig:
     tiers: TiersConfig = TiersConfig()
     max_new_tokens_cap: int = 4096
     batch_decode: bool = True
+    decode_every_ms: float = 0.0
     max_decode_batch: int = 16
+    decode_pool_bytes: int = 4 << 30
     decode_slice: int = 16
     call_log_size: int = 10_000
     special_token_roles: tuple[str, ...] = ("system",)
@@ -158,6 +168,10 @@ class EngineConfig:
             ),
             "batch_decode": check_bool("batch_decode", self.batch_decode),
             "max_decode_batch": check_int("max_decode_batch", self.max_decode_batch, 1, 4096),
+            "decode_every_ms": check_float("decode_every_ms", self.decode_every_ms, 0.0, 1e6),
+            "decode_pool_bytes": check_int(
+                "decode_pool_bytes", self.decode_pool_bytes, 1, 1 << 50
+            ),
             "decode_slice": check_int("decode_slice", self.decode_slice, 1, 1 << 24),
             "call_log_size": check_int("call_log_size", self.call_log_size, 1, 1 << 24),
             "profile": check_bool("profile", self.profile),

@@ -39,6 +39,11 @@ class ContextLengthError(KVShareError, ValueError):
     """The prompt does not fit in the model's context window."""
 
 
+class DecodeCapacityError(KVShareError, MemoryError):
+    """A call's decode KV (prompt plus ``max_new_tokens``) would not fit the decode pool
+    (``EngineConfig.decode_pool_bytes``) even alone; refused before anything ran."""
+
+
 class ScopeError(KVShareError, TypeError):
     """A tenant or session id is not a str (or None): ids are never stringified."""
 

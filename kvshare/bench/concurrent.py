@@ -6,7 +6,8 @@ slice per stream), ``max_new_tokens`` of reply, from its own thread, all release
 Per stream count: wall time, generated tokens per second end to end, the steady decode
 rate (tokens per second while all N streams decode: after the last stream's first token,
 until the first stream's last; serially: tokens after the first over decode seconds), p50/p99
-TTFT and the decoder's mean batch, concurrent and serial side by side (the serial run is
+TTFT, the decoder's mean batch and the longest stall between two tokens of one stream
+(a prefill holding every decode), concurrent and serial side by side (the serial run is
 the same calls, same engine config, one after another).
 """
 
@@ -42,6 +43,7 @@ class ConcurrentRow(BaseModel):
     p99_ttft_s: float
     serial_p50_ttft_s: float
     mean_batch: float
+    max_stall_s: float = 0.0  # longest gap between two tokens of one stream, together
 
 
 def _messages(engine: Engine, ids: list[int], i: int, prompt_tokens: int) -> list[dict]:
@@ -79,6 +81,11 @@ def _steady(times: list[list[float]]) -> float:
     end = min(t[-1] for t in times if t)
     n = sum(1 for ts in times for t in ts if start < t <= end)
     return n / (end - start) if end > start else 0.0
+
+
+def _stall(ts: list[float]) -> float:
+    """The longest gap between two consecutive tokens of one stream (0: fewer than two)."""
+    return max((b - a for a, b in zip(ts, ts[1:], strict=False)), default=0.0)
 
 
 def _p(xs: list[float], q: float) -> float:
@@ -126,6 +133,7 @@ def _once(base: Engine, msgs: list[list[dict]], mode: str, new: int) -> dict[str
         "p99_ttft_s": _p(ttft, 0.99),
         "serial_p50_ttft_s": statistics.median(r.stats.ttft_s for r in serial),
         "mean_batch": eng.batcher.stats()["mean_batch"] if eng.batcher is not None else 1.0,
+        "max_stall_s": max((_stall(ts) for ts in times), default=0.0),
     }
 
 
@@ -133,8 +141,8 @@ def markdown(rows: Sequence[ConcurrentRow]) -> str:
     lines = [
         "| streams | mode | tokens | wall together / one at a time (s) | tokens/s together / "
         "one at a time | × | steady decode tokens/s together / one at a time | × | p50 / p99 "
-        "TTFT together (s) | p50 TTFT one at a time (s) | mean decode batch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "TTFT together (s) | p50 TTFT one at a time (s) | mean decode batch | longest stall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -143,6 +151,6 @@ def markdown(rows: Sequence[ConcurrentRow]) -> str:
             f"{r.decode_tok_s:.1f} / {r.serial_decode_tok_s:.1f} | "
             f"{r.decode_tok_s / r.serial_decode_tok_s:.2f}× | "
             f"{r.p50_ttft_s:.3f} / {r.p99_ttft_s:.3f} | {r.serial_p50_ttft_s:.3f} | "
-            f"{r.mean_batch:.2f} |"
+            f"{r.mean_batch:.2f} | {r.max_stall_s:.2f} |"
         )
     return "\n".join(lines) + "\n"

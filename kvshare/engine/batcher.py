@@ -7,7 +7,8 @@ into a row of :class:`~kvshare.model.batched.DecodeSlots`), feeds every running 
 token in one :class:`~kvshare.model.batched.BatchedDecoder` step, picks each next token
 with the call's own sampling parameters and generator (one host read for the batch), and
 frees the rows of calls that finished. Calls join and leave between steps (at most
-``max_batch`` decode at once, the rest wait in arrival order); a prefill that arrives waits
+``max_batch`` decode at once; the rest wait, admitted fairly across tenants and in arrival
+order within one, :func:`fair_pick`); a prefill that arrives waits
 for at most one step, and a step for at most one prefill. Asyncio callers
 (``Engine.achat``) hand their prefill and their end to the same worker (:meth:`submit`) and
 await their tokens (:meth:`adecode`): no thread per call.
@@ -22,10 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import torch
@@ -34,48 +35,15 @@ from kvshare.engine.decode import (
     GREEDY_BELOW,
     DecodeResult,
     SamplingParams,
-    end_reason,
     next_token,
 )
+from kvshare.engine.members import END, Member, fair_pick
+from kvshare.errors import DecodeCapacityError
 from kvshare.kernels import KV
-from kvshare.model.batched import BatchedDecoder, DecodeSlots
+from kvshare.model.batched import BatchedDecoder, DecodeSlots, slot_tokens
 from kvshare.sched.worker import Worker
 
-_END = object()
 T = TypeVar("T")
-
-
-@dataclass
-class Member:
-    """One call's decode. tokens: generated so far (the prefill's first included)."""
-
-    prompt: KV
-    tokens: list[int]
-    max_new_tokens: int
-    emit: Callable[[object], Any]  # each token id, then _END: into the caller's queue
-    params: SamplingParams
-    eos_ids: set[int]
-    context_length: int
-    generator: torch.Generator | None = None
-    should_stop: Callable[[list[int]], bool] | None = None
-    row: int | None = None
-    reason: str = "length"
-    result: DecodeResult | None = None
-    error: BaseException | None = None
-    cancelled: bool = False
-
-    def ended(self) -> bool:
-        """Apply ``decode.end_reason`` after the last token (handed to the caller unless
-        it is EOS); True when done."""
-        pos = self.prompt.length + len(self.tokens) - 1
-        why = end_reason(self.tokens, self.eos_ids, self._hand_over, self.max_new_tokens, pos,
-                         self.context_length)  # fmt: skip
-        self.reason = why or self.reason
-        return why is not None
-
-    def _hand_over(self, tokens: list[int]) -> bool:
-        self.emit(tokens[-1])
-        return self.should_stop is not None and self.should_stop(tokens)
 
 
 class DecodeBatcher(Worker):
@@ -87,16 +55,19 @@ class DecodeBatcher(Worker):
         turns: AbstractContextManager,
         kv_dims: tuple[int, int, int],
         max_batch: int = 16,
+        budget_bytes: int | None = None,
     ) -> None:
         super().__init__()
         self.decoder, self.turns = decoder, turns
         self.slots: DecodeSlots | None = None
         self.kv_dims = kv_dims
-        self.max_batch = max_batch
+        self.max_batch, self.budget_bytes = max_batch, budget_bytes
         self._pending: list[Member] = []
         self._running: list[Member] = []  # running[i] holds slot row i
         self._jobs: list[tuple[Callable[[], Any], Future[Any]]] = []
         self.steps = 0
+        self.inline_steps = 0  # steps run between the layers of a prefill
+        self._last_step = time.monotonic()
         self.batch_tokens = 0  # tokens fed over all steps (mean batch = batch_tokens / steps)
 
     def decode(
@@ -111,15 +82,17 @@ class DecodeBatcher(Worker):
         generator: torch.Generator | None = None,
         should_stop: Callable[[list[int]], bool] | None = None,
         on_token: Callable[[int], None] | None = None,
+        tenant: str | None = None,
     ) -> DecodeResult:
         """Decode after a prefill whose first token was sampled; blocks until done.
-        prompt: KV [L, H, S, D] at positions 0..S-1. Same contract as ``decode.decode``."""
+        prompt: KV [L, H, S, D] at positions 0..S-1. Same contract as ``decode.decode``;
+        ``tenant``: whose call it is (admission is fair across tenants, :func:`fair_pick`)."""
         out: queue.Queue[object] = queue.Queue()
         m = Member(prompt, [first], max_new_tokens, out.put, params, eos_ids, context_length,
-                   generator, should_stop)  # fmt: skip
+                   generator, should_stop, tenant)  # fmt: skip
         self._enter(m)
         try:
-            while (token := out.get()) is not _END:
+            while (token := out.get()) is not END:
                 if on_token is not None:
                     on_token(cast(int, token))
         except BaseException:
@@ -150,7 +123,7 @@ class DecodeBatcher(Worker):
         m = Member(prompt, [first], max_new_tokens, emit=emit, **rules)
         self._enter(m)
         try:
-            while (token := await out.get()) is not _END:
+            while (token := await out.get()) is not END:
                 if on_token is not None:
                     on_token(cast(int, token))
         except BaseException:  # a failing callback or a cancelled task
@@ -162,7 +135,7 @@ class DecodeBatcher(Worker):
         """Queue ``m`` for the next step (or finish it now when its first token ends it)."""
         if m.ended():
             m.result = DecodeResult(m.tokens, m.prompt, m.reason)
-            m.emit(_END)
+            m.emit(END)
             return
         with self._cond:
             self._pending.append(m)
@@ -187,24 +160,56 @@ class DecodeBatcher(Worker):
                     self._cond.wait()
                 if self._closed:
                     return
-                jobs, self._jobs = self._jobs, []
-                room = max(0, self.max_batch - len(self._running))
-                arrived, self._pending = self._pending[:room], self._pending[room:]
-            with self.turns:
+            with self.turns:  # calls are taken from the queue only while holding the turn
+                with self._cond:
+                    jobs, self._jobs = self._jobs, []
                 for job, future in jobs:
                     _run_job(job, future)
+                arrived = self._arrivals()
                 try:
                     self._step(arrived)
                 except BaseException as exc:  # the step failed: every call in it fails
-                    for m in [*arrived, *self._running]:
-                        if m.result is None:
-                            m.error = exc
-                            m.emit(_END)
-                    self._running, self.slots = [], None
+                    self._fail(arrived, exc)
 
+    def _arrivals(self) -> list[Member]:
+        """The waiting calls that join now (turn held): fairly across tenants, up to the
+        batch's room."""
+        with self._cond:
+            room = max(0, self.max_batch - len(self._running))
+            arrived = fair_pick(self._pending, self._running, room)
+            self._pending = [m for m in self._pending if m not in arrived]
+        return arrived
+
+    def step_if_due(self, every_s: float) -> None:
+        """One decode step now if the running calls have waited ``every_s`` since the last:
+        called between the layers of a prefill that holds the model's turn, so a long
+        prefill does not stall every stream (the worker waits for the turn meanwhile)."""
+        if not (self._running or self._pending):
+            return
+        if time.monotonic() - self._last_step >= every_s:
+            self.inline_steps += 1
+            arrived = self._arrivals()
+            try:
+                self._step(arrived)
+            except BaseException as exc:
+                self._fail(arrived, exc)
+
+    def _fail(self, arrived: Sequence[Member], exc: BaseException) -> None:
+        """A step failed: every call in it (and every one just arriving) fails with ``exc``."""
+        for m in [*arrived, *self._running]:
+            if m.result is None:
+                m.error = exc
+                m.emit(END)
+        self._running, self.slots = [], None
+
+    @torch.inference_mode()  # the same mode whichever thread steps (worker or prefill)
     def _step(self, arrived: Sequence[Member]) -> None:
-        for m in arrived:
-            self._admit(m)
+        for i, m in enumerate(arrived):
+            full = len(self._running) >= self.max_batch
+            if full or not self._admit(m):  # no room: it and the rest wait for a free row
+                with self._cond:
+                    self._pending[:0] = arrived[i:]
+                break
         for m in [m for m in self._running if m.cancelled]:
             self._leave(m, keep=False)
         if not self._running:
@@ -215,6 +220,7 @@ class DecodeBatcher(Worker):
         tokens = torch.tensor([m.tokens[-1] for m in self._running], device=dev)
         positions = torch.tensor(slots.lengths, device=dev)
         logits = self.decoder.step(slots, tokens, positions)  # [B, V]
+        self._last_step = time.monotonic()
         self.steps += 1
         self.batch_tokens += len(self._running)
         chosen = logits.argmax(-1)  # greedy rows in one op; sampled rows drawn one by one
@@ -226,13 +232,33 @@ class DecodeBatcher(Worker):
             if m.ended():
                 self._leave(m, keep=True)
 
-    def _admit(self, m: Member) -> None:
+    def check_fits(self, prompt: int, max_new_tokens: int, context: int, dtype: Any) -> None:
+        """DecodeCapacityError unless a call of ``prompt`` tokens decoding up to
+        ``max_new_tokens`` fits the pool's budget alone (checked before the call runs)."""
+        if self.budget_bytes is None:
+            return
+        layers, heads, dim = self.kv_dims
+        tokens = slot_tokens(prompt + max(0, min(max_new_tokens, context - prompt) - 1))
+        need = tokens * 2 * layers * heads * dim * dtype.itemsize
+        if need > self.budget_bytes:
+            raise DecodeCapacityError(
+                f"this call's decode KV ({prompt} prompt + {max_new_tokens} new tokens: "
+                f"{need / 2**20:.1f} MiB) exceeds decode_pool_bytes "
+                f"({self.budget_bytes / 2**20:.1f} MiB); lower max_new_tokens or raise it"
+            )
+
+    def _admit(self, m: Member) -> bool:
+        """Give ``m`` a row (False: the pool's budget has no room for it now)."""
         if self.slots is None:
-            self.slots = DecodeSlots(self.kv_dims, m.prompt.keys.dtype, m.prompt.keys.device)
+            dtype, device = m.prompt.keys.dtype, m.prompt.keys.device
+            self.slots = DecodeSlots(self.kv_dims, dtype, device, self.budget_bytes)
         n = m.prompt.length
         capacity = n + max(0, min(m.max_new_tokens, m.context_length - n) - 1)
+        if self._running and not self.slots.fits(capacity):
+            return False
         m.row = self.slots.admit(m.prompt, capacity)
         self._running.append(m)
+        return True
 
     def _leave(self, m: Member, keep: bool) -> None:
         """Finish ``m`` (its KV copied out when ``keep``) and free its row."""
@@ -245,11 +271,15 @@ class DecodeBatcher(Worker):
         if moved is not None:  # the last row moved into m's
             self._running[m.row] = last
             last.row = m.row
-        m.emit(_END)
+        if not self._running:  # idle: give the pool's memory back
+            self.slots = None
+        m.emit(END)
 
     def stats(self) -> dict[str, Any]:
-        """Steps run and the mean batch (tokens fed per step)."""
-        return {"steps": self.steps, "mean_batch": self.batch_tokens / max(1, self.steps)}
+        """Steps run (those inside prefills among them) and the mean batch (tokens fed per
+        step)."""
+        mean = self.batch_tokens / max(1, self.steps)
+        return {"steps": self.steps, "inline_steps": self.inline_steps, "mean_batch": mean}
 
 
 def _outcome(m: Member) -> DecodeResult:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from kvshare.engine.profile import StageClock
 from kvshare.engine.reference import reference
 from kvshare.engine.request import Request
 from kvshare.engine.results import ChatResult, Prefilled, call_stats, check_finite
+from kvshare.model.adapter import between_layers
 from kvshare.store.contract import StoreKey
 
 if TYPE_CHECKING:
@@ -56,7 +58,7 @@ def begin(engine: Engine, req: Request) -> Begun:
         ests = pipeline.estimate(parts, req, asm, state)
     with clock.stage("choose"):
         chosen = pipeline.choose(parts, asm, ests, state)
-    with clock.stage("prefill"):
+    with clock.stage("prefill"), _decodes_meanwhile(engine):
         pre = pipeline.prefill(parts, req, asm, ests, chosen)
     with clock.stage("sample"):
         first, gen = pipeline.sample_first(pre, req)
@@ -68,6 +70,16 @@ def begin(engine: Engine, req: Request) -> Begun:
     return Begun(clock, state, keys, pre, first, gen, ttft)
 
 
+def _decodes_meanwhile(engine: Engine) -> AbstractContextManager[Any]:
+    """Between the prefill's layers, a decode step for the calls decoding whenever they
+    have waited ``decode_every_ms`` (0: the prefill runs whole)."""
+    every = engine.config.decode_every_ms / 1000
+    if engine.batcher is None or every <= 0:
+        return nullcontext()
+    batcher = engine.batcher
+    return between_layers(engine.adapter.layers, lambda: batcher.step_if_due(every))
+
+
 def _rules(engine: Engine, req: Request, b: Begun) -> dict[str, Any]:
     """The batcher's decode rules for this call (``decode.decode``'s keyword arguments)."""
     parts = engine.parts
@@ -77,6 +89,7 @@ def _rules(engine: Engine, req: Request, b: Begun) -> dict[str, Any]:
         context_length=parts.loaded.context_length,
         generator=b.gen,
         should_stop=stop_checker(parts.loaded.tokenizer, req.stop),
+        tenant=req.tenant,
     )
 
 

@@ -161,7 +161,10 @@ class Engine(WorkflowCalls):
         if on_token is not None and not callable(on_token):
             raise ConfigError(f"on_token must be callable (token id -> None), got {on_token!r}")
         ctx = self.loaded.context_length
-        return make_request(self.config, self.tokenizer, ctx, messages, **options)
+        req = make_request(self.config, self.tokenizer, ctx, messages, **options)
+        if self.batcher is not None:
+            self.batcher.check_fits(len(req.prompt), req.max_new_tokens, ctx, self.adapter.dtype)
+        return req
 
     def stats(self, session: str | None = None, agent: str | None = None) -> SessionStats:
         """Aggregate CallStats over every call (or those of ``session`` / ``agent``), and the

@@ -33,6 +33,7 @@ from kvshare.engine.pipeline import Parts, teach
 from kvshare.engine.request import Request
 from kvshare.engine.results import Prefilled
 from kvshare.errors import NonFiniteError
+from kvshare.model.adapter import between_layers
 from kvshare.sched.worker import Worker
 from kvshare.scope import Scope
 
@@ -83,21 +84,17 @@ class _Tally:
 
 @contextmanager
 def preemptible(layers: Sequence[nn.Module], stop: Callable[[], bool]) -> Iterator[list[float]]:
-    """While inside, every layer's forward first checks ``stop()`` and raises
-    :class:`Preempted` when it is true; yields the list of the times layers started."""
+    """While inside, every layer's forward (on this thread) first checks ``stop()`` and
+    raises :class:`Preempted` when it is true; yields the list of the times layers started."""
     starts: list[float] = []
 
-    def check(module: nn.Module, args: object) -> None:
+    def check() -> None:
         if stop():
             raise Preempted
         starts.append(time.perf_counter())
 
-    hooks = [layer.register_forward_pre_hook(check) for layer in layers]
-    try:
+    with between_layers(layers, check):
         yield starts
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 class IdleTeacher(Worker):

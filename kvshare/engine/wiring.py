@@ -122,5 +122,6 @@ def make_batcher(parts: pipeline.Parts, turns: AbstractContextManager[Any]) -> D
     be batched: calls then decode alone, in turn slices)."""
     if not (parts.config.batch_decode and batchable(parts.model)):
         return None
-    dims, most = parts.adapter.kv_dims, parts.config.max_decode_batch
-    return DecodeBatcher(BatchedDecoder(parts.model), turns, dims, most)
+    c, dims = parts.config, parts.adapter.kv_dims
+    step = BatchedDecoder(parts.model)
+    return DecodeBatcher(step, turns, dims, c.max_decode_batch, c.decode_pool_bytes)

@@ -9,6 +9,9 @@ transformers release that moves them) is one file to change.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -91,3 +94,22 @@ class ModelAdapter:
         values = attn.v_proj(x).view(shape).transpose(1, 2)
         keys = keys * cos[:, None] + _rotate_half(keys) * sin[:, None]
         return KV(keys, values)
+
+
+@contextmanager
+def between_layers(layers: Sequence[nn.Module], fn: Callable[[], None]) -> Iterator[None]:
+    """While inside, ``fn()`` runs before every layer's forward on this thread (other
+    threads' forwards through the same modules are left alone). It may raise to stop the
+    forward."""
+    me = threading.get_ident()
+
+    def hook(module: nn.Module, args: object) -> None:
+        if threading.get_ident() == me:
+            fn()
+
+    hooks = [layer.register_forward_pre_hook(hook) for layer in layers]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()

@@ -38,13 +38,34 @@ def batchable(model: nn.Module) -> bool:
 class DecodeSlots:
     """KV of up to B' sequences being decoded: ``keys``/``values`` [L, B', H, C, D], row b
     valid over ``[0, lengths[b])``. Rows ``[0, rows)`` are in use (``admit`` fills the next,
-    ``release`` moves the last row into the freed one); ``grow`` reallocates larger."""
+    ``release`` moves the last row into the freed one); ``grow`` reallocates larger, never
+    past ``budget_bytes`` (both buffers together; ``fits`` says whether a row can join)."""
 
-    def __init__(self, dims: tuple[int, int, int], dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        dims: tuple[int, int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        budget_bytes: int | None = None,
+    ) -> None:
         layers, heads, dim = dims
         self.keys = torch.empty(layers, 0, heads, 0, dim, dtype=dtype, device=device)
         self.values = torch.empty_like(self.keys)
         self.lengths: list[int] = []
+        self.budget = budget_bytes
+        self.token_bytes = 2 * layers * heads * dim * self.keys.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes both buffers hold (allocated rows × capacity, used or not)."""
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def fits(self, capacity: int) -> bool:
+        """Whether one more row of ``capacity`` tokens fits the budget."""
+        if self.budget is None:
+            return True
+        cap = slot_tokens(max(capacity, self.keys.shape[3]))
+        return (self.rows + 1) * cap * self.token_bytes <= self.budget
 
     @property
     def rows(self) -> int:
@@ -55,8 +76,11 @@ class DecodeSlots:
         layers, have_rows, heads, have_cap, dim = self.keys.shape
         if rows <= have_rows and capacity <= have_cap:
             return
-        rows = max(rows, 2 * have_rows)  # doubling: a join rarely reallocates
-        capacity = -(-max(capacity, have_cap) // 128) * 128
+        capacity = slot_tokens(max(capacity, have_cap))
+        most = 2 * have_rows  # doubling: a join rarely reallocates
+        if self.budget is not None:
+            most = min(most, self.budget // (capacity * self.token_bytes))
+        rows = max(rows, most)
         for name in ("keys", "values"):
             old = getattr(self, name)
             new = old.new_zeros(layers, rows, heads, capacity, dim)  # padding must be finite:
@@ -137,6 +161,11 @@ class BatchedDecoder:
             lengths[r] += 1
         logits: Tensor = self.model.lm_head(self.inner.norm(x))[:, 0]
         return logits.float()
+
+
+def slot_tokens(tokens: int) -> int:
+    """Slot capacity: whole blocks of 128 tokens."""
+    return -(-tokens // 128) * 128
 
 
 def _heads(x: Tensor, dim: int) -> Tensor:

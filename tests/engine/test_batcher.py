@@ -4,6 +4,7 @@ decode together and each gets what it gets alone."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -159,3 +160,111 @@ def test_seeded_sampling_and_greedy_mixed_in_one_batch_match_alone(tiny_engine):
     with ThreadPoolExecutor(6) as pool:
         assert list(pool.map(run, range(6))) == want
     assert eng.batcher.stats()["mean_batch"] > 1.5
+
+
+def test_admission_is_fair_across_tenants_and_fifo_within_one():
+    """A burst of one tenant does not hold another's call behind it (``fair_pick``)."""
+    import torch
+    from kvshare.kernels import KV
+
+    from kvshare.engine.decode import SamplingParams
+    from kvshare.engine.members import Member, fair_pick
+
+    kv = KV(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))
+
+    def m(tenant: str) -> Member:
+        return Member(kv, [0], 4, print, SamplingParams(), set(), 99, tenant=tenant)
+
+    a1, a2, a3, b1, c1 = m("a"), m("a"), m("a"), m("b"), m("c")
+    running = [m("a")]
+    assert fair_pick([a1, a2, a3, b1, c1], running, 3) == [b1, c1, a1]
+    assert fair_pick([a1, a2, a3], [], 2) == [a1, a2]
+    assert fair_pick([a2, b1], [m("b"), m("b")], 1) == [a2]
+    assert fair_pick([a1], running, 0) == []
+
+
+def test_the_decode_pool_budget_queues_calls_and_refuses_one_that_never_fits(tiny_engine):
+    """A budget of 512 token slots (four rows of 128 for these short calls): eight threads
+    still get their alone tokens (the rest wait for a free row), the pool never holds more
+    than the budget, and a call that would not fit even alone is refused before it runs."""
+    from kvshare.errors import DecodeCapacityError
+
+    layers, heads, dim = tiny_engine.adapter.kv_dims
+    row = 256 * 2 * layers * heads * dim * 4  # fp32 K and V
+    eng = tiny_engine.fork(mode="prefix", decode_pool_bytes=2 * row)
+    sizes: list[int] = []
+    step = eng.batcher.decoder.step
+
+    def watched(slots, *args):
+        sizes.append(slots.nbytes)
+        return step(slots, *args)
+
+    eng.batcher.decoder.step = watched
+    got = _together(eng)
+    assert [r.tokens for r in got] == [_call(tiny_engine.fork(mode="prefix"), i).tokens
+                                       for i in range(8)]  # fmt: skip
+    assert sizes and max(sizes) <= 2 * row and 1.0 < eng.batcher.stats()["mean_batch"] <= 4.0
+    small = tiny_engine.fork(mode="prefix", decode_pool_bytes=row // 4)  # 64 slots
+    with pytest.raises(DecodeCapacityError, match="decode_pool_bytes"):
+        _call(small, 0)
+    assert len(small.calls) == 0 and small.memory().total == 0
+
+
+def test_a_long_prefill_lets_the_decoding_calls_step_between_its_layers(tiny_engine):
+    """Call B's prefill is slowed (40 ms a layer) while call A decodes: with
+    ``decode_every_ms=10`` A gets steps between B's layers, and both replies are their
+    alone replies; with 0 B's prefill runs whole."""
+    import time
+
+    def long(engine: Engine, i: int, **kw):
+        return engine.chat(team(ROLES[i]), agent=ROLES[i], max_new_tokens=30, **kw).tokens
+
+    want = [long(tiny_engine.fork(mode="full"), i) for i in (0, 1)]
+    for every, inline in ((10.0, True), (0.0, False)):
+        eng = tiny_engine.fork(mode="full", decode_every_ms=every)
+        eng.batcher.decoder.step = _slowed(eng.batcher.decoder.step)  # A: 30 steps × 10 ms
+        decoding = threading.Event()
+        out: dict[int, list[int]] = {}
+        thread = threading.Thread(target=_first_call, args=(eng, long, out, decoding))
+        thread.start()
+        assert decoding.wait(10)
+        slow = [layer.register_forward_pre_hook(lambda m, x: time.sleep(0.04))
+                for layer in eng.adapter.layers]  # fmt: skip
+        try:
+            out[1] = long(eng, 1)
+        finally:
+            for h in slow:
+                h.remove()
+        thread.join()
+        assert [out[0], out[1]] == want
+        assert (eng.batcher.stats()["inline_steps"] > 0) == inline
+
+
+def _slowed(step):
+    def slow(*args):
+        time.sleep(0.01)
+        return step(*args)
+
+    return slow
+
+
+def _first_call(eng: Engine, long, out: dict, decoding: threading.Event) -> None:
+    seen: list[int] = []
+
+    def note(token: int) -> None:  # from its third token on, A is surely in the batch
+        seen.append(token)
+        if len(seen) >= 3:
+            decoding.set()
+
+    out[0] = long(eng, 0, on_token=note)
+
+
+def test_a_step_inside_a_prefill_and_one_on_the_worker_share_the_pool(tiny_engine):
+    """Eight threads, ``decode_every_ms=0.001``: steps run both between prefill layers
+    (inference mode) and on the worker; the pool they share works from both (a pool made
+    by one and written by the other once failed with an inference-tensor error)."""
+    eng = tiny_engine.fork(mode="full", decode_every_ms=0.001)
+    got = _together(eng)
+    assert [r.tokens for r in got] == [_call(tiny_engine.fork(mode="full"), i).tokens
+                                       for i in range(8)]  # fmt: skip
+    assert eng.batcher.stats()["inline_steps"] > 0

@@ -114,3 +114,18 @@ def test_a_fixed_shape_call_never_syncs_before_its_token_on_cuda(tiny_dirs, monk
         monkeypatch.setattr(pipeline, name, strict(getattr(pipeline, name)))
     r = engine.chat(team("critic"), agent="critic", max_new_tokens=2)
     assert ran == ["estimate", "choose", "prefill"] and r.stats.relocated_tokens > 0
+
+
+def test_the_batched_decode_step_traces_without_graph_breaks():
+    """The batcher's step (``kvshare.model.batched``) over a ragged batch of three: one graph,
+    no break (the row lengths are host integers, specialised per step)."""
+    from kvshare.model.batched import BatchedDecoder, DecodeSlots
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    slots = DecodeSlots((4, 2, 16), torch.float32, torch.device("cpu"))
+    for n in (S, S - 5, S - 9):
+        slots.admit(KV(torch.randn(4, 2, n, 16), torch.randn(4, 2, n, 16)), S + 4)
+    step = BatchedDecoder(model).step
+    tokens, positions = torch.tensor([5, 6, 7]), torch.tensor(slots.lengths)
+    explained = _explain(lambda t, p: step(slots, t, p), tokens, positions)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1

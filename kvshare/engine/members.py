@@ -1,0 +1,65 @@
+"""A call's place in the decode batch (``kvshare.engine.batcher``): :class:`Member` (its tokens,
+its decode rules, where its tokens go) and :func:`fair_pick` (which waiting calls join next)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvshare.engine.decode import DecodeResult, SamplingParams, end_reason
+from kvshare.kernels import KV
+
+END = object()  # what a member emits after its last token
+
+
+@dataclass(eq=False)  # compared by identity
+class Member:
+    """One call's decode. tokens: generated so far (the prefill's first included)."""
+
+    prompt: KV
+    tokens: list[int]
+    max_new_tokens: int
+    emit: Callable[[object], Any]  # each token id, then END: into the caller's queue
+    params: SamplingParams
+    eos_ids: set[int]
+    context_length: int
+    generator: torch.Generator | None = None
+    should_stop: Callable[[list[int]], bool] | None = None
+    tenant: str | None = None
+    row: int | None = None
+    reason: str = "length"
+    result: DecodeResult | None = None
+    error: BaseException | None = None
+    cancelled: bool = False
+
+    def ended(self) -> bool:
+        """Apply ``decode.end_reason`` after the last token (handed to the caller unless
+        it is EOS); True when done."""
+        pos = self.prompt.length + len(self.tokens) - 1
+        why = end_reason(self.tokens, self.eos_ids, self._hand_over, self.max_new_tokens, pos,
+                         self.context_length)  # fmt: skip
+        self.reason = why or self.reason
+        return why is not None
+
+    def _hand_over(self, tokens: list[int]) -> bool:
+        self.emit(tokens[-1])
+        return self.should_stop is not None and self.should_stop(tokens)
+
+
+def fair_pick(pending: Sequence[Member], running: Sequence[Member], room: int) -> list[Member]:
+    """Up to ``room`` waiting calls to admit: each time the oldest waiting call of the tenant
+    with the fewest calls decoding (ties: the older call). No tenant starves behind another's
+    burst, and within a tenant calls keep their arrival order."""
+    load = Counter(m.tenant for m in running)
+    waiting = list(pending)  # arrival order
+    chosen: list[Member] = []
+    while waiting and len(chosen) < room:
+        i = min(range(len(waiting)), key=lambda j: (load[waiting[j].tenant], j))
+        m = waiting.pop(i)
+        load[m.tenant] += 1
+        chosen.append(m)
+    return chosen
