@@ -34,7 +34,6 @@ import torch
 from kvshare.engine.decode import (
     GREEDY_BELOW,
     DecodeResult,
-    SamplingParams,
     next_token,
 )
 from kvshare.engine.members import END, Member, fair_pick
@@ -76,20 +75,16 @@ class DecodeBatcher(Worker):
         first: int,
         max_new_tokens: int,
         *,
-        params: SamplingParams,
-        eos_ids: set[int],
-        context_length: int,
-        generator: torch.Generator | None = None,
-        should_stop: Callable[[list[int]], bool] | None = None,
         on_token: Callable[[int], None] | None = None,
-        tenant: str | None = None,
+        **rules: Any,
     ) -> DecodeResult:
         """Decode after a prefill whose first token was sampled; blocks until done.
-        prompt: KV [L, H, S, D] at positions 0..S-1. Same contract as ``decode.decode``;
-        ``tenant``: whose call it is (admission is fair across tenants, :func:`fair_pick`)."""
+        prompt: KV [L, H, S, D] at positions 0..S-1. ``rules``: ``decode.decode``'s keyword
+        arguments (``params``, ``eos_ids``, ``context_length``, ``generator``,
+        ``should_stop``; the same contract) and ``tenant`` (whose call: admission is fair
+        across tenants, :func:`~kvshare.engine.members.fair_pick`)."""
         out: queue.Queue[object] = queue.Queue()
-        m = Member(prompt, [first], max_new_tokens, out.put, params, eos_ids, context_length,
-                   generator, should_stop, tenant)  # fmt: skip
+        m = Member(prompt, [first], max_new_tokens, emit=out.put, **rules)
         self._enter(m)
         try:
             while (token := out.get()) is not END:
@@ -109,8 +104,8 @@ class DecodeBatcher(Worker):
         on_token: Callable[[int], None] | None = None,
         **rules: Any,
     ) -> DecodeResult:
-        """:meth:`decode` for asyncio (``rules``: its keyword arguments): tokens reach
-        ``on_token`` on the event loop's thread; no thread waits for them."""
+        """:meth:`decode` for asyncio (same ``rules``): tokens reach ``on_token`` on the event
+        loop's thread; no thread waits for them."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[object] = asyncio.Queue()
 
