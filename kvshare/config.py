@@ -116,6 +116,10 @@ class EngineConfig:
         decode KV rows may take together (prompt plus ``max_new_tokens`` each, in blocks of
         128 tokens); a call that does not fit waits for a free row, and one that would not
         fit even alone is refused before it runs (``DecodeCapacityError``).
+    share_prefix_tokens: a call whose exact reused prefix is at least this many tokens
+        decodes over that prefix held once (the prefix cache's own KV, not copied into its
+        row), and every call decoding over the same prefix attends to it in one product
+        (``kvshare.model.shared_prefix``); 0: every row copies its whole prompt.
     decode_slice: fairness where calls decode alone: a call decodes this many tokens per
         turn, then the engine serves the next waiting call (arrival order), so one long reply
         cannot hold every tenant.
@@ -146,6 +150,7 @@ class EngineConfig:
     decode_every_ms: float = 0.0
     max_decode_batch: int = 16
     decode_pool_bytes: int = 4 << 30
+    share_prefix_tokens: int = 256
     decode_slice: int = 16
     call_log_size: int = 10_000
     special_token_roles: tuple[str, ...] = ("system",)
@@ -171,6 +176,9 @@ class EngineConfig:
             "decode_every_ms": check_float("decode_every_ms", self.decode_every_ms, 0.0, 1e6),
             "decode_pool_bytes": check_int(
                 "decode_pool_bytes", self.decode_pool_bytes, 1, 1 << 50
+            ),
+            "share_prefix_tokens": check_int(
+                "share_prefix_tokens", self.share_prefix_tokens, 0, 1 << 30
             ),
             "decode_slice": check_int("decode_slice", self.decode_slice, 1, 1 << 24),
             "call_log_size": check_int("call_log_size", self.call_log_size, 1, 1 << 24),

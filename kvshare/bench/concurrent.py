@@ -74,7 +74,7 @@ def _run(engine: Engine, msgs: Sequence[list[dict[str, str]]], new: int, togethe
     return out, time.perf_counter() - t0, times
 
 
-def _steady(times: list[list[float]]) -> float:
+def steady_rate(times: list[list[float]]) -> float:
     """Tokens per second while every stream decodes: after the last stream's first token,
     until the first stream's last one."""
     start = max(t[0] for t in times if t)
@@ -127,7 +127,7 @@ def _once(base: Engine, msgs: list[list[dict]], mode: str, new: int) -> dict[str
         "serial_wall_s": serial_wall,
         "tok_s": tokens / wall,
         "serial_tok_s": sum(len(r.tokens) for r in serial) / serial_wall,
-        "decode_tok_s": _steady(times),
+        "decode_tok_s": steady_rate(times),
         "serial_decode_tok_s": sum(len(r.tokens) - 1 for r in serial) / max(decode_s, 1e-9),
         "p50_ttft_s": statistics.median(ttft),
         "p99_ttft_s": _p(ttft, 0.99),

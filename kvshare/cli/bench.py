@@ -31,7 +31,8 @@ def add_parser(sub: Any) -> None:
         "the per-call overhead outside the model (default model random:tiny-deep), or the "
         "kernel ops against their torch reference (8B shapes), or the LangChain wrapper's "
         "cost per call (ChatKVShare vs Engine.chat), or N concurrent streams against the "
-        "same calls one at a time",
+        "same calls one at a time, or N parallel branches over one document (its prefix "
+        "held once against a copy per branch)",
     )
     bench.add_argument(
         "--profile",
@@ -46,7 +47,9 @@ def add_parser(sub: Any) -> None:
     )
     bench.add_argument("--modes", default=",".join(IMPLEMENTED_MODES), help="comma-separated")
     bench.add_argument(
-        "--streams", default="1,2,4,8", help="concurrent: stream counts (comma-separated)"
+        "--streams",
+        default="1,2,4,8",
+        help="concurrent: stream counts; branches: branch counts (comma-separated)",
     )
     bench.add_argument(
         "--concurrency",
@@ -67,7 +70,12 @@ def add_parser(sub: Any) -> None:
     )
     bench.add_argument("--agents", type=int, default=5)
     bench.add_argument("--prefix", type=int, default=256, help="tokens of each agent's prefix")
-    bench.add_argument("--input", type=int, default=512, help="tokens of the shared input")
+    bench.add_argument(
+        "--input",
+        type=int,
+        default=512,
+        help="tokens of the shared input (branches: of the document)",
+    )
     bench.add_argument("--output", type=int, default=64, help="max tokens per agent output")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--no-shadow", action="store_true", help="skip fidelity measurement")
@@ -152,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         return bench_more.run_tiers(args, engine)
     if args.workload == "overhead":
         return bench_more.run_overhead(args, engine)
-    if args.workload == "concurrent":
+    if args.workload in ("concurrent", "branches"):
         return bench_more.run_concurrent(args, engine)
     if args.workload == "wrapper":
         from kvshare.bench.wrapper import measure as wrapper_cost

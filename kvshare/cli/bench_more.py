@@ -119,9 +119,14 @@ def _write_rows(args: argparse.Namespace, engine, name: str, rows: list, table: 
 
 
 def run_concurrent(args: argparse.Namespace, engine) -> int:
+    """``--workload concurrent`` or ``branches``."""
+    from kvshare.bench import branches
     from kvshare.bench.concurrent import markdown, measure
 
     streams = parse_lengths(args.streams, "--streams")
+    if args.workload == "branches":
+        found = branches.measure(engine, tuple(streams), args.input, args.output)
+        return _write_rows(args, engine, "branches", found, branches.markdown(found))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     mode = modes[0] if len(modes) == 1 else "full"  # default: the engine alone, no reuse
     rows = measure(engine, streams, mode, args.output, args.input, repeats=args.repeats)

@@ -38,7 +38,6 @@ from kvshare.engine.decode import (
 )
 from kvshare.engine.members import END, Member, fair_pick
 from kvshare.errors import DecodeCapacityError
-from kvshare.kernels import KV
 from kvshare.model.batched import BatchedDecoder, DecodeSlots, slot_tokens
 from kvshare.sched.worker import Worker
 
@@ -69,22 +68,13 @@ class DecodeBatcher(Worker):
         self._last_step = time.monotonic()
         self.batch_tokens = 0  # tokens fed over all steps (mean batch = batch_tokens / steps)
 
-    def decode(
-        self,
-        prompt: KV,
-        first: int,
-        max_new_tokens: int,
-        *,
-        on_token: Callable[[int], None] | None = None,
-        **rules: Any,
-    ) -> DecodeResult:
-        """Decode after a prefill whose first token was sampled; blocks until done.
-        prompt: KV [L, H, S, D] at positions 0..S-1. ``rules``: ``decode.decode``'s keyword
-        arguments (``params``, ``eos_ids``, ``context_length``, ``generator``,
-        ``should_stop``; the same contract) and ``tenant`` (whose call: admission is fair
-        across tenants, :func:`~kvshare.engine.members.fair_pick`)."""
+    def decode(self, m: Member, on_token: Callable[[int], None] | None = None) -> DecodeResult:
+        """Decode ``m`` (a call after its prefill, its first token sampled; its rules are
+        ``decode.decode``'s, the same contract, and its tenant: admission is fair across
+        tenants, :func:`~kvshare.engine.members.fair_pick`); blocks until done. The caller
+        hands its prompt KV over inside ``m``: once a row holds it, ``m.prompt`` is None."""
         out: queue.Queue[object] = queue.Queue()
-        m = Member(prompt, [first], max_new_tokens, emit=out.put, **rules)
+        m.emit = out.put
         self._enter(m)
         try:
             while (token := out.get()) is not END:
@@ -96,16 +86,10 @@ class DecodeBatcher(Worker):
         return _outcome(m)
 
     async def adecode(
-        self,
-        prompt: KV,
-        first: int,
-        max_new_tokens: int,
-        *,
-        on_token: Callable[[int], None] | None = None,
-        **rules: Any,
+        self, m: Member, on_token: Callable[[int], None] | None = None
     ) -> DecodeResult:
-        """:meth:`decode` for asyncio (same ``rules``): tokens reach ``on_token`` on the event
-        loop's thread; no thread waits for them."""
+        """:meth:`decode` for asyncio: tokens reach ``on_token`` on the event loop's thread;
+        no thread waits for them."""
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[object] = asyncio.Queue()
 
@@ -115,7 +99,7 @@ class DecodeBatcher(Worker):
             except RuntimeError:  # the caller's loop is closed: nobody waits for this call
                 m.cancelled = True
 
-        m = Member(prompt, [first], max_new_tokens, emit=emit, **rules)
+        m.emit = emit
         self._enter(m)
         try:
             while (token := await out.get()) is not END:
@@ -129,6 +113,7 @@ class DecodeBatcher(Worker):
     def _enter(self, m: Member) -> None:
         """Queue ``m`` for the next step (or finish it now when its first token ends it)."""
         if m.ended():
+            assert m.prompt is not None
             m.result = DecodeResult(m.tokens, m.prompt, m.reason)
             m.emit(END)
             return
@@ -213,7 +198,7 @@ class DecodeBatcher(Worker):
         assert slots is not None
         dev = slots.keys.device
         tokens = torch.tensor([m.tokens[-1] for m in self._running], device=dev)
-        positions = torch.tensor(slots.lengths, device=dev)
+        positions = torch.tensor(slots.positions(), device=dev)
         logits = self.decoder.step(slots, tokens, positions)  # [B, V]
         self._last_step = time.monotonic()
         self.steps += 1
@@ -244,14 +229,17 @@ class DecodeBatcher(Worker):
 
     def _admit(self, m: Member) -> bool:
         """Give ``m`` a row (False: the pool's budget has no room for it now)."""
+        prompt = m.prompt
+        assert prompt is not None
         if self.slots is None:
-            dtype, device = m.prompt.keys.dtype, m.prompt.keys.device
+            dtype, device = prompt.keys.dtype, prompt.keys.device
             self.slots = DecodeSlots(self.kv_dims, dtype, device, self.budget_bytes)
-        n = m.prompt.length
+        n, skip = prompt.length, m.shared_tokens
         capacity = n + max(0, min(m.max_new_tokens, m.context_length - n) - 1)
-        if self._running and not self.slots.fits(capacity):
+        if self._running and not self.slots.fits(capacity - skip):
             return False
-        m.row = self.slots.admit(m.prompt, capacity)
+        m.row = self.slots.admit(prompt, capacity, m.shared)
+        m.prompt = None  # the row is now the only copy
         self._running.append(m)
         return True
 

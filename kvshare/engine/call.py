@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,11 +17,14 @@ import torch
 from kvshare.engine import pipeline
 from kvshare.engine.decode import DecodeResult, cut_at_stop, stop_checker
 from kvshare.engine.learned import ScopeState
+from kvshare.engine.members import Member
 from kvshare.engine.profile import StageClock
 from kvshare.engine.reference import reference
 from kvshare.engine.request import Request
 from kvshare.engine.results import ChatResult, Prefilled, call_stats, check_finite
+from kvshare.kernels import KV
 from kvshare.model.adapter import between_layers
+from kvshare.model.shared_prefix import ShareKey
 from kvshare.store.contract import StoreKey
 
 if TYPE_CHECKING:
@@ -30,7 +33,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Begun:
-    """A call after its first token: its clock, state, read keys, prefill and sampler."""
+    """A call after its first token: its clock, state, read keys, prefill and sampler, and
+    the exact reused prefix its decode may hold shared (``EngineConfig.share_prefix_tokens``)."""
 
     clock: StageClock
     state: ScopeState
@@ -39,6 +43,7 @@ class Begun:
     first: int
     gen: torch.Generator | None
     ttft: float
+    shared: ShareKey | None = None
 
 
 def begin(engine: Engine, req: Request) -> Begun:
@@ -67,7 +72,34 @@ def begin(engine: Engine, req: Request) -> Begun:
         pipeline.learn(parts, req, state, pre)
         if engine.teacher is not None:  # the idle-time teacher's job (after the 1st token)
             engine.teacher.offer(req, state, pre)
-    return Begun(clock, state, keys, pre, first, gen, ttft)
+    return Begun(clock, state, keys, pre, first, gen, ttft, _share_key(engine, planned.prefix))
+
+
+def _share_key(engine: Engine, prefix: list[KV]) -> ShareKey | None:
+    """The reused prefix's parts and their identity (the radix cache's tensors: while a row
+    holds them they stay alive, so equal addresses mean the same KV), when it is long enough
+    to share. The prefill never writes those slots, so the call's KV starts with them."""
+    least, device = engine.config.share_prefix_tokens, engine.device
+    if least == 0 or sum(p.length for p in prefix) < least:
+        return None
+    if any(p.keys.device != device for p in prefix):  # a part in a lower tier: copy it
+        return None
+    ident = tuple((str(p.keys.device), p.keys.data_ptr(), p.values.data_ptr(), p.length)
+                  for p in prefix)  # fmt: skip
+    return ident, tuple(prefix)
+
+
+def _hand_over(b: Begun, req: Request) -> KV:
+    """The prompt's KV for the batcher, dropped from ``b`` (and its assembly) unless the
+    shadow prefill still reads it: once in a decode row, no second copy stays alive."""
+    kv = b.pre.kv
+    if not req.shadow:
+        layers, heads, _, dim = kv.keys.shape
+        keys = kv.keys.new_empty(layers, heads, 0, dim)
+        values = kv.values.new_empty(layers, heads, 0, dim)
+        asm = replace(b.pre.asm, cache=KV(keys, values))
+        b.pre = b.pre._replace(kv=KV(keys, values), asm=asm)
+    return kv
 
 
 def _decodes_meanwhile(engine: Engine) -> AbstractContextManager[Any]:
@@ -80,16 +112,21 @@ def _decodes_meanwhile(engine: Engine) -> AbstractContextManager[Any]:
     return between_layers(engine.adapter.layers, lambda: batcher.step_if_due(every))
 
 
-def _rules(engine: Engine, req: Request, b: Begun) -> dict[str, Any]:
-    """The batcher's decode rules for this call (``decode.decode``'s keyword arguments)."""
+def _member(engine: Engine, req: Request, b: Begun) -> Member:
+    """The call's place in the batch with its decode rules (``decode.decode``'s) and its
+    prompt's KV, handed over (:func:`_hand_over`)."""
     parts = engine.parts
-    return dict(
+    return Member(
+        _hand_over(b, req),
+        [b.first],
+        req.max_new_tokens,
         params=req.sampling,
         eos_ids=set(parts.eos_ids),
         context_length=parts.loaded.context_length,
         generator=b.gen,
         should_stop=stop_checker(parts.loaded.tokenizer, req.stop),
         tenant=req.tenant,
+        shared=b.shared,
     )
 
 
@@ -98,8 +135,7 @@ def decode_batched(
 ) -> DecodeResult:
     """The reply, decoded by the engine's batcher beside every other decoding call."""
     assert engine.batcher is not None
-    rules = _rules(engine, req, b)
-    return engine.batcher.decode(b.pre.kv, b.first, req.max_new_tokens, **rules, on_token=on_token)
+    return engine.batcher.decode(_member(engine, req, b), on_token)
 
 
 async def decode_async(
@@ -107,10 +143,7 @@ async def decode_async(
 ) -> DecodeResult:
     """:func:`decode_batched` awaited (tokens reach ``on_token`` on the event loop)."""
     assert engine.batcher is not None
-    rules = _rules(engine, req, b)
-    return await engine.batcher.adecode(
-        b.pre.kv, b.first, req.max_new_tokens, **rules, on_token=on_token
-    )
+    return await engine.batcher.adecode(_member(engine, req, b), on_token)
 
 
 def finish(engine: Engine, req: Request, b: Begun, dec: DecodeResult, decode_s: float):

@@ -12,34 +12,48 @@ import torch
 
 from kvshare.engine.decode import DecodeResult, SamplingParams, end_reason
 from kvshare.kernels import KV
+from kvshare.model.shared_prefix import ShareKey
 
 END = object()  # what a member emits after its last token
 
 
 @dataclass(eq=False)  # compared by identity
 class Member:
-    """One call's decode. tokens: generated so far (the prefill's first included)."""
+    """One call's decode, built by the caller with ``decode.decode``'s rules. tokens:
+    generated so far (the prefill's first included). prompt: its KV [L, H, S, D] until a
+    batch row holds it (then None: the row is the only copy)."""
 
-    prompt: KV
+    prompt: KV | None
     tokens: list[int]
     max_new_tokens: int
-    emit: Callable[[object], Any]  # each token id, then END: into the caller's queue
     params: SamplingParams
     eos_ids: set[int]
     context_length: int
     generator: torch.Generator | None = None
     should_stop: Callable[[list[int]], bool] | None = None
     tenant: str | None = None
+    emit: Callable[[object], Any] = print  # set by the batcher: each token id, then END
+    shared: ShareKey | None = None  # a prefix of ``prompt`` to hold once (shared_prefix)
     row: int | None = None
     reason: str = "length"
     result: DecodeResult | None = None
     error: BaseException | None = None
     cancelled: bool = False
+    prompt_len: int = 0
+
+    def __post_init__(self) -> None:
+        assert self.prompt is not None
+        self.prompt_len = self.prompt.length
+
+    @property
+    def shared_tokens(self) -> int:
+        """Tokens of the shared prefix this call's row does not copy (0: none)."""
+        return sum(p.length for p in self.shared[1]) if self.shared is not None else 0
 
     def ended(self) -> bool:
         """Apply ``decode.end_reason`` after the last token (handed to the caller unless
         it is EOS); True when done."""
-        pos = self.prompt.length + len(self.tokens) - 1
+        pos = self.prompt_len + len(self.tokens) - 1
         why = end_reason(self.tokens, self.eos_ids, self._hand_over, self.max_new_tokens, pos,
                          self.context_length)  # fmt: skip
         self.reason = why or self.reason

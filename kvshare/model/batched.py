@@ -6,7 +6,9 @@ the model's own modules (norms, projections, MLP, head) on [B, 1, E] hidden stat
 the attention itself, each sequence over its own tokens of :class:`DecodeSlots` — one
 preallocated buffer [L, B', H, C, D] (a row per sequence, ``lengths`` [B'] valid tokens each)
 — with one SDPA call per layer (grouped-query attention native, a [B, 1, 1, S] mask over
-the padding only when lengths differ).
+the padding only when lengths differ). Rows that start with a prefix held once
+(:mod:`kvshare.model.shared_prefix`) keep only what follows it; a step attends to each
+shared prefix once for all its rows and merges by log-sum-exp.
 
 The layout is the one :mod:`kvshare.model.adapter` describes (Llama, Qwen2, Mistral) without
 a sliding window; :func:`batchable` says whether a model qualifies (else callers step it one
@@ -16,6 +18,7 @@ capacity, D head dim, E hidden, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 
 from kvshare.kernels.kv import KV
 from kvshare.kernels.rope import _rotate_half
+from kvshare.model.shared_prefix import SharedPrefix, ShareKey, attend_rows
 
 
 def batchable(model: nn.Module) -> bool:
@@ -39,7 +43,10 @@ class DecodeSlots:
     """KV of up to B' sequences being decoded: ``keys``/``values`` [L, B', H, C, D], row b
     valid over ``[0, lengths[b])``. Rows ``[0, rows)`` are in use (``admit`` fills the next,
     ``release`` moves the last row into the freed one); ``grow`` reallocates larger, never
-    past ``budget_bytes`` (both buffers together; ``fits`` says whether a row can join)."""
+    past ``budget_bytes`` (both buffers together; ``fits`` says whether a row can join).
+    A row admitted with a shared prefix holds only the tokens after it: ``prefixes[b]`` (its
+    :class:`SharedPrefix`, held once in ``held`` by key, refcounted) comes first, so its
+    tokens sit at positions ``offset(b) + [0, lengths[b])``."""
 
     def __init__(
         self,
@@ -52,6 +59,8 @@ class DecodeSlots:
         self.keys = torch.empty(layers, 0, heads, 0, dim, dtype=dtype, device=device)
         self.values = torch.empty_like(self.keys)
         self.lengths: list[int] = []
+        self.prefixes: list[SharedPrefix | None] = []
+        self.held: dict[Hashable, SharedPrefix] = {}
         self.budget = budget_bytes
         self.token_bytes = 2 * layers * heads * dim * self.keys.element_size()
 
@@ -87,30 +96,79 @@ class DecodeSlots:
             new[:, : self.rows, :, :have_cap] = old[:, : self.rows]  # masked weight 0 × NaN = NaN
             setattr(self, name, new)
 
-    def admit(self, prompt: KV, capacity: int) -> int:
-        """Copy ``prompt`` [L, H, S, D] into a new row able to hold ``capacity`` tokens."""
-        n = prompt.length
-        self.grow(self.rows + 1, max(capacity, n))
+    def admit(self, prompt: KV, capacity: int, shared: ShareKey | None = None) -> int:
+        """A new row for ``prompt`` [L, H, S, D], able to hold ``capacity`` tokens in all.
+        ``shared``: (key, parts) of a prefix of ``prompt`` (parts [L, H, P_i, D], P < S, equal
+        to ``prompt``'s first P tokens: the caller's promise) to hold once and not copy."""
+        prefix = self._hold(shared) if shared is not None else None
+        skip = prefix.length if prefix is not None else 0
+        n = prompt.length - skip
+        self.grow(self.rows + 1, max(capacity - skip, n))
         row = self.rows
-        self.keys[:, row, :, :n] = prompt.keys
-        self.values[:, row, :, :n] = prompt.values
+        self.keys[:, row, :, :n] = prompt.keys[:, :, skip:]
+        self.values[:, row, :, :n] = prompt.values[:, :, skip:]
         self.lengths.append(n)
+        self.prefixes.append(prefix)
         return row
 
+    def _hold(self, shared: ShareKey) -> SharedPrefix:
+        key, parts = shared
+        prefix = self.held.setdefault(key, SharedPrefix(parts))
+        prefix.refs += 1
+        return prefix
+
+    def offset(self, row: int) -> int:
+        """Tokens of ``row``'s shared prefix (0: none)."""
+        prefix = self.prefixes[row]
+        return prefix.length if prefix is not None else 0
+
+    def positions(self) -> list[int]:
+        """Each row's next position: its shared prefix's tokens plus its own."""
+        return [self.offset(r) + n for r, n in enumerate(self.lengths)]
+
+    def groups(self) -> list[tuple[SharedPrefix, list[int]]]:
+        """Each shared prefix in use and its rows, ascending."""
+        found: dict[int, tuple[SharedPrefix, list[int]]] = {}
+        for r, prefix in enumerate(self.prefixes):
+            if prefix is not None:
+                found.setdefault(id(prefix), (prefix, []))[1].append(r)
+        return list(found.values())
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the rows' valid tokens (``nbytes`` less the free capacity)."""
+        return sum(self.lengths) * self.token_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the shared prefixes held (each once; the prefix cache's own tensors)."""
+        return sum(p.nbytes for p in list(self.held.values()))  # read from other threads
+
     def kv(self, row: int) -> KV:
-        """A copy of row's valid tokens, KV [L, H, lengths[row], D]."""
-        n = self.lengths[row]
-        return KV(self.keys[:, row, :, :n].clone(), self.values[:, row, :, :n].clone())
+        """A copy of row's tokens, shared prefix first: KV [L, H, offset + lengths[row], D]."""
+        n, prefix = self.lengths[row], self.prefixes[row]
+        keys, values = self.keys[:, row, :, :n], self.values[:, row, :, :n]
+        if prefix is None:
+            return KV(keys.clone(), values.clone())
+        head = prefix.kv()
+        return KV(torch.cat([head.keys, keys], dim=2), torch.cat([head.values, values], dim=2))
 
     def release(self, row: int) -> int | None:
-        """Free ``row``; the last row moves into it. Returns the moved row's old index."""
+        """Free ``row`` (and its hold on a shared prefix); the last row moves into it.
+        Returns the moved row's old index."""
+        prefix = self.prefixes[row]
+        if prefix is not None:
+            prefix.refs -= 1
+            if prefix.refs == 0:
+                self.held = {k: p for k, p in self.held.items() if p is not prefix}
         last = self.rows - 1
         if row != last:
             n = self.lengths[last]
             self.keys[:, row, :, :n] = self.keys[:, last, :, :n]
             self.values[:, row, :, :n] = self.values[:, last, :, :n]
-            self.lengths[row] = n
+            self.lengths[row], self.prefixes[row] = n, self.prefixes[last]
         self.lengths.pop()
+        self.prefixes.pop()
         return last if row != last else None
 
 
@@ -127,9 +185,10 @@ class BatchedDecoder:
     @torch.inference_mode()
     def step(self, slots: DecodeSlots, tokens: Tensor, positions: Tensor) -> Tensor:
         """Feed ``tokens`` [B] at ``positions`` [B] (rows ``[0, B)`` of ``slots``, B =
-        ``slots.rows``); writes their K/V at each row's length, advances the lengths and
-        returns the next-token logits [B, V] float32."""
+        ``slots.rows``; ``slots.positions()``); writes their K/V at each row's length,
+        advances the lengths and returns the next-token logits [B, V] float32."""
         b, lengths = slots.rows, slots.lengths
+        groups = [(p, torch.tensor(r, device=slots.keys.device)) for p, r in slots.groups()]
         span = max(lengths) + 1
         dev = slots.keys.device
         at = torch.tensor(lengths, device=dev)
@@ -152,9 +211,12 @@ class BatchedDecoder:
             slots.keys[i].view(-1, dim).index_copy_(0, flat, k.reshape(-1, dim))
             slots.values[i].view(-1, dim).index_copy_(0, flat, v.reshape(-1, dim))
             keys, values = slots.keys[i, :b, :, :span], slots.values[i, :b, :, :span]
-            o = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
-            )
+            if groups:  # shared prefixes: attended once per group, merged (shared_prefix)
+                o = attend_rows(q, keys, values, attn.scaling, mask, groups, i)
+            else:
+                o = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+                )
             x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         for r in range(b):

@@ -212,3 +212,17 @@ def test_concurrent_bench_cli_compares_streams_with_one_at_a_time(tiny_dirs, tmp
     assert "| 3 | full |" in capsys.readouterr().out
     assert main([*args[:5], "--streams", "0"]) == 2
     assert "--streams wants positive integers" in capsys.readouterr().err
+
+
+def test_branches_bench_cli_holds_the_document_once(tiny_dirs, tmp_path, capsys):
+    """Parallel branches over one document: its prefix is held once (the KV in use within
+    the bound: one branch's plus the others' own tokens), a copy per branch is not."""
+    args = ["bench", "--workload", "branches", "--model", str(tiny_dirs["llama"])]
+    args += ["--streams", "3", "--input", "300", "--output", "4", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (row,) = json.loads((tmp_path / "branches.json").read_text())
+    assert row["branches"] == 3 and row["prefix_tokens"] >= 256 and row["same_tokens"]
+    assert row["kv_used_mib_shared"] <= row["bound_mib"] * 1.01
+    assert row["kv_used_mib_copies"] > 2 * row["kv_used_mib_shared"]
+    assert row["step_ms_shared"] > 0 and row["step_ms_copies"] > 0
+    assert "| 3 | " in capsys.readouterr().out

@@ -173,7 +173,7 @@ def test_admission_is_fair_across_tenants_and_fifo_within_one():
     kv = KV(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))
 
     def m(tenant: str) -> Member:
-        return Member(kv, [0], 4, print, SamplingParams(), set(), 99, tenant=tenant)
+        return Member(kv, [0], 4, SamplingParams(), set(), 99, tenant=tenant)
 
     a1, a2, a3, b1, c1 = m("a"), m("a"), m("a"), m("b"), m("c")
     running = [m("a")]
