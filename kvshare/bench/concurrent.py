@@ -6,9 +6,11 @@ slice per stream), ``max_new_tokens`` of reply, from its own thread, all release
 Per stream count: wall time, generated tokens per second end to end, the steady decode
 rate (tokens per second while all N streams decode: after the last stream's first token,
 until the first stream's last; serially: tokens after the first over decode seconds), p50/p99
-TTFT, the decoder's mean batch and the longest stall between two tokens of one stream
-(a prefill holding every decode), concurrent and serial side by side (the serial run is
-the same calls, same engine config, one after another).
+TTFT, the decoder's mean batch, the longest stall between two tokens of one stream
+(a prefill holding every decode) and a decode step's median batched forward and time
+outside it (the batcher's own: admission, sampling, handing tokens over), concurrent and
+serial side by side (the serial run is the same calls, same engine config, one after
+another).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class ConcurrentRow(BaseModel):
     serial_p50_ttft_s: float
     mean_batch: float
     max_stall_s: float = 0.0  # longest gap between two tokens of one stream, together
+    forward_ms: float = 0.0  # median batched forward per decode step, together
+    host_ms: float = 0.0  # median time of a decode step outside its forward, together
 
 
 def _messages(engine: Engine, ids: list[int], i: int, prompt_tokens: int) -> list[dict]:
@@ -132,17 +136,26 @@ def _once(base: Engine, msgs: list[list[dict]], mode: str, new: int) -> dict[str
         "p50_ttft_s": statistics.median(ttft),
         "p99_ttft_s": _p(ttft, 0.99),
         "serial_p50_ttft_s": statistics.median(r.stats.ttft_s for r in serial),
-        "mean_batch": eng.batcher.stats()["mean_batch"] if eng.batcher is not None else 1.0,
+        **_step_times(eng),
         "max_stall_s": max((_stall(ts) for ts in times), default=0.0),
     }
+
+
+def _step_times(eng: Engine) -> dict[str, float]:
+    """The together run's mean decode batch and median forward / outside-forward step ms."""
+    if eng.batcher is None:
+        return {"mean_batch": 1.0}
+    st = eng.batcher.stats()
+    return {k: st[k] for k in ("mean_batch", "forward_ms", "host_ms")}
 
 
 def markdown(rows: Sequence[ConcurrentRow]) -> str:
     lines = [
         "| streams | mode | tokens | wall together / one at a time (s) | tokens/s together / "
         "one at a time | × | steady decode tokens/s together / one at a time | × | p50 / p99 "
-        "TTFT together (s) | p50 TTFT one at a time (s) | mean decode batch | longest stall (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "TTFT together (s) | p50 TTFT one at a time (s) | mean decode batch | longest stall (s) | "
+        "step: forward / outside it (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -151,6 +164,6 @@ def markdown(rows: Sequence[ConcurrentRow]) -> str:
             f"{r.decode_tok_s:.1f} / {r.serial_decode_tok_s:.1f} | "
             f"{r.decode_tok_s / r.serial_decode_tok_s:.2f}× | "
             f"{r.p50_ttft_s:.3f} / {r.p99_ttft_s:.3f} | {r.serial_p50_ttft_s:.3f} | "
-            f"{r.mean_batch:.2f} | {r.max_stall_s:.2f} |"
+            f"{r.mean_batch:.2f} | {r.max_stall_s:.2f} | {r.forward_ms:.1f} / {r.host_ms:.2f} |"
         )
     return "\n".join(lines) + "\n"

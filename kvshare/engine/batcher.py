@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
@@ -67,6 +69,7 @@ class DecodeBatcher(Worker):
         self.inline_steps = 0  # steps run between the layers of a prefill
         self._last_step = time.monotonic()
         self.batch_tokens = 0  # tokens fed over all steps (mean batch = batch_tokens / steps)
+        self._times: deque[tuple[float, float]] = deque(maxlen=1024)  # (step, forward) s
 
     def decode(self, m: Member, on_token: Callable[[int], None] | None = None) -> DecodeResult:
         """Decode ``m`` (a call after its prefill, its first token sampled; its rules are
@@ -184,6 +187,7 @@ class DecodeBatcher(Worker):
 
     @torch.inference_mode()  # the same mode whichever thread steps (worker or prefill)
     def _step(self, arrived: Sequence[Member]) -> None:
+        t0 = time.perf_counter()
         for i, m in enumerate(arrived):
             full = len(self._running) >= self.max_batch
             if full or not self._admit(m):  # no room: it and the rest wait for a free row
@@ -199,7 +203,9 @@ class DecodeBatcher(Worker):
         dev = slots.keys.device
         tokens = torch.tensor([m.tokens[-1] for m in self._running], device=dev)
         positions = torch.tensor(slots.positions(), device=dev)
+        t1 = time.perf_counter()
         logits = self.decoder.step(slots, tokens, positions)  # [B, V]
+        forward = time.perf_counter() - t1
         self._last_step = time.monotonic()
         self.steps += 1
         self.batch_tokens += len(self._running)
@@ -211,6 +217,7 @@ class DecodeBatcher(Worker):
             m.tokens.append(int(token))
             if m.ended():
                 self._leave(m, keep=True)
+        self._times.append((time.perf_counter() - t0, forward))
 
     def check_fits(self, prompt: int, max_new_tokens: int, context: int, dtype: Any) -> None:
         """DecodeCapacityError unless a call of ``prompt`` tokens decoding up to
@@ -259,10 +266,16 @@ class DecodeBatcher(Worker):
         m.emit(END)
 
     def stats(self) -> dict[str, Any]:
-        """Steps run (those inside prefills among them) and the mean batch (tokens fed per
-        step)."""
+        """Steps run (those inside prefills among them), the mean batch (tokens fed per
+        step), and over the last 1,024 steps the median ms of the batched forward and of the
+        step outside it (admission, sampling, handing tokens over: ``host_ms``; on a GPU the
+        forward's time is its launch unless the sampling read waits for it)."""
         mean = self.batch_tokens / max(1, self.steps)
-        return {"steps": self.steps, "inline_steps": self.inline_steps, "mean_batch": mean}
+        times = list(self._times)
+        host = statistics.median(s - f for s, f in times) * 1e3 if times else 0.0
+        forward = statistics.median(f for _, f in times) * 1e3 if times else 0.0
+        return {"steps": self.steps, "inline_steps": self.inline_steps, "mean_batch": mean,
+                "forward_ms": forward, "host_ms": host}  # fmt: skip
 
 
 def _outcome(m: Member) -> DecodeResult:

@@ -142,6 +142,7 @@ def test_at_most_max_decode_batch_calls_decode_at_once(tiny_engine):
                                        for i in range(8)]  # fmt: skip
     stats = eng.batcher.stats()
     assert 1.0 < stats["mean_batch"] <= 2.0
+    assert stats["forward_ms"] > 0 and stats["host_ms"] > 0  # a step's two parts, timed
 
 
 def test_seeded_sampling_and_greedy_mixed_in_one_batch_match_alone(tiny_engine):

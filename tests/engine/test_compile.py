@@ -116,16 +116,23 @@ def test_a_fixed_shape_call_never_syncs_before_its_token_on_cuda(tiny_dirs, monk
     assert ran == ["estimate", "choose", "prefill"] and r.stats.relocated_tokens > 0
 
 
-def test_the_batched_decode_step_traces_without_graph_breaks():
-    """The batcher's step (``kvshare.model.batched``) over a ragged batch of three: one graph,
-    no break (the row lengths are host integers, specialised per step)."""
+@pytest.mark.parametrize("shared", ["none", "all rows", "some rows"])
+def test_the_batched_decode_step_traces_without_graph_breaks(shared):
+    """The batcher's step (``kvshare.model.batched``) over a ragged batch of three, without
+    a shared prefix, with one under every row (one softmax) or under some (merged): one
+    graph, no break (row lengths and groups are host values, specialised per step)."""
     from kvshare.model.batched import BatchedDecoder, DecodeSlots
 
     model = tiny_model("llama", num_hidden_layers=4)
     slots = DecodeSlots((4, 2, 16), torch.float32, torch.device("cpu"))
-    for n in (S, S - 5, S - 9):
-        slots.admit(KV(torch.randn(4, 2, n, 16), torch.randn(4, 2, n, 16)), S + 4)
+    head = KV(torch.randn(4, 2, 7, 16), torch.randn(4, 2, 7, 16))
+    for i, n in enumerate((S, S - 5, S - 9)):
+        kv = KV(torch.randn(4, 2, n, 16), torch.randn(4, 2, n, 16))
+        under = shared == "all rows" or (shared == "some rows" and i != 1)
+        if under:
+            kv = KV(torch.cat([head.keys, kv.keys], 2), torch.cat([head.values, kv.values], 2))
+        slots.admit(kv, kv.length + 4, ("head", (head,)) if under else None)
     step = BatchedDecoder(model).step
-    tokens, positions = torch.tensor([5, 6, 7]), torch.tensor(slots.lengths)
+    tokens, positions = torch.tensor([5, 6, 7]), torch.tensor(slots.positions())
     explained = _explain(lambda t, p: step(slots, t, p), tokens, positions)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
