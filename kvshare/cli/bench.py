@@ -32,7 +32,8 @@ def add_parser(sub: Any) -> None:
         "kernel ops against their torch reference (8B shapes), or the LangChain wrapper's "
         "cost per call (ChatKVShare vs Engine.chat), or N concurrent streams against the "
         "same calls one at a time, or N parallel branches over one document (its prefix "
-        "held once against a copy per branch)",
+        "held once against a copy per branch), or the routing simulator (policies over "
+        "simulated replicas; no model)",
     )
     bench.add_argument(
         "--profile",
@@ -52,6 +53,9 @@ def add_parser(sub: Any) -> None:
         help="concurrent: stream counts; branches: branch counts (comma-separated)",
     )
     bench.add_argument(
+        "--replicas", default="2,4,8,16,32,64", help="routing: simulated replica counts"
+    )
+    bench.add_argument(
         "--concurrency",
         type=int,
         default=1,
@@ -62,7 +66,8 @@ def add_parser(sub: Any) -> None:
         type=int,
         default=None,
         help="workflows per pass (qa: questions, default 12; synthetic: shared inputs, default "
-        "1; rag/debate: questions, code: problems, default 3)",
+        "1; rag/debate: questions, code: problems, default 3; routing: workflows per "
+        "replica, default 160)",
     )
     bench.add_argument("--item-offset", type=int, default=0, help="qa: first question")
     bench.add_argument(
@@ -146,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         raise KVShareError(f"--gap must be between 0 and 3600 seconds, got {args.gap}")
     if args.workload == "kernels":
         return bench_more.run_kernels(args)
+    if args.workload == "routing":
+        return bench_more.run_routing(args)
     engine = engine_for(args)
     if args.plots:
         from kvshare.bench.plots import write_plots

@@ -158,6 +158,27 @@ def run_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_routing(args: argparse.Namespace) -> int:
+    """``--workload routing``: the routing simulator (no model is loaded)."""
+    import json
+
+    from kvshare.bench.routing import Trace, markdown, measure
+    from kvshare.sched.routing import ROUTERS
+
+    replicas = parse_lengths(args.replicas, "--replicas")
+    per = args.items or 160
+    rows = []
+    for n in replicas:  # the trace grows with the replicas: ``per`` workflows each
+        trace = Trace(workflows=per * n, agents=args.agents)
+        rows += measure(trace, [n], ROUTERS.names)
+    text = markdown(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "routing.json").write_text(json.dumps([r.model_dump() for r in rows], indent=1))
+    print(f"{per} workflows per replica, {args.agents} agents each\n\n{text}")
+    return 0
+
+
 def synthetic(args: argparse.Namespace, engine, default_items: int):
     from kvshare.bench.corpus import long_text
     from kvshare.bench.workloads import SyntheticWorkload

@@ -226,3 +226,14 @@ def test_branches_bench_cli_holds_the_document_once(tiny_dirs, tmp_path, capsys)
     assert row["kv_used_mib_copies"] > 2 * row["kv_used_mib_shared"]
     assert row["step_ms_shared"] > 0 and row["step_ms_copies"] > 0
     assert "| 3 | " in capsys.readouterr().out
+
+
+def test_routing_bench_cli_simulates_every_policy_without_a_model(tmp_path, capsys):
+    args = ["bench", "--workload", "routing", "--replicas", "2,4", "--items", "20"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "routing.json").read_text())
+    assert [(r["replicas"], r["policy"]) for r in rows][:2] == [(2, "round-robin"),
+                                                                (2, "power-of-two")]  # fmt: skip
+    assert len(rows) == 8 and "| 4 | two-choice |" in capsys.readouterr().out
+    assert main([*args[:3], "--replicas", "0", "--out", str(tmp_path)]) == 2
+    assert "--replicas wants positive integers" in capsys.readouterr().err
