@@ -1,5 +1,6 @@
 """``kvshare bench --workload branches``: N parallel branches over one shared document, its
-prefix held once (``share_prefix_tokens``) against a copy per branch, in one process.
+prefix held once (``share_prefix_tokens``) against a copy per branch, in one process (and
+the same as a LangGraph ``Send`` fan-out: ``kvshare.bench.branches_graph``).
 
 Engine run (``prefix`` mode, two engines alike but for ``share_prefix_tokens``): one call
 reads the document (~``prefix_tokens``; its KV goes into the prefix cache), then N branches,
@@ -54,11 +55,21 @@ class BranchesRow(BaseModel):
     same_tokens: bool
 
 
+def questions(n: int) -> list[str]:
+    """n distinct questions about the document."""
+    return [QUESTIONS[i % len(QUESTIONS)] + f" ({i})" for i in range(n)]
+
+
+def document(base: Engine, tokens: int) -> str:
+    """The shared document: the first ``tokens`` tokens of the bench corpus."""
+    return base.tokenizer.decode(base.tokenizer(long_text())["input_ids"][:tokens])
+
+
 def _branch(doc: str, i: int) -> list[dict[str, str]]:
     return [{"role": "system", "content": "You answer questions about the document."},
             {"role": "user", "content": doc},
             {"role": "assistant", "content": "I have read it."},
-            {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + f" ({i})"}]  # fmt: skip
+            {"role": "user", "content": questions(i + 1)[i]}]  # fmt: skip
 
 
 def _engine_run(base: Engine, doc: str, n: int, new: int, share: int) -> dict:
@@ -118,8 +129,7 @@ def measure(
     steps: int = 16,
 ) -> list[BranchesRow]:
     """The rows (see the module docstring)."""
-    ids = base.tokenizer(long_text())["input_ids"]
-    doc = base.tokenizer.decode(ids[:prefix_tokens])
+    doc = document(base, prefix_tokens)
     layers, heads, dim = base.adapter.kv_dims
     token_mib = 2 * layers * heads * dim * base.adapter.dtype.itemsize / 2**20
     rows = []

@@ -125,8 +125,13 @@ def run_concurrent(args: argparse.Namespace, engine) -> int:
 
     streams = parse_lengths(args.streams, "--streams")
     if args.workload == "branches":
+        from kvshare.bench.branches_graph import markdown_graph, measure_graph
+
         found = branches.measure(engine, tuple(streams), args.input, args.output)
-        return _write_rows(args, engine, "branches", found, branches.markdown(found))
+        _write_rows(args, engine, "branches", found, branches.markdown(found))
+        doc = branches.document(engine, args.input)
+        graphs = [measure_graph(engine, doc, branches.questions(n)) for n in streams]
+        return _write_rows(args, engine, "branches_graph", graphs, markdown_graph(graphs))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     mode = modes[0] if len(modes) == 1 else "full"  # default: the engine alone, no reuse
     rows = measure(engine, streams, mode, args.output, args.input, repeats=args.repeats)

@@ -225,6 +225,8 @@ def test_branches_bench_cli_holds_the_document_once(tiny_dirs, tmp_path, capsys)
     assert row["kv_used_mib_shared"] <= row["bound_mib"] * 1.01
     assert row["kv_used_mib_copies"] > 2 * row["kv_used_mib_shared"]
     assert row["step_ms_shared"] > 0 and row["step_ms_copies"] > 0
+    (graph,) = json.loads((tmp_path / "branches_graph.json").read_text())  # LangGraph Send
+    assert graph["branches"] == 3 and graph["same_answers"] and graph["held_mib"] > 0
     assert "| 3 | " in capsys.readouterr().out
 
 

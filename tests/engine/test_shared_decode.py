@@ -100,5 +100,5 @@ def test_while_a_call_decodes_its_prompt_kv_lives_only_in_its_row(tiny_engine):
         alive.append(prompt() is not None)
 
     dec = call.decode_batched(eng, req, b, look)
-    assert alive and not any(alive)
+    assert len(alive) > 1 and not any(alive[1:])  # the first token is handed out on entry
     assert dec.kv.length == len(req.prompt) + len(dec.tokens) - 1
