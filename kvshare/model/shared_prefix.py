@@ -116,7 +116,7 @@ def attend_rows(
     h = keys.shape[1]
     qg = q.view(b, h, hq // h, d)
     if len(groups) == 1 and len(groups[0][1]) == b:
-        return _one_group(qg, keys, values, scale, mask, groups[0][0], layer).view(b, hq, 1, d)
+        return _one_group(qg, keys, values, scale, mask, groups[0][0], layer).reshape(b, hq, 1, d)
     o, lse = attend(qg, keys, values, scale, mask)
     for prefix, rows in groups:
         po, pl = prefix_attention(qg[rows], prefix, layer, scale)
@@ -135,22 +135,27 @@ def _one_group(
 ) -> Tensor:
     """Every row of q [B, H, R, D] over ``prefix`` then its own keys [B, H, S, D]: the
     prefix's scores for all B·R queries in one product per part (the prefix read once), one
-    softmax over [prefix | own]. Returns o [B, H, R, D]."""
+    softmax over [prefix | own] taken in place part by part (no concatenated copy). Returns
+    o [B, H, R, D]."""
     b, h, r, d = q.shape
     block = q.permute(1, 0, 2, 3).reshape(h, b * r, d)  # [H, B·R, D]
-    own = torch.matmul(q, keys.transpose(-1, -2)).float()  # [B, H, R, S]
+    own = torch.matmul(q, keys.transpose(-1, -2)).float().mul_(scale)  # [B, H, R, S]
     if mask is not None:
         own = own.masked_fill(~mask, float("-inf"))
-    heads = [torch.matmul(block, p.keys[layer].transpose(-1, -2)).float() for p in prefix.parts]
-    shared = torch.cat(heads, -1) if len(heads) > 1 else heads[0]  # [H, B·R, P]
-    n = shared.shape[-1]
-    w = torch.cat([shared.view(h, b, r, n).transpose(0, 1), own], -1).mul_(scale)
-    w = torch.softmax(w, -1).to(values.dtype)  # [B, H, R, P + S]
-    o = torch.matmul(w[..., n:], values)
-    w_shared = w[..., :n].transpose(0, 1).reshape(h, b * r, n)
-    at = 0
-    for p in prefix.parts:
-        part = torch.matmul(w_shared[..., at : at + p.length], p.values[layer])  # [H, B·R, D]
-        o += part.view(h, b, r, d).transpose(0, 1)
-        at += p.length
-    return o
+    own = own.permute(1, 0, 2, 3).reshape(h, b * r, -1)  # [H, B·R, S]
+    heads = [
+        torch.matmul(block, p.keys[layer].transpose(-1, -2)).float().mul_(scale)
+        for p in prefix.parts
+    ]  # [H, B·R, P_i]
+    top = own.amax(-1, keepdim=True)
+    for s in heads:
+        top = torch.maximum(top, s.amax(-1, keepdim=True))
+    total = own.sub_(top).exp_().sum(-1, keepdim=True)
+    for s in heads:
+        total += s.sub_(top).exp_().sum(-1, keepdim=True)
+    mine = own.reshape(h, b, r, -1).to(values.dtype)
+    o = torch.matmul(mine, values.transpose(0, 1)).view(h, b * r, d)  # [H, B·R, D]
+    for s, p in zip(heads, prefix.parts, strict=True):
+        o = torch.baddbmm(o, s.to(values.dtype), p.values[layer])
+    o = (o.float() / total).to(values.dtype)
+    return o.view(h, b, r, d).permute(1, 0, 2, 3)
