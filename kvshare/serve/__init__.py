@@ -5,7 +5,8 @@ the CLI imports it). Parts: ``app`` (the app factory,
 routes), ``chat`` (one chat request, whole or streamed), ``convert`` (OpenAI shapes <-> engine
 calls), ``schema`` (request bodies), ``auth`` (API keys -> tenants), ``limits`` (per-tenant
 backpressure), ``errors`` (OpenAI's error shape), ``middleware`` (body cap, status counts),
-``metrics`` (Prometheus), ``config`` (ServeConfig, config files), ``run`` (uvicorn, drain).
+``metrics`` (Prometheus), ``config`` (ServeConfig, config files), ``run`` (uvicorn, drain),
+``remote`` (a reference team through ChatOpenAI against a server).
 """
 
 from __future__ import annotations

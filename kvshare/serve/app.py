@@ -111,7 +111,7 @@ async def complete(state: ServeState, req: ChatRequest, request: Request, tenant
         raise ServeError(503, "the server is shutting down; retry on another", None, "draining")
     who = chat.caller(tenant, req, request.headers)
     args = chat.call_args(state, req, who)
-    slot = state.limits.acquire(tenant, chat.prompt_estimate(state.engine.tokenizer, req))
+    slot = state.limits.acquire(tenant, chat.prompt_estimate(req))
     try:
         chat.hint_next(state, req, who)
     except BaseException:

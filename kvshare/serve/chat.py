@@ -75,11 +75,12 @@ def call_args(state: Any, req: ChatRequest, who: Caller) -> dict[str, Any]:
     }
 
 
-def prompt_estimate(tokenizer: Any, req: ChatRequest) -> int:
-    """The request's prompt tokens for the queue budget: its text's tokens plus 8 per
-    message for the template (an estimate; the engine counts exactly)."""
-    text = "\n".join(m.text() for m in req.messages)
-    return len(tokenizer.encode(text, add_special_tokens=False)) + 8 * len(req.messages)
+def prompt_estimate(req: ChatRequest) -> int:
+    """The request's prompt tokens for the queue budget, estimated without the tokenizer
+    (which the engine's threads may be using): UTF-8 bytes / 4 plus 8 per message for the
+    template. The engine counts exactly; this only bounds what a tenant has in flight."""
+    size = sum(len(m.text().encode()) for m in req.messages)
+    return size // 4 + 8 * len(req.messages)
 
 
 def hint_next(state: Any, req: ChatRequest, who: Caller) -> None:
