@@ -8,6 +8,7 @@ Routes: ``POST /v1/chat/completions`` (``kvshare.serve.chat``), ``GET /v1/models
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,10 +60,15 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(Guard, max_bytes=state.config.max_body_bytes, metrics=state.metrics)
 
-    def tenant_of(request: Request) -> str:
-        if state.keys is None:
+    async def tenant_of(request: Request) -> str:
+        """The caller's tenant: a key seen before costs one HMAC on the loop; a new one its
+        scrypt, in a worker thread (the loop keeps serving)."""
+        keys = state.keys
+        if keys is None:
             return state.config.local_tenant
-        return state.keys.tenant(request.headers.get("authorization"))
+        header = request.headers.get("authorization")
+        known = keys.known(header)
+        return known if known is not None else await asyncio.to_thread(keys.tenant, header)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -111,12 +117,9 @@ async def complete(state: ServeState, req: ChatRequest, request: Request, tenant
         raise ServeError(503, "the server is shutting down; retry on another", None, "draining")
     who = chat.caller(tenant, req, request.headers)
     args = chat.call_args(state, req, who)
+    hint = chat.next_hint(state, req, who)
     slot = state.limits.acquire(tenant, chat.prompt_estimate(req))
-    try:
-        chat.hint_next(state, req, who)
-    except BaseException:
-        slot.release()
-        raise
+    slot.on_start = hint
     if not req.stream:
         return await chat.whole(state, req, args, slot)
     events = chat.streamed(state, req, args, slot)

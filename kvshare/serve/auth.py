@@ -105,14 +105,18 @@ class KeyChecker:
         self._seen: dict[bytes, str] = {}
         self._lock = threading.Lock()
 
+    def known(self, authorization: str | None) -> str | None:
+        """The tenant of a key that passed before (one HMAC, no scrypt), else None;
+        AuthError when the header is missing or not ``Bearer KEY``."""
+        mark = self._mark(_bearer(authorization))
+        with self._lock:
+            return self._seen.get(mark)
+
     def tenant(self, authorization: str | None) -> str:
         """The tenant of an ``Authorization`` header value; AuthError when it is missing,
-        not ``Bearer KEY``, or matches no entry."""
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-        key = key.strip()
-        mark = hmac.new(self._pepper, key.encode(), hashlib.sha256).digest()
+        not ``Bearer KEY``, or matches no entry (one scrypt for a key not seen before)."""
+        key = _bearer(authorization)
+        mark = self._mark(key)
         with self._lock:
             known = self._seen.get(mark)
         if known is not None:
@@ -129,3 +133,14 @@ class KeyChecker:
             if len(self._seen) < 100_000:
                 self._seen[mark] = tenant
         return tenant
+
+    def _mark(self, key: str) -> bytes:
+        return hmac.new(self._pepper, key.encode(), hashlib.sha256).digest()
+
+
+def _bearer(authorization: str | None) -> str:
+    """The key of a ``Bearer KEY`` header value; AuthError otherwise."""
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
+    return key.strip()

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from kvshare.engine.results import ChatResult
+from kvshare.errors import KVShareError
 from kvshare.integrations.replies import astream_texts
+from kvshare.sched.hints import make_hint
 from kvshare.serve import convert
 from kvshare.serve.errors import ServeError, body, classify
 from kvshare.serve.limits import Slot
@@ -55,7 +58,8 @@ def call_args(state: Any, req: ChatRequest, who: Caller) -> dict[str, Any]:
             404, f"model {req.model!r} is not served here; this server serves "
             f"{state.model_id!r} (GET /v1/models)", "model", "model_not_found",
         )  # fmt: skip
-    asked = req.max_completion_tokens or req.max_tokens or state.config.default_max_tokens
+    default = min(state.config.default_max_tokens, state.max_tokens_cap)
+    asked = req.max_completion_tokens or req.max_tokens or default
     if asked > state.max_tokens_cap:
         name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         raise ServeError(
@@ -83,16 +87,21 @@ def prompt_estimate(req: ChatRequest) -> int:
     return size // 4 + 8 * len(req.messages)
 
 
-def hint_next(state: Any, req: ChatRequest, who: Caller) -> None:
-    """``metadata.kvshare_next`` (comma-separated agents) as a workflow hint: this agent
-    runs now, those next."""
+def next_hint(state: Any, req: ChatRequest, who: Caller) -> Callable[[], None] | None:
+    """``metadata.kvshare_next`` (comma-separated agents) as a workflow hint (this agent runs
+    now, those next), checked now and given to the engine by the returned callable (at the
+    call's first token, so a refused call leaves no hint); None without one."""
     nexts = (req.metadata or {}).get("kvshare_next")
     if nexts is None:
-        return
-    if who.session is None:
-        raise ServeError(400, "kvshare_next needs a session", "metadata.kvshare_next")
+        return None
     names = [n.strip() for n in nexts.split(",") if n.strip()]
-    state.engine.hint(who.session, running=who.agent, next=names, tenant=who.tenant)
+    try:
+        make_hint(who.session, who.agent, names, (), None, who.tenant)
+    except KVShareError as exc:
+        raise ServeError(400, f"kvshare_next: {exc}", "metadata.kvshare_next") from exc
+    session = who.session
+    assert session is not None
+    return partial(state.engine.hint, session, running=who.agent, next=names, tenant=who.tenant)
 
 
 async def whole(state: Any, req: ChatRequest, args: dict[str, Any], slot: Slot) -> dict:
@@ -122,7 +131,7 @@ async def streamed(
     started = False
     try:
         if convert.uses_tools(req):  # a tool reply comes whole, once its calls are parsed
-            done.append(await state.engine.achat(**args))
+            done.append(await state.engine.achat(**args, on_token=slot.started))
             started = True
             yield sse(convert.chunk(cid, model, tool_delta(done[0]), None))
         else:

@@ -8,6 +8,7 @@ stream) ends, whatever way it ends; over either cap it is refused at once (429 w
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvshare.errors import KVShareError
@@ -24,20 +25,26 @@ class OverLimitError(KVShareError):
 @dataclass
 class Slot:
     """One admitted request's share of its tenant's budget; release once (idempotent).
-    Until :meth:`started` (its first token) it counts as waiting (the queue depth)."""
+    Until :meth:`started` (its first token) it counts as waiting (the queue depth);
+    ``on_start`` runs then, so what it does (a workflow hint) happens only for a call the
+    engine accepted."""
 
     limiter: TenantLimits
     tenant: str
     tokens: int
     held: bool = True
     waiting: bool = True
+    on_start: Callable[[], None] | None = None  # runs at the first token only
 
     def started(self, *_: object) -> None:
         if self.waiting:
             self.waiting = False
             self.limiter.waiting -= 1
+            if self.on_start is not None:
+                self.on_start()
 
     def release(self) -> None:
+        self.on_start = None  # a request that ends before its first token starts nothing
         self.started()
         if self.held:
             self.held = False

@@ -130,3 +130,10 @@ def test_hints_are_recorded_under_the_keys_tenant(keyed):
                                         "kvshare_next": "writer"})  # fmt: skip
     hint = server.state.engine.hints("wf1")[-1]
     assert (hint.running, hint.next, hint.tenant) == ("critic", ("writer",), "bob")
+    kept = len(server.state.engine.hints())
+    refused = post(server, keys["bob"], messages=[{"role": "user", "content": "ledger " * 5000}],
+                   metadata={"kvshare_session": "wf1", "kvshare_next": "judge"})  # fmt: skip
+    no_session = post(server, keys["bob"], metadata={"kvshare_next": "judge"})
+    assert refused.status_code == no_session.status_code == 400
+    assert no_session.json()["error"]["param"] == "metadata.kvshare_next"
+    assert len(server.state.engine.hints()) == kept  # a refused call leaves no hint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from kvshare.serve import ServeConfig
@@ -83,10 +84,17 @@ def test_limits_of_the_model_and_the_server_name_the_limit(client, tiny_server):
     assert fingerprint(tiny_server.state.engine) == before
 
 
+def test_without_max_tokens_the_default_stays_under_the_cap(tiny_engine):
+    with served(tiny_engine.fork(), ServeConfig(max_tokens_cap=3)) as server:
+        plain = {"model": server.state.model_id, "messages": MSGS, "temperature": 0}
+        r = httpx.post(f"{server.base}/v1/chat/completions", json=plain, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+        over = httpx.post(f"{server.base}/v1/chat/completions", json={**plain, "max_tokens": 4})
+        shape(over, 400, "max_tokens")
+
+
 def test_a_body_over_the_cap_is_413(tiny_engine):
     with served(tiny_engine.fork(), ServeConfig(max_body_bytes=4096)) as server:
-        import httpx
-
         big = body(server, messages=[{"role": "user", "content": "x" * 5000}])
         with httpx.Client(base_url=server.base) as c:
             shape(c.post("/v1/chat/completions", json=big), 413, code="body_too_large")
