@@ -1,4 +1,5 @@
-"""Command line: ``kvshare demo``, ``kvshare bench``, ``kvshare chat`` (one module each).
+"""Command line: ``kvshare demo``, ``kvshare bench``, ``kvshare chat``, ``kvshare serve`` (one
+module each).
 
 Wing: the top. May import every other wing; nothing imports it.
 """
@@ -8,14 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvshare.cli import bench, chat, demo
+from kvshare.cli import bench, chat, demo, serve
 from kvshare.errors import KVShareError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvshare", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (demo, bench, chat):
+    for command in (demo, bench, chat, serve):
         command.add_parser(sub)
     return parser
 

@@ -56,6 +56,10 @@ def add_parser(sub: Any) -> None:
         "--replicas", default="2,4,8,16,32,64", help="routing: simulated replica counts"
     )
     bench.add_argument(
+        "--clients", default="1,4,16", help="serve: concurrent HTTP clients (comma-separated)"
+    )
+    bench.add_argument("--requests", type=int, default=4, help="serve: requests per client")
+    bench.add_argument(
         "--concurrency",
         type=int,
         default=1,
@@ -169,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
         return bench_more.run_overhead(args, engine)
     if args.workload in ("concurrent", "branches"):
         return bench_more.run_concurrent(args, engine)
+    if args.workload == "serve":
+        return bench_more.run_serve(args, engine)
     if args.workload == "wrapper":
         from kvshare.bench.wrapper import measure as wrapper_cost
 

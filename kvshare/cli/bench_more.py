@@ -138,6 +138,23 @@ def run_concurrent(args: argparse.Namespace, engine) -> int:
     return _write_rows(args, engine, "concurrent", rows, markdown(rows))
 
 
+def run_serve(args: argparse.Namespace, engine) -> int:
+    """HTTP overhead per call (``--items`` calls, default 40) and ``--clients`` x
+    ``--requests`` streamed requests of ``--output`` tokens against a serial replay; mode:
+    the one ``--modes`` names, else prefix."""
+    from kvshare.bench.serve import markdown, measure_load, measure_overhead, serial_replies
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    engine = engine.fork(mode=modes[0] if len(modes) == 1 else "prefix")
+    clients = parse_lengths(args.clients, "--clients")
+    overhead = measure_overhead(engine.fork(), args.items or 40)
+    expected = serial_replies(engine, max(clients) * args.requests, args.output)
+    rows = [measure_load(engine, c, args.requests, args.output, expected) for c in clients]
+    table = markdown(overhead, rows)
+    _write_rows(args, engine, "serve", [overhead, *rows], table)
+    return 0 if all(r.errors == 0 and r.mismatches == 0 for r in rows) else 1
+
+
 def run_kernels(args: argparse.Namespace) -> int:
     import json
 

@@ -132,7 +132,8 @@ def test_installed_kernels_and_agents_win_over_our_folders(staged, tiny_dirs, en
     assert lines["kernels"] == f"{staged / 'kernels' / '__init__.py'} True"
     agents_file, *error = lines["agents"].split()
     assert agents_file == str(staged / "agents" / "__init__.py")
-    assert error in ([], ["ModuleNotFoundError", "openai"])
+    # a dependency of the SDK that is not staged (openai, or griffe where openai is installed)
+    assert error == [] or (len(error) == 2 and error[0] == "ModuleNotFoundError"), error
     assert lines["answered"] == "True True"
 
 

@@ -1,0 +1,69 @@
+"""``--config FILE`` (TOML or JSON: serve and engine tables) and how the CLI combines it with
+``--keys``, ``--no-auth`` and ``--mode``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from kvshare.cli.serve import server_configs
+from kvshare.errors import ConfigError
+from kvshare.serve.config import ServeConfig, read_config
+
+TOML = """
+[serve]
+max_concurrent = 2
+max_tokens_cap = 64
+
+[engine]
+mode = "prefix"
+max_decode_batch = 4
+"""
+
+
+def args(**over) -> argparse.Namespace:
+    base = {"config": None, "keys": None, "no_auth": False, "mode": None}
+    return argparse.Namespace(**{**base, **over})
+
+
+def test_toml_and_json_give_the_same_configs(tmp_path):
+    toml, js = tmp_path / "c.toml", tmp_path / "c.json"
+    toml.write_text(TOML)
+    js.write_text(json.dumps({"serve": {"max_concurrent": 2, "max_tokens_cap": 64},
+                              "engine": {"mode": "prefix", "max_decode_batch": 4}}))  # fmt: skip
+    serve, engine = read_config(toml)
+    assert (serve, engine) == read_config(js)
+    assert serve == ServeConfig(max_concurrent=2, max_tokens_cap=64)
+    assert engine.mode == "prefix" and engine.max_decode_batch == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('{"serve": {"max_concurent": 2}}', "max_concurent"),
+        ('{"engine": {"nope": 1}}', "nope"),
+        ('{"tenants": {}}', "only the tables"),
+        ('{"serve": {"max_concurrent": 0}}', "max_concurrent"),
+        ("{not json", "cannot read"),
+    ],
+)
+def test_bad_config_files_are_named_errors(tmp_path, text, match):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        read_config(path)
+
+
+def test_cli_needs_keys_or_no_auth_and_mode_overrides_the_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(TOML)
+    serve, engine = server_configs(args(config=str(path), keys="k.json", mode="full"))
+    assert serve.keys_file == "k.json" and serve.max_concurrent == 2 and engine.mode == "full"
+    serve, engine = server_configs(args(config=str(path), no_auth=True))
+    assert serve.keys_file is None and engine.mode == "prefix"
+    with pytest.raises(ConfigError, match="--no-auth"):
+        server_configs(args())
+    with pytest.raises(ConfigError, match="exclude"):
+        server_configs(args(keys="k.json", no_auth=True))
