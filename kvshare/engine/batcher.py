@@ -267,15 +267,19 @@ class DecodeBatcher(Worker):
 
     def stats(self) -> dict[str, Any]:
         """Steps run (those inside prefills among them), the mean batch (tokens fed per
-        step), and over the last 1,024 steps the median ms of the batched forward and of the
-        step outside it (admission, sampling, handing tokens over: ``host_ms``; on a GPU the
+        step), the calls decoding now (``batch``) and waiting for a row (``waiting``), and
+        over the last 1,024 steps the median ms of the batched forward and of the step
+        outside it (admission, sampling, handing tokens over: ``host_ms``; on a GPU the
         forward's time is its launch unless the sampling read waits for it)."""
         mean = self.batch_tokens / max(1, self.steps)
         times = list(self._times)
         host = statistics.median(s - f for s, f in times) * 1e3 if times else 0.0
         forward = statistics.median(f for _, f in times) * 1e3 if times else 0.0
+        with self._cond:
+            batch, waiting = len(self._running), len(self._pending)
         return {"steps": self.steps, "inline_steps": self.inline_steps, "mean_batch": mean,
-                "forward_ms": forward, "host_ms": host}  # fmt: skip
+                "batch": batch, "waiting": waiting, "forward_ms": forward,
+                "host_ms": host}  # fmt: skip
 
 
 def _outcome(m: Member) -> DecodeResult:

@@ -239,3 +239,17 @@ def test_routing_bench_cli_simulates_every_policy_without_a_model(tmp_path, caps
     assert len(rows) == 8 and "| 4 | two-choice |" in capsys.readouterr().out
     assert main([*args[:3], "--replicas", "0", "--out", str(tmp_path)]) == 2
     assert "--replicas wants positive integers" in capsys.readouterr().err
+
+
+def test_serve_bench_cli_compares_http_with_achat_and_replays(tiny_dirs, tmp_path, capsys):
+    """``kvshare bench --workload serve``: the HTTP overhead row (both estimators) and a
+    load row per client count, every reply equal to its serial replay."""
+    args = ["bench", "--workload", "serve", "--model", str(tiny_dirs["llama"])]
+    args += ["--clients", "1,3", "--requests", "2", "--output", "3", "--items", "4"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    overhead, *load = json.loads((tmp_path / "serve.json").read_text())
+    assert overhead["calls"] == 4 and overhead["http_median_ms"] > 0
+    assert overhead["direct_median_ms"] > 0 and "paired_ms" in overhead
+    assert [(r["clients"], r["requests"], r["errors"], r["mismatches"]) for r in load] == [
+        (1, 2, 0, 0), (3, 6, 0, 0)]  # fmt: skip
+    assert "median of the per-pair differences" in capsys.readouterr().out

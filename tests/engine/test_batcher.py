@@ -143,6 +143,7 @@ def test_at_most_max_decode_batch_calls_decode_at_once(tiny_engine):
     stats = eng.batcher.stats()
     assert 1.0 < stats["mean_batch"] <= 2.0
     assert stats["forward_ms"] > 0 and stats["host_ms"] > 0  # a step's two parts, timed
+    assert stats["batch"] == 0 and stats["waiting"] == 0  # every call has ended
 
 
 def test_seeded_sampling_and_greedy_mixed_in_one_batch_match_alone(tiny_engine):
