@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvshare.kernels.kv import KV
+from kvshare.kernels.kv import KV, splice
 from kvshare.kernels.rope import _rotate_half
 from kvshare.model.shared_prefix import SharedPrefix, ShareKey, attend_rows
 
@@ -113,7 +113,7 @@ class DecodeSlots:
 
     def _hold(self, shared: ShareKey) -> SharedPrefix:
         key, parts = shared
-        prefix = self.held.setdefault(key, SharedPrefix(parts))
+        prefix = self.held.setdefault(key, SharedPrefix(parts, key))
         prefix.refs += 1
         return prefix
 
@@ -150,8 +150,7 @@ class DecodeSlots:
         keys, values = self.keys[:, row, :, :n], self.values[:, row, :, :n]
         if prefix is None:
             return KV(keys.clone(), values.clone())
-        head = prefix.kv()
-        return KV(torch.cat([head.keys, keys], dim=2), torch.cat([head.values, values], dim=2))
+        return splice([*prefix.parts, KV(keys, values)])  # concatenated: a new tensor
 
     def release(self, row: int) -> int | None:
         """Free ``row`` (and its hold on a shared prefix); the last row moves into it.
@@ -160,7 +159,7 @@ class DecodeSlots:
         if prefix is not None:
             prefix.refs -= 1
             if prefix.refs == 0:
-                self.held = {k: p for k, p in self.held.items() if p is not prefix}
+                del self.held[prefix.key]
         last = self.rows - 1
         if row != last:
             n = self.lengths[last]

@@ -32,9 +32,11 @@ ShareKey = tuple[Hashable, tuple[KV, ...]]
 @dataclass(eq=False)
 class SharedPrefix:
     """KV held once for every decode row that starts with it: ``parts`` [L, H, P_i, D] in
-    order (positions ``0..length-1``); ``refs``: rows using it."""
+    order (positions ``0..length-1``); ``key``: its identity where it is held; ``refs``:
+    rows using it."""
 
     parts: tuple[KV, ...]
+    key: Hashable = None
     refs: int = 0
 
     @property
@@ -44,15 +46,6 @@ class SharedPrefix:
     @property
     def nbytes(self) -> int:
         return sum(2 * p.keys.numel() * p.keys.element_size() for p in self.parts)
-
-    def kv(self) -> KV:
-        """A contiguous copy, KV [L, H, P, D]."""
-        if len(self.parts) == 1:
-            return KV(self.parts[0].keys.clone(), self.parts[0].values.clone())
-        return KV(
-            torch.cat([p.keys for p in self.parts], dim=2),
-            torch.cat([p.values for p in self.parts], dim=2),
-        )
 
 
 def attend(

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from kvshare.kernels import splice
 
 from kvshare import Engine
 from kvshare.engine import call
@@ -80,10 +81,9 @@ def test_a_reused_prefix_is_the_first_part_of_the_calls_own_kv(tiny_engine, mode
     parts = b.shared[1]
     n = sum(p.length for p in parts)
     assert n >= 16
-    keys = torch.cat([p.keys for p in parts], dim=2)
-    values = torch.cat([p.values for p in parts], dim=2)
-    assert torch.equal(b.pre.kv.keys[:, :, :n], keys)
-    assert torch.equal(b.pre.kv.values[:, :, :n], values)
+    head = splice(list(parts))
+    assert torch.equal(b.pre.kv.keys[:, :, :n], head.keys)
+    assert torch.equal(b.pre.kv.values[:, :, :n], head.values)
 
 
 def test_while_a_call_decodes_its_prompt_kv_lives_only_in_its_row(tiny_engine):
