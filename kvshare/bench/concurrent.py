@@ -35,6 +35,7 @@ class ConcurrentRow(BaseModel):
     streams: int
     mode: str
     chunk: int = 0  # prefill_chunk_tokens of the together run (0: whole prefills)
+    every_ms: float = 0.0  # decode_every_ms of the together run (0: off)
     tokens: float
     wall_s: float
     serial_wall_s: float
@@ -105,29 +106,34 @@ def measure(
     new_tokens: int = 64,
     prompt_tokens: int = 128,
     repeats: int = 1,
-    chunks: Sequence[int] = (0,),
+    variants: Sequence[tuple[int, float]] = ((0, 0.0),),
 ) -> list[ConcurrentRow]:
-    """The rows, one per stream count and chunk size (``prefill_chunk_tokens`` of the
-    together run; one at a time always prefills whole); each figure the median of
-    ``repeats`` runs (serial and each together run alternating, fresh engines each time)."""
+    """The rows, one per stream count and variant of the together run (its
+    ``prefill_chunk_tokens``, ``decode_every_ms``; one at a time always runs plain); each
+    figure the median of ``repeats`` runs (serial and each together run alternating, fresh
+    engines each time)."""
     ids = base.tokenizer(long_text())["input_ids"]
     rows = []
     for n in streams:
         msgs = [_messages(base, ids, i, prompt_tokens) for i in range(n)]
-        runs = [_once(base, msgs, mode, new_tokens, chunks) for _ in range(repeats)]
-        for c, chunk in enumerate(chunks):
+        runs = [_once(base, msgs, mode, new_tokens, variants) for _ in range(repeats)]
+        for c, (chunk, every) in enumerate(variants):
             med = {k: statistics.median(r[c][k] for r in runs) for k in runs[0][c]}
-            rows.append(ConcurrentRow(streams=n, mode=mode, chunk=chunk, **med))
+            rows.append(ConcurrentRow(streams=n, mode=mode, chunk=chunk, every_ms=every, **med))
     return rows
 
 
 def _once(
-    base: Engine, msgs: list[list[dict]], mode: str, new: int, chunks: Sequence[int]
+    base: Engine,
+    msgs: list[list[dict]],
+    mode: str,
+    new: int,
+    variants: Sequence[tuple[int, float]],
 ) -> list[dict[str, Any]]:
-    """One serial run and, per chunk size, one together run: their figures."""
+    """One serial run and, per variant, one together run: their figures."""
     serial, serial_wall, _ = _run(base.fork(mode=mode), msgs, new, together=False)
-    return [_together(base.fork(mode=mode, prefill_chunk_tokens=c), msgs, new, serial, serial_wall)
-            for c in chunks]  # fmt: skip
+    forks = [base.fork(mode=mode, prefill_chunk_tokens=c, decode_every_ms=e) for c, e in variants]
+    return [_together(eng, msgs, new, serial, serial_wall) for eng in forks]
 
 
 def _together(
@@ -164,7 +170,8 @@ def _step_times(eng: Engine) -> dict[str, float]:
 
 def markdown(rows: Sequence[ConcurrentRow]) -> str:
     lines = [
-        "| streams | mode | prefill chunk | tokens | wall together / one at a time (s) | "
+        "| streams | mode | together: prefill chunk / decode_every_ms | tokens | "
+        "wall together / one at a time (s) | "
         "tokens/s together / one at a time | × | steady decode tokens/s together / one at a "
         "time | × | p50 / p99 TTFT together (s) | p50 TTFT one at a time (s) | "
         "mean decode batch | longest stall (s) | "
@@ -173,7 +180,7 @@ def markdown(rows: Sequence[ConcurrentRow]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.streams} | {r.mode} | {r.chunk or 'whole'} | {r.tokens:.0f} | "
+            f"| {r.streams} | {r.mode} | {r.chunk or 'whole'} / {r.every_ms:g} | {r.tokens:.0f} | "
             f"{r.wall_s:.2f} / {r.serial_wall_s:.2f} | "
             f"{r.tok_s:.1f} / {r.serial_tok_s:.1f} | {r.tok_s / r.serial_tok_s:.2f}× | "
             f"{r.decode_tok_s:.1f} / {r.serial_decode_tok_s:.1f} | "

@@ -135,7 +135,9 @@ def run_concurrent(args: argparse.Namespace, engine) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     mode = modes[0] if len(modes) == 1 else "full"  # default: the engine alone, no reuse
     chunks = parse_lengths(args.chunk, "--chunk", least=0)
-    rows = measure(engine, streams, mode, args.output, args.input, args.repeats, chunks)
+    every = parse_lengths(args.every, "--every", least=0)
+    variants = [(c, float(e)) for c in chunks for e in every]
+    rows = measure(engine, streams, mode, args.output, args.input, args.repeats, variants)
     return _write_rows(args, engine, "concurrent", rows, markdown(rows))
 
 
