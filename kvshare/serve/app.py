@@ -9,6 +9,7 @@ Routes: ``POST /v1/chat/completions`` (``kvshare.serve.chat``), ``GET /v1/models
 from __future__ import annotations
 
 import asyncio
+import json
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +122,8 @@ async def complete(state: ServeState, req: ChatRequest, request: Request, tenant
     slot = state.limits.acquire(tenant, chat.prompt_estimate(req))
     slot.on_start = hint
     if not req.stream:
-        return await chat.whole(state, req, args, slot)
+        reply = await chat.whole(state, req, args, slot)
+        return Response(json.dumps(reply, separators=(",", ":")), media_type="application/json")
     events = chat.streamed(state, req, args, slot)
     first = await anext(events)  # errors before the first text: a plain error answer
 
