@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +92,14 @@ def test_a_servers_engine_trusts_no_role_with_control_tokens_unless_its_config_s
         for cfg in (served_cfg, trusting)
     ]
     assert counts == [3, 4]  # system, user, the generation prompt (+ the forged turn)
+
+
+def test_the_config_files_in_docs_serve_md_are_valid(tmp_path):
+    doc = Path(__file__).resolve().parents[2] / "docs" / "serve.md"
+    blocks = re.findall(r"```toml\n(.*?)```", doc.read_text(), re.S)
+    assert len(blocks) >= 2
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"{i}.toml"
+        path.write_text(block)
+        serve, engine = read_config(path)
+        assert engine.special_token_roles == ()  # the server default, commented out there
