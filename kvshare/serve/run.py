@@ -66,7 +66,11 @@ class DrainingServer(uvicorn.Server):
 
     async def shutdown(self, sockets: Any = None) -> None:
         await super().shutdown(sockets)
-        moved = await asyncio.to_thread(self.state.engine.segments.persist)
+        try:
+            moved = await asyncio.to_thread(self.state.engine.segments.persist)
+        except Exception:  # the drain still ends: what is not persisted is recomputed later
+            log.exception("kvshare serve: persisting the trace store failed")
+            return
         if moved:
             log.info("kvshare serve: %d stored segments moved to the disk tier", moved)
 
