@@ -10,10 +10,13 @@ import httpx
 from serving import spawned, terminate
 
 
-def test_sigterm_drains_the_stream_in_flight_and_exits_zero():
-    """80 tokens: on this 2-core machine under other work a tiny-deep step took up to 0.2 s,
-    and 200 tokens outlasted the 30 s drain (the stream was cut, correctly, at the limit)."""
-    args = ["--model", "random:tiny-deep", "--mode", "prefix"]
+def test_sigterm_drains_the_stream_in_flight_and_exits_zero(tmp_path):
+    """80 tokens and a 150 s drain: on this 2-core machine under other work a tiny-deep step
+    took up to 0.4 s, and 200 tokens outlasted the default 30 s drain (the stream was cut,
+    correctly, at the limit)."""
+    config = tmp_path / "drain.toml"
+    config.write_text("[serve]\ndrain_s = 150\n")
+    args = ["--model", "random:tiny-deep", "--mode", "prefix", "--config", str(config)]
     with spawned(args) as (base, proc):
         model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
         body = {"model": model, "messages": [{"role": "user", "content": "Tell a story."}],
@@ -22,7 +25,7 @@ def test_sigterm_drains_the_stream_in_flight_and_exits_zero():
         first = threading.Event()
 
         def read() -> None:
-            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=180) as r:
                 for line in r.iter_lines():
                     lines.append(line)
                     first.set()
@@ -31,7 +34,7 @@ def test_sigterm_drains_the_stream_in_flight_and_exits_zero():
         reader.start()
         assert first.wait(60)
         at_signal = len(lines)
-        assert terminate(proc) == 0
+        assert terminate(proc, timeout=180) == 0
         reader.join(timeout=60)
     events = [line[6:] for line in lines if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and len(lines) > at_signal + 2  # it went on after SIGTERM
