@@ -54,10 +54,9 @@ def run_add(args: argparse.Namespace) -> int:
 
 def server_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     """(ServeConfig, EngineConfig) from ``--config``, ``--keys``, ``--no-auth``, ``--mode``."""
-    from kvshare.config import EngineConfig
-    from kvshare.serve.config import read_config, serve_config
+    from kvshare.serve.config import read_config, serve_config, server_engine_config
 
-    serve, engine = read_config(args.config) if args.config else (None, EngineConfig())
+    serve, engine = read_config(args.config) if args.config else (None, server_engine_config())
     keys = args.keys or (serve.keys_file if serve else None)
     if keys is None and not args.no_auth:
         raise ConfigError("give --keys FILE (kvshare serve keys add NAME) or --no-auth")

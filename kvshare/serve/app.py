@@ -9,6 +9,7 @@ Routes: ``POST /v1/chat/completions`` (``kvshare.serve.chat``), ``GET /v1/models
 from __future__ import annotations
 
 import asyncio
+import json
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvshare.serve import chat, errors
-from kvshare.serve.auth import KeyChecker, read_keys
+from kvshare.serve.auth import KeyChecker
 from kvshare.serve.config import ServeConfig
 from kvshare.serve.errors import ServeError
 from kvshare.serve.limits import TenantLimits
@@ -45,7 +46,7 @@ def make_state(engine: Any, config: ServeConfig) -> ServeState:
     """The state of an app over ``engine``; ConfigError for a corrupt keys file."""
     cap = min(config.max_tokens_cap or 1 << 30, engine.config.max_new_tokens_cap)
     model_id = config.model_id or Path(str(engine.loaded.source)).name
-    keys = KeyChecker(read_keys(config.keys_file)) if config.keys_file else None
+    keys = KeyChecker.of_file(config.keys_file, config.keys_check_s) if config.keys_file else None
     limits = TenantLimits(
         config.max_concurrent, config.max_queued_prompt_tokens, config.retry_after_s
     )
@@ -121,7 +122,8 @@ async def complete(state: ServeState, req: ChatRequest, request: Request, tenant
     slot = state.limits.acquire(tenant, chat.prompt_estimate(req))
     slot.on_start = hint
     if not req.stream:
-        return await chat.whole(state, req, args, slot)
+        reply = await chat.whole(state, req, args, slot)
+        return Response(json.dumps(reply, separators=(",", ":")), media_type="application/json")
     events = chat.streamed(state, req, args, slot)
     first = await anext(events)  # errors before the first text: a plain error answer
 

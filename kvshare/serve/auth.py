@@ -6,7 +6,10 @@ tenant name, a random 16-byte salt and ``scrypt(secret, salt)``; never the key. 
 key: find its entry by id, recompute scrypt, compare in constant time (``hmac.compare_digest``).
 A key that passed once is remembered for the process by an HMAC of it under a per-process
 secret, so later requests cost one HMAC instead of one scrypt (about 30 ms); unknown ids are
-refused without any scrypt. A key file's change is seen on the next server start.
+refused without any scrypt. A change to the keys file (a key added, one removed) is seen
+without a restart: the file's stat (mtime, size, inode) is compared at most once a second,
+and a changed file is read again and every remembered key forgotten (a removed key stops
+working at once); a changed file that cannot be read keeps the previous keys (logged).
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,7 @@ from kvshare.scope import check_id
 SCRYPT = {"n": 1 << 14, "r": 8, "p": 1}  # ~16 MiB and ~30 ms per check on one core
 _KEY = re.compile(r"kvs_([0-9a-f]{8})_([A-Za-z0-9_-]{43})")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+log = logging.getLogger("kvshare.serve")
 
 
 class AuthError(KVShareError, PermissionError):
@@ -96,18 +102,63 @@ def _write(path: Path, entries: dict[str, KeyEntry]) -> None:
     os.replace(tmp, path)
 
 
-class KeyChecker:
-    """Tenant of a bearer key (see the module docstring); thread-safe."""
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """(mtime ns, size, inode) of ``path``; None when it is missing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
-    def __init__(self, entries: dict[str, KeyEntry]) -> None:
+
+class KeyChecker:
+    """Tenant of a bearer key (see the module docstring); thread-safe. ``path``: the keys
+    file ``entries`` came from, checked for changes at most every ``check_s`` seconds (None:
+    the entries never change)."""
+
+    def __init__(
+        self, entries: dict[str, KeyEntry], path: str | Path | None = None, check_s: float = 1.0
+    ) -> None:
         self.entries = entries
+        self.path, self.check_s = (Path(path) if path is not None else None), check_s
+        self._stamp = _stamp(self.path) if self.path is not None else None
+        self._next_check = time.monotonic() + check_s
         self._pepper = secrets.token_bytes(32)
         self._seen: dict[bytes, str] = {}
+        self._generation = 0  # entries read so far: a check against older ones is not kept
         self._lock = threading.Lock()
+
+    @classmethod
+    def of_file(cls, path: str | Path, check_s: float = 1.0) -> KeyChecker:
+        """A checker over the keys file ``path`` (ConfigError when it is corrupt)."""
+        stamp = _stamp(Path(path))
+        checker = cls(read_keys(path), path, check_s)
+        checker._stamp = stamp  # as read: a change made meanwhile is seen at the next check
+        return checker
+
+    def _refresh(self) -> None:
+        """Read the keys file again when its stat changed (one ``stat`` at most every
+        ``check_s`` seconds; the others cost one clock read)."""
+        if self.path is None or time.monotonic() < self._next_check:
+            return
+        with self._lock:
+            self._next_check = time.monotonic() + self.check_s
+            stamp = _stamp(self.path)
+            if stamp == self._stamp:
+                return
+            try:
+                entries = read_keys(self.path)
+            except ConfigError as exc:
+                log.error("the keys file changed but cannot be read; keeping its keys: %s", exc)
+                return
+            self.entries, self._stamp = entries, stamp
+            self._generation += 1
+            self._seen.clear()
 
     def known(self, authorization: str | None) -> str | None:
         """The tenant of a key that passed before (one HMAC, no scrypt), else None;
         AuthError when the header is missing or not ``Bearer KEY``."""
+        self._refresh()
         mark = self._mark(_bearer(authorization))
         with self._lock:
             return self._seen.get(mark)
@@ -115,14 +166,15 @@ class KeyChecker:
     def tenant(self, authorization: str | None) -> str:
         """The tenant of an ``Authorization`` header value; AuthError when it is missing,
         not ``Bearer KEY``, or matches no entry (one scrypt for a key not seen before)."""
+        self._refresh()
         key = _bearer(authorization)
         mark = self._mark(key)
         with self._lock:
-            known = self._seen.get(mark)
+            known, generation, entries = self._seen.get(mark), self._generation, self.entries
         if known is not None:
             return known
         match = _KEY.fullmatch(key)
-        entry = self.entries.get(match.group(1)) if match else None
+        entry = entries.get(match.group(1)) if match else None
         if match is None or entry is None:
             raise AuthError("unknown API key")
         if not hmac.compare_digest(_scrypt(match.group(2), entry.salt), entry.digest):
@@ -130,7 +182,7 @@ class KeyChecker:
         tenant = check_id("tenant", entry.tenant)
         assert tenant is not None
         with self._lock:
-            if len(self._seen) < 100_000:
+            if len(self._seen) < 100_000 and generation == self._generation:
                 self._seen[mark] = tenant
         return tenant
 

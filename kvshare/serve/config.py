@@ -3,7 +3,10 @@
 A config file is TOML (``.toml``) or JSON (anything else) with up to two tables: ``serve``
 (the fields of :class:`ServeConfig`) and ``engine`` (flat ``EngineConfig`` options, e.g.
 ``mode``, ``max_decode_batch``). Unknown names and bad values raise ConfigError before a
-server starts.
+server starts. The server's engine defaults differ from the library's in
+:data:`SERVER_ENGINE_DEFAULTS`: ``special_token_roles=()``, so no client message (a system
+message included: clients write those too) can carry control tokens such as
+``<|im_start|>``; a config file may name the option to trust some role again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from kvshare.errors import ConfigError
 from kvshare.validate import check_float, check_int
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+SERVER_ENGINE_DEFAULTS: dict[str, Any] = {"special_token_roles": ()}
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,8 @@ class ServeConfig:
     413. max_tokens_cap: the most ``max_tokens`` a request may ask for (None: the engine's
     ``max_new_tokens_cap``); default_max_tokens when a request names none. drain_s: after
     SIGTERM, how long in-flight requests get to finish. model_id: the name in ``/v1/models``
-    and replies (None: the engine's model source's last path part).
+    and replies (None: the engine's model source's last path part). keys_check_s: how often at
+    most the keys file is checked for a change (``kvshare.serve.auth``).
     """
 
     keys_file: str | None = None
@@ -46,6 +51,7 @@ class ServeConfig:
     retry_after_s: int = 1
     drain_s: float = 30.0
     model_id: str | None = None
+    keys_check_s: float = 1.0
 
     def __post_init__(self) -> None:
         check_int("max_concurrent", self.max_concurrent, 1, 1 << 20)
@@ -54,6 +60,7 @@ class ServeConfig:
         check_int("default_max_tokens", self.default_max_tokens, 1, 1 << 24)
         check_int("retry_after_s", self.retry_after_s, 1, 3600)
         check_float("drain_s", self.drain_s, 0.0, 3600.0)
+        check_float("keys_check_s", self.keys_check_s, 0.0, 3600.0)
         if self.max_tokens_cap is not None:
             check_int("max_tokens_cap", self.max_tokens_cap, 1, 1 << 24)
         if not isinstance(self.local_tenant, str) or not self.local_tenant:
@@ -74,7 +81,12 @@ def read_config(path: str | Path) -> tuple[ServeConfig, EngineConfig]:
     serve, engine = data.get("serve", {}), data.get("engine", {})
     if not isinstance(serve, dict) or not isinstance(engine, dict):
         raise ConfigError(f"{str(p)!r}: 'serve' and 'engine' must be tables")
-    return serve_config(**serve), EngineConfig.of(**engine)
+    return serve_config(**serve), server_engine_config(**engine)
+
+
+def server_engine_config(**options: Any) -> EngineConfig:
+    """The engine config of a server: ``options`` over :data:`SERVER_ENGINE_DEFAULTS`."""
+    return EngineConfig.of(**{**SERVER_ENGINE_DEFAULTS, **options})
 
 
 def serve_config(base: ServeConfig | None = None, **options: Any) -> ServeConfig:

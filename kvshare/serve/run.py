@@ -2,12 +2,16 @@
 
 On the first signal the app stops being ready (``/ready`` answers 503, new chat requests
 503), uvicorn stops accepting connections and waits up to ``ServeConfig.drain_s`` seconds
-for the requests in flight (streams included) to finish, then exits 0.
+for the requests in flight (streams included) to finish; then the engine's trace store moves
+what it holds in memory to its disk tier, if it has one (``SegmentStore.persist``: a server
+started later over the same ``disk_tier_dir`` adopts it), and the process exits 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
 import signal
 import socket
 from typing import Any
@@ -42,10 +46,13 @@ def check_bind(host: str, config: ServeConfig) -> None:
         )
 
 
+log = logging.getLogger("kvshare.serve")
+
+
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server that marks the app as draining when asked to exit, and exits 0
-    after a drain (uvicorn would raise the signal again once shut down; a second SIGINT
-    still forces the exit)."""
+    """uvicorn's server that marks the app as draining when asked to exit, persists the
+    trace store after its requests ended, and exits 0 after a drain (uvicorn would raise
+    the signal again once shut down; a second SIGINT still forces the exit)."""
 
     def __init__(self, config: uvicorn.Config, state: Any) -> None:
         super().__init__(config)
@@ -56,6 +63,16 @@ class DrainingServer(uvicorn.Server):
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         self.should_exit = True
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        await super().shutdown(sockets)
+        try:
+            moved = await asyncio.to_thread(self.state.engine.segments.persist)
+        except Exception:  # the drain still ends: what is not persisted is recomputed later
+            log.exception("kvshare serve: persisting the trace store failed")
+            return
+        if moved:
+            log.info("kvshare serve: %d stored segments moved to the disk tier", moved)
 
 
 def make_server(

@@ -142,3 +142,9 @@ class SegmentStore(ABC):
         token ids. Tiered stores rank by it
         (a user is kept only on what its latest call used); the others ignore it."""
         return None
+
+    def persist(self) -> int:
+        """Move what the store holds in memory to a tier that outlives the process (a disk
+        tier), so that the next process over it adopts the KV; returns the segments moved.
+        Stores without such a tier keep nothing past the process: 0."""
+        return 0

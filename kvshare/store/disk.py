@@ -120,6 +120,8 @@ class DiskTier(DiskIndex):
     unsafe; ConfigError for a bad budget.
     """
 
+    durable = True
+
     def __init__(
         self,
         directory: str | Path,

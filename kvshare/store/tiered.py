@@ -161,6 +161,33 @@ class TieredStore(TierMoves, SegmentStore):
                 moved += seg is not None and self._promote(e, seg, "prefetch", self._rank(e))
         return moved
 
+    def persist(self) -> int:
+        """Move every unleased segment above a durable bottom tier (a disk tier) down to it,
+        highest priority first, each displacing only segments that sort before it (for a
+        drain: the next process adopts the disk tier); writes behind are flushed before it
+        returns. Returns the segments moved (0 without a durable bottom tier)."""
+        bottom = len(self.tiers) - 1
+        if not bottom or not self.tiers[bottom].durable:
+            return 0
+        moved = 0
+        with self._lock:
+            upper = [
+                e for e in self._entries.values() if e.tier < bottom and not self._leases[e.key]
+            ]
+            for e in sorted(upper, key=self._rank, reverse=True):
+                seg, src = self.tiers[e.tier].get(e.key, e.tokens), e.tier
+                if seg is None or not self._make_room(bottom, e.nbytes, self._rank(e)):
+                    continue
+                if self.tiers[bottom].put(seg):
+                    self.tiers[src].remove(e.key)
+                    e.tier = bottom
+                    self._event("persist", e, src, bottom)
+                    moved += 1
+        flush = getattr(self.tiers[bottom], "flush", None)
+        if flush is not None:
+            flush()
+        return moved
+
     def keys_used_by(self, users: Iterable[User]) -> list[StoreKey]:
         """Keys of the segments any of ``users`` used, highest priority first."""
         with self._lock:

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import ClassVar
 
 import torch
 
@@ -38,6 +39,7 @@ class KVTier(ABC):
 
     name: str
     budget_bytes: int
+    durable: ClassVar[bool] = False  # what it holds outlives the process (a disk tier)
 
     @abstractmethod
     def put(self, segment: StoredSegment) -> bool: ...

@@ -257,3 +257,28 @@ def test_a_new_trace_supersedes_its_writers_older_links_before_making_room():
     assert store.keys_used_by([("s", "k1")]) == [own_k2.key]
     store.record_call([], new_k.key, ("s", "k2"))  # a trace put without a user: linked after
     assert store.keys_used_by([("s", "k2")]) == [new_k.key]
+
+
+class DurableTier(MemoryTier):
+    durable = True  # stands for a disk tier (its own tests: test_disk_tier.py)
+
+
+def test_persist_moves_the_highest_priority_segments_down_to_a_durable_bottom_tier():
+    store = TieredStore(
+        [
+            MemoryTier("device", "cpu", 80 * TOKEN_BYTES),
+            DurableTier("disk", "cpu", 40 * TOKEN_BYTES),
+        ]
+    )
+    a, b, c, d = segs(4)
+    for s in (a, b, c, d):
+        assert store.put(s)
+    assert store.get("t:", a.content_hash, a.tokens) is not None  # LRU order now b, c, d, a
+    leased = store.match("t:", d.tokens)  # d is being read: it stays where it is
+    assert store.persist() == 2  # the disk holds two: a and c (d leased, b sorts first)
+    assert [store.tier_of(s.key) for s in (a, b, c, d)] == ["disk", "device", "disk", "device"]
+    assert store.moves[("device", "disk")] == 2 and store.evictions == 0
+    store.release([m.segment.key for m in leased])
+    assert store.persist() == 1  # d displaces c, the one that sorts first on the disk
+    assert store.tier_of(d.key) == "disk" and store.tier_of(c.key) is None
+    assert stack(40, 40).persist() == 0  # a bottom tier that dies with the process: nothing
