@@ -23,6 +23,7 @@ from kvshare.sched.prefetch import Prefetcher
 from kvshare.sched.schedule import BaseScheduler, LRUScheduler, Scheduler, SchedulerConfig
 from kvshare.store.radix import RadixCache
 from kvshare.store.segments import LRUSegmentStore, NullSegmentStore, SegmentStore
+from kvshare.store.shared import build_shared
 from kvshare.store.tiered import TieredStore, build_tiers, scheduler_priority
 
 
@@ -51,11 +52,13 @@ def segment_store(
     from the workflow scheduler (``kvshare.sched.schedule``)."""
     tiers, budget = config.tiers, config.store.segment_store_bytes
     workflow = tiers.eviction == "workflow"
-    if not workflow and not tiers.host_tier_bytes and tiers.disk_tier_dir is None:
+    local = not tiers.host_tier_bytes and tiers.disk_tier_dir is None
+    if not workflow and local and tiers.shared_tier is None:
         return LRUSegmentStore(budget)
     stack = build_tiers(tiers, budget, adapter.device, model)
     priority, pinned = scheduler_priority(scheduler), scheduler.pinned
-    return TieredStore(stack, priority, pinned, trim=workflow)
+    shared = build_shared(tiers, model)
+    return TieredStore(stack, priority, pinned, trim=workflow, shared=shared)
 
 
 def eos_ids(loaded: LoadedModel) -> set[int]:
