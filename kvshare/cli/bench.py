@@ -175,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
         return bench_more.run_concurrent(args, engine)
     if args.workload == "serve":
         return bench_more.run_serve(args, engine)
+    if args.workload == "redis-faults":
+        return bench_more.run_redis_faults(args, engine)
     if args.workload == "wrapper":
         from kvshare.bench.wrapper import measure as wrapper_cost
 

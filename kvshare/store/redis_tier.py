@@ -77,7 +77,8 @@ class RedisTier(SharedTier):
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        self.url, self.model, self.sealer = url, model_digest(identity), sealer
+        self.url, self.identity, self.sealer = url, identity, sealer
+        self.model = model_digest(identity)
         self.ttl_s, self.retry_after_s, self.prefix = int(ttl_s), retry_after_s, prefix
         self.client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
