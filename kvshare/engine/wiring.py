@@ -8,12 +8,14 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+from kvshare.anchors import ModelIdentity
 from kvshare.config import EngineConfig
 from kvshare.engine import pipeline
 from kvshare.engine.batcher import DecodeBatcher
 from kvshare.engine.idle import IdleTeacher
 from kvshare.engine.learned import LearnedState
 from kvshare.engine.policy import ReusePolicy
+from kvshare.engine.shared_pools import SharedPools
 from kvshare.errors import ConfigError
 from kvshare.kernels import kernels_for
 from kvshare.model.adapter import ModelAdapter
@@ -82,6 +84,13 @@ def make_parts(
     store = config.store
     traces = store.store_segments and policy.relocates
     backend = config.kernels.kernel_backend
+    segments = (
+        segment_store(config, adapter, loaded.model, scheduler) if traces else NullSegmentStore()
+    )
+    shared, pools = getattr(segments, "shared", None), None
+    if shared is not None and policy.anchored:
+        identity = ModelIdentity.of(loaded.model)
+        pools = SharedPools(shared, identity, adapter.device, config.anchors)
     return pipeline.Parts(
         loaded=loaded,
         config=config,
@@ -89,12 +98,8 @@ def make_parts(
         adapter=adapter,
         kernels=kernels_for(adapter.device, backend),  # KernelUnavailableError first
         prefix_cache=RadixCache(store.prefix_cache_bytes),
-        segments=(
-            segment_store(config, adapter, loaded.model, scheduler)
-            if traces
-            else NullSegmentStore()
-        ),
-        learned=LearnedState(config, policy.anchored, adapter.device),
+        segments=segments,
+        learned=LearnedState(config, policy.anchored, adapter.device, pools),
         eos_ids=frozenset(eos_ids(loaded)),
     )
 

@@ -256,6 +256,32 @@ class RedisTier(SharedTier):
         keys = [(scope, h) for h, _ in votes.most_common() if (scope, h) not in exclude]
         return [s for s in self.fetch(keys[:limit]) if s is not None]
 
+    # --- blobs (anchor pools): <prefix>:<kind>:<model>:<scope digest>, HMAC + bytes ---------
+
+    def _blob(self, kind: str, scope: Hashable) -> tuple[str, bytes]:
+        """The key of a blob and what its seal covers besides the data (ScopeError)."""
+        name = f"{self.prefix}:{kind}:{self.model}:{scope_digest(scope)}"
+        return name, name.encode() + b"\0"
+
+    def put_blob(self, kind: str, scope: Hashable, data: bytes) -> bool:
+        name, head = self._blob(kind, scope)
+        value = self.sealer.seal([head, data]).encode() + data
+        return self._guard(lambda: bool(self.client.set(name, value, ex=self.ttl_s)), False)
+
+    def get_blob(self, kind: str, scope: Hashable) -> bytes | None:
+        name, head = self._blob(kind, scope)
+        value: Any = self._guard(lambda: self.client.getex(name, ex=self.ttl_s), None)
+        if value is None:
+            return None
+        if self.sealer.check(value[:SUM].decode(errors="replace"), [head, value[SUM:]]):
+            return bytes(value[SUM:])
+        self.counts["corrupt"] += 1
+        self._delete(name)
+        return None
+
+    def drop_blob(self, kind: str, scope: Hashable) -> None:
+        self._delete(self._blob(kind, scope)[0])
+
     def _delete(self, name: str) -> None:
         self._guard(lambda: self.client.delete(name), 0)
 

@@ -78,6 +78,20 @@ class SharedTier(KVTier):
         failures (calls the service failed), skipped (calls made while it was down),
         reconnects (returns to service after a failure)."""
 
+    @abstractmethod
+    def put_blob(self, kind: str, scope: Hashable, data: bytes) -> bool:
+        """Keep ``data`` as the ``kind`` blob of ``scope`` (an anchor pool: ``kind="pool"``),
+        replacing the last; False when the service failed."""
+
+    @abstractmethod
+    def get_blob(self, kind: str, scope: Hashable) -> bytes | None:
+        """The ``kind`` blob of ``scope`` written by a holder of this tier's secret, or None
+        (absent, or sealed by someone else: then deleted and counted in ``corrupt``)."""
+
+    @abstractmethod
+    def drop_blob(self, kind: str, scope: Hashable) -> None:
+        """Delete the ``kind`` blob of ``scope`` (a reader found it unusable)."""
+
     def keys(self) -> list[StoreKey]:
         return []
 
@@ -95,11 +109,13 @@ class MemorySharedTier(SharedTier):
 
     name = "memory"
     _spaces: ClassVar[dict[str, dict[StoreKey, StoredSegment]]] = {}
+    _blob_spaces: ClassVar[dict[str, dict[tuple[str, Hashable], bytes]]] = {}
     _lock = threading.Lock()
 
     def __init__(self, space: str) -> None:
         with self._lock:
             self._items = self._spaces.setdefault(space, {})
+            self._blobs = self._blob_spaces.setdefault(space, {})
         self._counts: Counter[str] = Counter()
 
     def put(self, segment: StoredSegment) -> bool:
@@ -138,6 +154,19 @@ class MemorySharedTier(SharedTier):
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+
+    def put_blob(self, kind: str, scope: Hashable, data: bytes) -> bool:
+        with self._lock:
+            self._blobs[(kind, scope)] = data
+        return True
+
+    def get_blob(self, kind: str, scope: Hashable) -> bytes | None:
+        with self._lock:
+            return self._blobs.get((kind, scope))
+
+    def drop_blob(self, kind: str, scope: Hashable) -> None:
+        with self._lock:
+            self._blobs.pop((kind, scope), None)
 
     def stats(self) -> dict[str, int]:
         return dict(self._counts)

@@ -64,3 +64,41 @@ def test_redis_killed_mid_workflow_every_call_succeeds(pair, redis_server):
     warm = b.chat(team("judge", DOC + " More."), agent="judge", tenant="acme", max_new_tokens=3)
     assert warm.stats.relocated_tokens > 0
     assert b.segments.shared.stats()["reconnects"] >= 1
+
+
+def _taught(a: Engine, tenant: str = "acme") -> int:
+    a.chat(team("planner"), agent="planner", tenant=tenant, max_new_tokens=3)
+    a.chat(team("critic"), agent="critic", tenant=tenant, max_new_tokens=3, shadow=True, teach=True)
+    return len(a.anchor_pool(tenant=tenant))
+
+
+def test_anchor_pools_are_shared_per_scope_through_redis(pair, redis_server):
+    a, b = pair
+    learned = _taught(a)
+    assert learned > 0 and a.parts.learned.shared.written >= 1
+    assert len(b.anchor_pool(tenant="acme")) == learned  # read on B's miss, verified
+    assert b.parts.learned.shared.loaded == 1
+    assert len(b.anchor_pool(tenant="globex")) == 0  # another tenant's pool never crosses
+
+
+def test_a_tampered_shared_pool_is_rejected_and_deleted(tiny_dirs, pair, redis_server, tmp_path):
+    a, _ = pair
+    _taught(a)
+    raw = redis_server.client()
+    (name,) = raw.keys("kvshare:pool:*")
+    value = bytearray(raw.get(name))
+    value[-40] ^= 1  # inside the pool file: fails the seal (and its sha256)
+    raw.set(name, bytes(value))
+    c = replica(tiny_dirs, redis_server.url, str(tmp_path / "shared.key"))
+    assert len(c.anchor_pool(tenant="acme")) == 0
+    assert c.segments.shared.stats()["corrupt"] == 1 and not raw.exists(name)
+
+
+def test_a_sealed_blob_that_is_no_pool_file_is_rejected(tiny_dirs, pair, redis_server, tmp_path):
+    a, _ = pair
+    _taught(a)
+    scope = a._named_scope("acme", None)
+    assert a.segments.shared.put_blob("pool", scope, b"KVSPOOL\0" + bytes(100))  # right seal
+    c = replica(tiny_dirs, redis_server.url, str(tmp_path / "shared.key"))
+    assert len(c.anchor_pool(tenant="acme")) == 0 and c.parts.learned.shared.rejected == 1
+    assert c.segments.shared.get_blob("pool", scope) is None  # deleted

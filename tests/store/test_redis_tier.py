@@ -176,3 +176,13 @@ def test_maxmemory_evicts_never_fails(redis_server):
     assert served[-1] is not None and any(s is None for s in served)
     assert all(g is None or same(g, s) for g, s in zip(served, segs, strict=True))
     assert "corrupt" not in t.stats() and "failures" not in t.stats()
+
+
+def test_blobs_round_trip_per_scope_and_need_the_seal(redis_server):
+    t = tier(redis_server)
+    assert t.put_blob("pool", SCOPE, b"abc") and t.get_blob("pool", SCOPE) == b"abc"
+    assert t.get_blob("pool", OTHER) is None
+    other = RedisTier(redis_server.url, IDENTITY, Sealer(b"x" * 32))  # another secret
+    assert other.put_blob("pool", SCOPE, b"forged")
+    assert t.get_blob("pool", SCOPE) is None and t.stats()["corrupt"] == 1
+    assert redis_server.client().keys("kvshare:pool:*") == []
