@@ -5,11 +5,13 @@ answer PING in time raises :class:`~kvshare.errors.ServiceUnavailableError` with
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,13 @@ from kvshare.serve.run import free_port
 
 START_S = 10.0  # a server that does not answer PING by then did not start
 STOP_S = 10.0
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``),
+    so a killed bench or test run leaves no server behind; a no-op elsewhere."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 class LocalRedis:
@@ -48,7 +57,9 @@ class LocalRedis:
         """Start the server and wait (bounded) until it answers PING."""
         import redis
 
-        self.proc = subprocess.Popen([self.binary, *self.args], stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [self.binary, *self.args], stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
         deadline = time.monotonic() + START_S
         try:
