@@ -12,6 +12,7 @@ from kvshare.anchors import ModelIdentity
 from kvshare.config import EngineConfig
 from kvshare.engine import pipeline
 from kvshare.engine.batcher import DecodeBatcher
+from kvshare.engine.exact_shared import EXACT
 from kvshare.engine.idle import IdleTeacher
 from kvshare.engine.learned import LearnedState
 from kvshare.engine.policy import ReusePolicy
@@ -100,8 +101,17 @@ def make_parts(
         prefix_cache=RadixCache(store.prefix_cache_bytes),
         segments=segments,
         learned=LearnedState(config, policy.anchored, adapter.device, pools),
+        exact_shared=exact_shared(config, policy, loaded.model, traces),
         eos_ids=frozenset(eos_ids(loaded)),
     )
+
+
+def exact_shared(config: EngineConfig, policy: ReusePolicy, model: Any, traces: bool) -> Any:
+    """The shared tier of exact prefixes (``kvshare.engine.exact_shared``): for a mode that
+    keeps KV but no traces (``prefix``), when ``tiers.shared_tier`` names one; else None."""
+    if traces or not policy.keeps_kv:
+        return None
+    return build_shared(config.tiers, model, prefix=EXACT)
 
 
 def make_prefetcher(

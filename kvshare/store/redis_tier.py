@@ -92,14 +92,15 @@ class RedisTier(SharedTier):
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, url: str, identity: Any, cfg: Any) -> RedisTier:
-        """The tier a ``TiersConfig`` asks for (its ``shared_*`` fields)."""
+    def open(cls, url: str, identity: Any, cfg: Any, prefix: str = "kvshare") -> RedisTier:
+        """The tier a ``TiersConfig`` asks for (its ``shared_*`` fields), keys under ``prefix``."""
         key_file = cfg.shared_key_file
         if key_file is None:
             from kvshare.model.cache import kvshare_home
 
             key_file = str(Path(kvshare_home()) / "shared-tier.key")
-        return cls(url, identity, Sealer.at(key_file), cfg.shared_ttl_s, cfg.shared_timeout_s)
+        sealer, ttl, timeout = Sealer.at(key_file), cfg.shared_ttl_s, cfg.shared_timeout_s
+        return cls(url, identity, sealer, ttl, timeout, prefix=prefix)
 
     # --- keys and the fault guard -------------------------------------------------------
 

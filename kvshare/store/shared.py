@@ -183,10 +183,11 @@ SHARED_TIERS.register("memory", lambda: MemorySharedTier)
 SHARED_TIERS.register("redis", _redis)
 
 
-def build_shared(cfg: Any, model: Any) -> SharedTier | None:
+def build_shared(cfg: Any, model: Any, prefix: str = "kvshare") -> SharedTier | None:
     """The shared tier ``cfg.shared_tier`` (a ``TiersConfig``) names by its URL's scheme
     (``redis://host:port/db``, ``memory://name``), its entries bound to the model's
-    :class:`~kvshare.store.identity.KVIdentity`; None when it names none."""
+    :class:`~kvshare.store.identity.KVIdentity` under the key namespace ``prefix``; None when
+    it names none."""
     url = cfg.shared_tier
     if url is None:
         return None
@@ -195,7 +196,7 @@ def build_shared(cfg: Any, model: Any) -> SharedTier | None:
         raise ConfigError(f"shared_tier must be a URL (redis://127.0.0.1:6379/0), got {url!r}")
     kind = SHARED_TIERS.create(scheme)
     if kind is MemorySharedTier:
-        return MemorySharedTier(rest)
+        return MemorySharedTier(f"{rest}/{prefix}")
     from kvshare.store.identity import KVIdentity
 
-    return kind.open(url, KVIdentity.of(model), cfg)  # type: ignore[attr-defined]
+    return kind.open(url, KVIdentity.of(model), cfg, prefix)  # type: ignore[attr-defined]

@@ -15,9 +15,8 @@ BAR_KL = 0.02  # EngineConfig.target_kl: the fidelity bar kvshare mode aims at
 
 
 def replica(tiny_dirs, url: str, key_file: str, mode: str = "kvshare") -> Engine:
-    config = EngineConfig.of(
-        mode=mode, prefix_cache_bytes=0, shared_tier=url, shared_key_file=key_file
-    )
+    radix = {} if mode == "prefix" else {"prefix_cache_bytes": 0}  # else: traces only
+    config = EngineConfig.of(mode=mode, shared_tier=url, shared_key_file=key_file, **radix)
     return Engine.from_pretrained(str(tiny_dirs["llama"]), config=config)
 
 
@@ -102,3 +101,16 @@ def test_a_sealed_blob_that_is_no_pool_file_is_rejected(tiny_dirs, pair, redis_s
     c = replica(tiny_dirs, redis_server.url, str(tmp_path / "shared.key"))
     assert len(c.anchor_pool(tenant="acme")) == 0 and c.parts.learned.shared.rejected == 1
     assert c.segments.shared.get_blob("pool", scope) is None  # deleted
+
+
+def test_prefix_mode_replicas_share_exact_prefixes(tiny_dirs, redis_server, tmp_path):
+    key = str(tmp_path / "shared.key")
+    a, b = (replica(tiny_dirs, redis_server.url, key, mode="prefix") for _ in "ab")
+    full = replica(tiny_dirs, redis_server.url, key, mode="full")
+    a.chat(team("planner"), agent="planner", tenant="acme", max_new_tokens=3)
+    follow_up = [{"role": "assistant", "content": "Noted."}, {"role": "user", "content": "Why?"}]
+    msgs = team("planner", extra=follow_up)
+    res = b.chat(msgs, agent="planner", tenant="acme", max_new_tokens=6)
+    assert res.stats.prefix_hit_tokens > 32 and b.parts.exact_shared.stats()["hits"] >= 1
+    assert res.tokens == full.chat(msgs, tenant="acme", max_new_tokens=6).tokens  # exact
+    assert redis_server.client().keys("kvshare:seg:*") == []  # its own namespace only
