@@ -236,7 +236,7 @@ def measure(
                              n_items=min(rounds, 8))  # fmt: skip
     report = FaultReport(str(base.loaded.source), rounds)
     key_file = str(Path(tempfile.mkdtemp(prefix="kvshare-faults-")) / "shared.key")
-    with LocalRedis() as server:
+    with LocalRedis(maxmemory="1gb") as server:  # room for every item's traces
         tier = RedisTier(server.url, KVIdentity.of(base.model), Sealer.at(key_file))
         run = _Run(base, work, server, key_file, report, Injector(server, tier),
                    faults_per_round, clean, restart_every)  # fmt: skip

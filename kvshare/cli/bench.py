@@ -60,6 +60,9 @@ def add_parser(sub: Any) -> None:
     )
     bench.add_argument("--requests", type=int, default=4, help="serve: requests per client")
     bench.add_argument(
+        "--faults", type=int, default=8, help="redis-faults: faults injected per round"
+    )
+    bench.add_argument(
         "--concurrency",
         type=int,
         default=1,

@@ -164,7 +164,8 @@ def run_redis_faults(args: argparse.Namespace, engine) -> int:
     from kvshare.bench.redis_faults import markdown, measure
 
     rep = measure(
-        engine, rounds=args.items or 100, agents=max(2, args.agents), prefix_len=args.prefix,
+        engine, rounds=args.items or 100, faults_per_round=args.faults,
+        agents=max(2, args.agents), prefix_len=args.prefix,
         input_len=args.input, output_len=args.output,
     )  # fmt: skip
     out = Path(args.out)
