@@ -120,10 +120,12 @@ class Injector:
         self.foreign_model = RedisTier(server.url, other, tier.sealer)
 
     def inject(self, keys: list[Any], n: int, counts: dict[str, int]) -> None:
-        """``n`` faults on the entries of ``keys`` (cycled), each counted under its kind."""
+        """Up to ``n`` faults, one per stored entry of ``keys`` (in order), each counted under
+        its kind (random); a fault that finds no entry (evicted, or deleted by a check) or,
+        for the foreign kinds, no valid one to copy, is not counted."""
         live = [k for k in dict.fromkeys(keys) if self.raw.exists(self.tier.entry_key(k))]
-        for i in range(min(n, 5 * len(live))):
-            key, kind = live[i % len(live)], FAULTS[(i + self.rng.randrange(5)) % len(FAULTS)]
+        for key in live[:n]:
+            kind = FAULTS[self.rng.randrange(len(FAULTS))]
             if self._apply(key, kind):
                 counts[kind] = counts.get(kind, 0) + 1
 

@@ -124,7 +124,7 @@ def test_server_killed_and_restarted_calls_go_on_and_tier_resumes(redis_server):
 
 
 def test_a_stalled_server_times_out_bounded(redis_server):
-    t, seg = tier(redis_server, timeout_s=0.1), segment()
+    t, seg = tier(redis_server, timeout_s=0.1, retry_after_s=1.0), segment()
     t.put(seg)
     redis_server.pause()
     try:
@@ -133,7 +133,7 @@ def test_a_stalled_server_times_out_bounded(redis_server):
         assert time.monotonic() - start < 0.5 and t.stats()["failures"] == 1
     finally:
         redis_server.pause(False)
-    time.sleep(0.06)
+    time.sleep(1.05)
     assert t.get(seg.key, seg.tokens) is not None and t.stats()["reconnects"] == 1
 
 
