@@ -28,6 +28,7 @@ from typing import Any
 from kvshare.bench.corpus import long_text
 from kvshare.bench.local_redis import LocalRedis
 from kvshare.bench.workloads import SyntheticWorkload
+from kvshare.errors import StateFileError
 from kvshare.scope import Scope
 from kvshare.store.contract import StoredSegment
 from kvshare.store.identity import KVIdentity
@@ -120,19 +121,25 @@ class Injector:
         self.foreign_model = RedisTier(server.url, other, tier.sealer)
 
     def inject(self, keys: list[Any], n: int, counts: dict[str, int]) -> None:
-        """Up to ``n`` faults, one per stored entry of ``keys`` (in order), each counted under
-        its kind (random); a fault that finds no entry (evicted, or deleted by a check) or,
-        for the foreign kinds, no valid one to copy, is not counted."""
-        live = [k for k in dict.fromkeys(keys) if self.raw.exists(self.tier.entry_key(k))]
-        for key in live[:n]:
+        """Up to ``n`` faults, one per *valid* stored entry of ``keys`` (in order: an entry
+        already faulty, evicted or deleted by a check is skipped), each counted under its
+        kind (random)."""
+        done = 0
+        for key in dict.fromkeys(keys):
             kind = FAULTS[self.rng.randrange(len(FAULTS))]
-            if self._apply(key, kind):
+            if done < n and self._apply(key, kind):
                 counts[kind] = counts.get(kind, 0) + 1
+                done += 1
 
     def _apply(self, key: Any, kind: str) -> bool:
+        """Turn the valid entry of ``key`` into a faulty one of ``kind`` (False: none valid)."""
         name = self.tier.entry_key(key)
         value = self.raw.get(name)
-        if value is None:
+        try:
+            seg = self.tier.verify(key, value)
+        except (StateFileError, ValueError, TypeError, RuntimeError):
+            return False  # already faulty
+        if seg is None or value is None:
             return False
         if kind in ("flip", "resum"):
             body = bytearray(value)
@@ -144,23 +151,18 @@ class Injector:
         elif kind == "truncate":
             value = value[: self.rng.randrange(1, len(value))]
         else:
-            value = self._foreign(key, kind)
-            if value is None:
-                return False
+            value = self._foreign(seg, kind)
         self.raw.set(name, value)
         return True
 
-    def _foreign(self, key: Any, kind: str) -> bytes | None:
-        """A valid entry of the same content for another tenant or model, for ``key``."""
-        seg = self.tier.fetch([key])[0]
-        if seg is None:
-            return None
+    def _foreign(self, seg: StoredSegment, kind: str) -> bytes:
+        """A valid entry of ``seg``'s content for another model or tenant (kept by NX)."""
         if kind == "model":
             self.foreign_model.put(seg)
-            return self.raw.get(self.foreign_model.entry_key(seg.key))
+            return bytes(self.raw.get(self.foreign_model.entry_key(seg.key)))
         intruder = replace(seg, scope=Scope("tenant", "intruder", None))
         self.tier.put(intruder)
-        return self.raw.get(self.tier.entry_key(intruder.key))
+        return bytes(self.raw.get(self.tier.entry_key(intruder.key)))
 
 
 def _replica(base: Any, url: str, key_file: str) -> Any:

@@ -185,7 +185,7 @@ class RedisTier(SharedTier):
 
     # --- reads ------------------------------------------------------------------------------
 
-    def _verify(self, key: StoreKey, value: bytes | None) -> StoredSegment | None:
+    def verify(self, key: StoreKey, value: bytes | None) -> StoredSegment | None:
         """The segment in ``value`` if every check passes (StateFileError otherwise)."""
         if value is None:
             return None
@@ -217,7 +217,7 @@ class RedisTier(SharedTier):
         values = self._guard(read, [None] * len(keys))
         for key, name, value in zip(keys, names, values, strict=True):
             try:
-                out.append(self._verify(key, value))
+                out.append(self.verify(key, value))
             except (StateFileError, ValueError, TypeError, RuntimeError):
                 self.counts["corrupt"] += 1
                 self._delete(name)
