@@ -112,6 +112,12 @@ class EngineConfig:
         call's TTFT. 0 (default): a prefill runs whole and the streams wait for it — better
         TTFT and throughput for agent workflows; set it (e.g. 100) where steady streaming to
         people matters more (measured trade-off: docs/results.md, "Concurrency").
+    prefill_chunk_tokens: > 0: an ordinary causal prefill (the tokens after the exact reused
+        prefix, nothing relocated: every ``full`` and ``prefix`` call, a ``kvshare`` call that
+        found nothing to relocate) runs inside the decode steps, this many tokens a step
+        beside the decodes, in one forward (``kvshare.engine.prefills``): streams never
+        stall for a whole prompt and ride on the chunk's weight reads. 0 (default): whole.
+        Its KV equals a whole prefill's within float rounding, not bit for bit.
     max_decode_batch, decode_pool_bytes: the most calls one step decodes, and the bytes their
         decode KV rows may take together (prompt plus ``max_new_tokens`` each, in blocks of
         128 tokens); a call that does not fit waits for a free row, and one that would not
@@ -148,6 +154,7 @@ class EngineConfig:
     max_new_tokens_cap: int = 4096
     batch_decode: bool = True
     decode_every_ms: float = 0.0
+    prefill_chunk_tokens: int = 0
     max_decode_batch: int = 16
     decode_pool_bytes: int = 4 << 30
     share_prefix_tokens: int = 256
@@ -174,6 +181,9 @@ class EngineConfig:
             "batch_decode": check_bool("batch_decode", self.batch_decode),
             "max_decode_batch": check_int("max_decode_batch", self.max_decode_batch, 1, 4096),
             "decode_every_ms": check_float("decode_every_ms", self.decode_every_ms, 0.0, 1e6),
+            "prefill_chunk_tokens": check_int(
+                "prefill_chunk_tokens", self.prefill_chunk_tokens, 0, 1 << 20
+            ),
             "decode_pool_bytes": check_int(
                 "decode_pool_bytes", self.decode_pool_bytes, 1, 1 << 50
             ),

@@ -34,6 +34,8 @@ class ConcurrentRow(BaseModel):
 
     streams: int
     mode: str
+    chunk: int = 0  # prefill_chunk_tokens of the together run (0: whole prefills)
+    every_ms: float = 0.0  # decode_every_ms of the together run (0: off)
     tokens: float
     wall_s: float
     serial_wall_s: float
@@ -104,22 +106,39 @@ def measure(
     new_tokens: int = 64,
     prompt_tokens: int = 128,
     repeats: int = 1,
+    variants: Sequence[tuple[int, float]] = ((0, 0.0),),
 ) -> list[ConcurrentRow]:
-    """The rows, one per stream count (see the module docstring); each figure the median of
-    ``repeats`` runs (serial and together alternating, fresh engines each time)."""
+    """The rows, one per stream count and variant of the together run (its
+    ``prefill_chunk_tokens``, ``decode_every_ms``; one at a time always runs plain); each
+    figure the median of ``repeats`` runs (serial and each together run alternating, fresh
+    engines each time)."""
     ids = base.tokenizer(long_text())["input_ids"]
     rows = []
     for n in streams:
         msgs = [_messages(base, ids, i, prompt_tokens) for i in range(n)]
-        runs = [_once(base, msgs, mode, new_tokens) for _ in range(repeats)]
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        rows.append(ConcurrentRow(streams=n, mode=mode, **med))
+        runs = [_once(base, msgs, mode, new_tokens, variants) for _ in range(repeats)]
+        for c, (chunk, every) in enumerate(variants):
+            med = {k: statistics.median(r[c][k] for r in runs) for k in runs[0][c]}
+            rows.append(ConcurrentRow(streams=n, mode=mode, chunk=chunk, every_ms=every, **med))
     return rows
 
 
-def _once(base: Engine, msgs: list[list[dict]], mode: str, new: int) -> dict[str, Any]:
-    serial_eng, eng = base.fork(mode=mode), base.fork(mode=mode)
-    serial, serial_wall, _ = _run(serial_eng, msgs, new, together=False)
+def _once(
+    base: Engine,
+    msgs: list[list[dict]],
+    mode: str,
+    new: int,
+    variants: Sequence[tuple[int, float]],
+) -> list[dict[str, Any]]:
+    """One serial run and, per variant, one together run: their figures."""
+    serial, serial_wall, _ = _run(base.fork(mode=mode), msgs, new, together=False)
+    forks = [base.fork(mode=mode, prefill_chunk_tokens=c, decode_every_ms=e) for c, e in variants]
+    return [_together(eng, msgs, new, serial, serial_wall) for eng in forks]
+
+
+def _together(
+    eng: Engine, msgs: list[list[dict]], new: int, serial: list[ChatResult], serial_wall: float
+) -> dict[str, Any]:
     out, wall, times = _run(eng, msgs, new, together=True)
     tokens = sum(len(r.tokens) for r in out)
     ttft = [r.stats.ttft_s for r in out]
@@ -151,15 +170,18 @@ def _step_times(eng: Engine) -> dict[str, float]:
 
 def markdown(rows: Sequence[ConcurrentRow]) -> str:
     lines = [
-        "| streams | mode | tokens | wall together / one at a time (s) | tokens/s together / "
-        "one at a time | × | steady decode tokens/s together / one at a time | × | p50 / p99 "
-        "TTFT together (s) | p50 TTFT one at a time (s) | mean decode batch | longest stall (s) | "
+        "| streams | mode | together: prefill chunk / decode_every_ms | tokens | "
+        "wall together / one at a time (s) | "
+        "tokens/s together / one at a time | × | steady decode tokens/s together / one at a "
+        "time | × | p50 / p99 TTFT together (s) | p50 TTFT one at a time (s) | "
+        "mean decode batch | longest stall (s) | "
         "step: forward / outside it (ms) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.streams} | {r.mode} | {r.tokens:.0f} | {r.wall_s:.2f} / {r.serial_wall_s:.2f} | "
+            f"| {r.streams} | {r.mode} | {r.chunk or 'whole'} / {r.every_ms:g} | {r.tokens:.0f} | "
+            f"{r.wall_s:.2f} / {r.serial_wall_s:.2f} | "
             f"{r.tok_s:.1f} / {r.serial_tok_s:.1f} | {r.tok_s / r.serial_tok_s:.2f}× | "
             f"{r.decode_tok_s:.1f} / {r.serial_decode_tok_s:.1f} | "
             f"{r.decode_tok_s / r.serial_decode_tok_s:.2f}× | "

@@ -53,6 +53,16 @@ def add_parser(sub: Any) -> None:
         help="concurrent: stream counts; branches: branch counts (comma-separated)",
     )
     bench.add_argument(
+        "--chunk",
+        default="0",
+        help="concurrent: prefill_chunk_tokens of the together runs, e.g. 0,256 (0: whole)",
+    )
+    bench.add_argument(
+        "--every",
+        default="0",
+        help="concurrent: decode_every_ms of the together runs, e.g. 0,100 (with every --chunk)",
+    )
+    bench.add_argument(
         "--replicas", default="2,4,8,16,32,64", help="routing: simulated replica counts"
     )
     bench.add_argument(

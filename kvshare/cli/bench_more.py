@@ -134,7 +134,10 @@ def run_concurrent(args: argparse.Namespace, engine) -> int:
         return _write_rows(args, engine, "branches_graph", graphs, markdown_graph(graphs))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     mode = modes[0] if len(modes) == 1 else "full"  # default: the engine alone, no reuse
-    rows = measure(engine, streams, mode, args.output, args.input, repeats=args.repeats)
+    chunks = parse_lengths(args.chunk, "--chunk", least=0)
+    every = parse_lengths(args.every, "--every", least=0)
+    variants = [(c, float(e)) for c in chunks for e in every]
+    rows = measure(engine, streams, mode, args.output, args.input, args.repeats, variants)
     return _write_rows(args, engine, "concurrent", rows, markdown(rows))
 
 

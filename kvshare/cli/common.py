@@ -39,11 +39,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
 
 
-def parse_lengths(text: str, option: str = "--lengths") -> list[int]:
+def parse_lengths(text: str, option: str = "--lengths", least: int = 1) -> list[int]:
+    """Comma-separated integers >= ``least`` (KVShareError naming ``option`` otherwise)."""
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         lengths = []
-    if not lengths or min(lengths) < 1:
-        raise KVShareError(f"{option} wants positive integers like 256,1024; got {text!r}")
+    if not lengths or min(lengths) < least:
+        kind = "positive integers" if least == 1 else f"integers >= {least}"
+        raise KVShareError(f"{option} wants {kind} like 256,1024; got {text!r}")
     return lengths

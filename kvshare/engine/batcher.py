@@ -9,7 +9,8 @@ with the call's own sampling parameters and generator (one host read for the bat
 frees the rows of calls that finished. Calls join and leave between steps (at most
 ``max_batch`` decode at once; the rest wait, admitted fairly across tenants and in arrival
 order within one, :func:`fair_pick`); a prefill that arrives waits
-for at most one step, and a step for at most one prefill. Asyncio callers
+for at most one step, and a step for at most one prefill — or, chunked
+(``kvshare.engine.prefills``), rides in the steps a chunk at a time. Asyncio callers
 (``Engine.achat``) hand their prefill and their end to the same worker (:meth:`submit`) and
 await their tokens (:meth:`adecode`): no thread per call.
 
@@ -32,16 +33,17 @@ from contextlib import AbstractContextManager
 from typing import Any, TypeVar, cast
 
 import torch
+from torch import Tensor
 
 from kvshare.engine.decode import (
     GREEDY_BELOW,
     DecodeResult,
     next_token,
 )
-from kvshare.engine.members import END, Member, fair_pick
-from kvshare.errors import DecodeCapacityError
-from kvshare.model.batched import BatchedDecoder, DecodeSlots, slot_tokens
-from kvshare.sched.worker import Worker
+from kvshare.engine.members import END, Member, check_fits, fair_pick, need_bytes, outcome
+from kvshare.engine.prefills import PrefillJob, PrefillQueue
+from kvshare.model.batched import BatchedDecoder, DecodeSlots
+from kvshare.sched.worker import Worker, run_job
 
 T = TypeVar("T")
 
@@ -65,6 +67,7 @@ class DecodeBatcher(Worker):
         self._pending: list[Member] = []
         self._running: list[Member] = []  # running[i] holds slot row i
         self._jobs: list[tuple[Callable[[], Any], Future[Any]]] = []
+        self.prefills = PrefillQueue()  # chunked prefills (kvshare.engine.prefills)
         self.steps = 0
         self.inline_steps = 0  # steps run between the layers of a prefill
         self._last_step = time.monotonic()
@@ -86,7 +89,7 @@ class DecodeBatcher(Worker):
         except BaseException:
             m.cancelled = True
             raise
-        return _outcome(m)
+        return outcome(m)
 
     async def adecode(
         self, m: Member, on_token: Callable[[int], None] | None = None
@@ -111,7 +114,7 @@ class DecodeBatcher(Worker):
         except BaseException:  # a failing callback or a cancelled task
             m.cancelled = True
             raise
-        return _outcome(m)
+        return outcome(m)
 
     def _enter(self, m: Member) -> None:
         """Queue ``m`` for the next step (or finish it now when its first token ends it)."""
@@ -120,26 +123,35 @@ class DecodeBatcher(Worker):
             m.result = DecodeResult(m.tokens, m.prompt, m.reason)
             m.emit(END)
             return
-        with self._cond:
-            self._pending.append(m)
-            self._spawn(self._run, "kvshare-decode")
-            self._cond.notify_all()
+        self._add(lambda: self._pending.append(m))
 
     def submit(self, job: Callable[[], T]) -> Future[T]:
         """Run ``job`` on the worker, in a turn on the model, between two steps (what an
         asyncio caller cannot run on its own thread: its prefill, its end)."""
         future: Future[T] = Future()
+        self._add(lambda: self._jobs.append((job, future)))
+        return future
+
+    def prefill(self, job: PrefillJob) -> Future[Tensor]:
+        """Run ``job``'s prefill in chunks inside the coming steps (one chunk a step, jobs
+        first come, first served); its future gets the last token's logits [V]."""
+        self._add(lambda: self.prefills.add(job))
+        job.done.add_done_callback(lambda _: self._add(lambda: None))  # cancelled: drop it
+        return job.done
+
+    def _add(self, put: Callable[[], object]) -> None:
+        """Queue work (``put`` runs under the lock) and wake the worker."""
         with self._cond:
-            self._jobs.append((job, future))
+            put()
             self._spawn(self._run, "kvshare-decode")
             self._cond.notify_all()
-        return future
 
     # ------------------------------------------------------------------ the worker
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._pending or self._running or self._jobs or self._closed):
+                while not (self._pending or self._running or self._jobs or self.prefills
+                           or self._closed):  # fmt: skip
                     self._cond.wait()
                 if self._closed:
                     return
@@ -147,7 +159,7 @@ class DecodeBatcher(Worker):
                 with self._cond:
                     jobs, self._jobs = self._jobs, []
                 for job, future in jobs:
-                    _run_job(job, future)
+                    run_job(job, future)
                 arrived = self._arrivals()
                 try:
                     self._step(arrived)
@@ -173,7 +185,7 @@ class DecodeBatcher(Worker):
             self.inline_steps += 1
             arrived = self._arrivals()
             try:
-                self._step(arrived)
+                self._step(arrived, chunks=False)  # a prefill holds the model: no chunk
             except BaseException as exc:
                 self._fail(arrived, exc)
 
@@ -186,7 +198,9 @@ class DecodeBatcher(Worker):
         self._running, self.slots = [], None
 
     @torch.inference_mode()  # the same mode whichever thread steps (worker or prefill)
-    def _step(self, arrived: Sequence[Member]) -> None:
+    def _step(self, arrived: Sequence[Member], chunks: bool = True) -> None:
+        """Admit ``arrived``, then one forward: every running call's next token and (when
+        ``chunks``) the oldest chunked prefill's next chunk."""
         t0 = time.perf_counter()
         for i, m in enumerate(arrived):
             full = len(self._running) >= self.max_batch
@@ -196,16 +210,24 @@ class DecodeBatcher(Worker):
                 break
         for m in [m for m in self._running if m.cancelled]:
             self._leave(m, keep=False)
-        if not self._running:
+        job = self.prefills.head() if chunks else None
+        if not self._running and job is None:
             return
-        slots = self.slots
-        assert slots is not None
-        dev = slots.keys.device
-        tokens = torch.tensor([m.tokens[-1] for m in self._running], device=dev)
-        positions = torch.tensor(slots.positions(), device=dev)
+        slots = self.slots if self._running else None
+        dev = slots.keys.device if slots is not None else job.ids.device  # type: ignore[union-attr]
+        tokens = torch.tensor([m.tokens[-1] for m in self._running], dtype=torch.long, device=dev)
+        positions = torch.tensor(slots.positions() if slots else [], dtype=torch.long, device=dev)
         t1 = time.perf_counter()
-        logits = self.decoder.step(slots, tokens, positions)  # [B, V]
+        try:
+            chunk = job.chunk() if job is not None else None
+            logits, last = self.decoder.forward(slots, tokens, positions, chunk)
+        except BaseException as exc:
+            if job is not None:
+                self.prefills.fail(job, exc)
+            raise
         forward = time.perf_counter() - t1
+        if job is not None:
+            self.prefills.advanced(job, last, len(self._running))
         self._last_step = time.monotonic()
         self.steps += 1
         self.batch_tokens += len(self._running)
@@ -222,17 +244,9 @@ class DecodeBatcher(Worker):
     def check_fits(self, prompt: int, max_new_tokens: int, context: int, dtype: Any) -> None:
         """DecodeCapacityError unless a call of ``prompt`` tokens decoding up to
         ``max_new_tokens`` fits the pool's budget alone (checked before the call runs)."""
-        if self.budget_bytes is None:
-            return
-        layers, heads, dim = self.kv_dims
-        tokens = slot_tokens(prompt + max(0, min(max_new_tokens, context - prompt) - 1))
-        need = tokens * 2 * layers * heads * dim * dtype.itemsize
-        if need > self.budget_bytes:
-            raise DecodeCapacityError(
-                f"this call's decode KV ({prompt} prompt + {max_new_tokens} new tokens: "
-                f"{need / 2**20:.1f} MiB) exceeds decode_pool_bytes "
-                f"({self.budget_bytes / 2**20:.1f} MiB); lower max_new_tokens or raise it"
-            )
+        if self.budget_bytes is not None:
+            need = need_bytes(self.kv_dims, prompt, max_new_tokens, context, dtype)
+            check_fits(need, self.budget_bytes, prompt, max_new_tokens)
 
     def _admit(self, m: Member) -> bool:
         """Give ``m`` a row (False: the pool's budget has no room for it now)."""
@@ -280,19 +294,3 @@ class DecodeBatcher(Worker):
         return {"steps": self.steps, "inline_steps": self.inline_steps, "mean_batch": mean,
                 "batch": batch, "waiting": waiting, "forward_ms": forward,
                 "host_ms": host}  # fmt: skip
-
-
-def _outcome(m: Member) -> DecodeResult:
-    if m.error is not None:
-        raise m.error
-    assert m.result is not None
-    return m.result
-
-
-def _run_job(job: Callable[[], Any], future: Future[Any]) -> None:
-    if not future.set_running_or_notify_cancel():
-        return
-    try:
-        future.set_result(job())
-    except BaseException as exc:  # handed to the caller
-        future.set_exception(exc)

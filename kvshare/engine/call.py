@@ -6,8 +6,10 @@ turn again)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -15,11 +17,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvshare.engine import pipeline
+from kvshare.engine.correct import RunEstimate
 from kvshare.engine.decode import DecodeResult, cut_at_stop, stop_checker
 from kvshare.engine.learned import ScopeState
 from kvshare.engine.members import Member
+from kvshare.engine.prefills import PrefillJob
 from kvshare.engine.profile import StageClock
 from kvshare.engine.reference import reference
+from kvshare.engine.relocate import Assembly
 from kvshare.engine.request import Request
 from kvshare.engine.results import ChatResult, Prefilled, call_stats, check_finite
 from kvshare.kernels import KV
@@ -46,8 +51,52 @@ class Begun:
     shared: ShareKey | None = None
 
 
+@dataclass
+class Prepared:
+    """A call planned up to its prefill: what ``begin`` carries over to the first token."""
+
+    clock: StageClock
+    state: ScopeState
+    keys: list[StoreKey]
+    asm: Assembly
+    ests: list[RunEstimate]
+    chosen: pipeline.Chosen
+    shared: ShareKey | None
+
+
+@dataclass
+class Pending:
+    """A call whose prefill runs in chunks in the step loop: ``future`` gets its last
+    logits [V] (``kvshare.engine.prefills``); then :func:`resume`."""
+
+    prepared: Prepared
+    job: PrefillJob
+    future: Future[torch.Tensor]
+    t0: float
+
+
 def begin(engine: Engine, req: Request) -> Begun:
-    """Plan, assemble, estimate, choose, prefill, sample the first token, learn."""
+    """Plan, assemble, estimate, choose, prefill (whole), sample the first token, learn."""
+    started = start(engine, req, chunks=False)
+    assert isinstance(started, Begun)
+    return started
+
+
+def start(engine: Engine, req: Request, chunks: bool = True) -> Begun | Pending:
+    """:func:`begin`, or (``chunks`` and an ordinary causal prefill with
+    ``prefill_chunk_tokens`` set) the call up to its prefill handed to the step loop."""
+    p = prepare(engine, req)
+    job = _chunked(engine, req, p) if chunks else None
+    if job is not None:
+        assert engine.batcher is not None
+        return Pending(p, job, engine.batcher.prefill(job), time.perf_counter())
+    with p.clock.stage("prefill"), _decodes_meanwhile(engine):
+        pre = pipeline.prefill(engine.parts, req, p.asm, p.ests, p.chosen)
+    return first_token(engine, req, p, pre)
+
+
+def prepare(engine: Engine, req: Request) -> Prepared:
+    """Plan, assemble, estimate, choose (inside a turn on the model)."""
     parts, clock = engine.parts, StageClock(engine.config.profile, engine.device)
     clock.add("render", req.render_s)
     state = engine.learned.get(req.scope)
@@ -63,16 +112,63 @@ def begin(engine: Engine, req: Request) -> Begun:
         ests = pipeline.estimate(parts, req, asm, state)
     with clock.stage("choose"):
         chosen = pipeline.choose(parts, asm, ests, state)
-    with clock.stage("prefill"), _decodes_meanwhile(engine):
-        pre = pipeline.prefill(parts, req, asm, ests, chosen)
-    with clock.stage("sample"):
+    return Prepared(clock, state, keys, asm, ests, chosen, _share_key(engine, planned.prefix))
+
+
+def _chunked(engine: Engine, req: Request, p: Prepared) -> PrefillJob | None:
+    """The prefill as a chunked job when it is an ordinary causal one: the tokens after the
+    exact prefix, no anchor estimates, no narrowing (what ``pipeline.prefill`` runs through
+    ``causal_tail``); else None."""
+    budget, plan = engine.config.prefill_chunk_tokens, p.chosen.plan
+    masked_only = engine.config.select.masked_prefill_max_ratio >= 1.0
+    if budget <= 0 or engine.batcher is None or masked_only or p.ests:
+        return None
+    if plan.tail is None or p.chosen.narrow is not None:
+        return None
+    ids = torch.tensor(req.prompt.ids, dtype=torch.long, device=engine.device)
+    return PrefillJob(p.asm.cache, ids, plan.tail, budget)
+
+
+def begin_batched(engine: Engine, req: Request, turn: AbstractContextManager[Any]) -> Begun:
+    """:func:`start` inside ``turn``; a chunked prefill is waited for outside it."""
+    with turn:
+        started = start(engine, req)
+    if isinstance(started, Pending):
+        return resume(engine, req, started, started.future.result())
+    return started
+
+
+async def abegin(engine: Engine, req: Request) -> Begun:
+    """:func:`begin_batched` for asyncio: :func:`start` runs on the step worker (in a turn)
+    and a chunked prefill is awaited; no thread waits."""
+    assert engine.batcher is not None
+    job = engine.batcher.submit(lambda: start(engine, req))
+    started = await asyncio.wrap_future(job)
+    if isinstance(started, Pending):
+        return resume(engine, req, started, await asyncio.wrap_future(started.future))
+    return started
+
+
+def resume(engine: Engine, req: Request, pending: Pending, logits: torch.Tensor) -> Begun:
+    """A :class:`Pending` call after its last chunk: its first token and learning."""
+    p, job = pending.prepared, pending.job
+    p.clock.add("prefill", time.perf_counter() - pending.t0)
+    done = torch.zeros(job.kv.length, dtype=torch.bool, device=logits.device)
+    done[job.first :] = True
+    pre = Prefilled(job.kv, logits, done, p.asm, p.ests, p.chosen.gains, None)
+    return first_token(engine, req, p, pre)
+
+
+def first_token(engine: Engine, req: Request, p: Prepared, pre: Prefilled) -> Begun:
+    """Sample the first token and commit what the prefill observed (``pipeline.learn``)."""
+    with p.clock.stage("sample"):
         first, gen = pipeline.sample_first(pre, req)
     ttft = time.perf_counter() - req.t0
-    with clock.stage("learn"):
-        pipeline.learn(parts, req, state, pre)
+    with p.clock.stage("learn"):
+        pipeline.learn(engine.parts, req, p.state, pre)
         if engine.teacher is not None:  # the idle-time teacher's job (after the 1st token)
-            engine.teacher.offer(req, state, pre)
-    return Begun(clock, state, keys, pre, first, gen, ttft, _share_key(engine, planned.prefix))
+            engine.teacher.offer(req, p.state, pre)
+    return Begun(p.clock, p.state, p.keys, pre, first, gen, ttft, p.shared)
 
 
 def _share_key(engine: Engine, prefix: list[KV]) -> ShareKey | None:

@@ -141,7 +141,7 @@ class Engine(WorkflowCalls):
         batcher = self.batcher
         try:
             with self._busy():
-                b = await asyncio.wrap_future(batcher.submit(lambda: call.begin(self, req)))
+                b = await call.abegin(self, req)
                 t1 = time.perf_counter()
                 dec = await call.decode_async(self, req, b, on_token)
                 s = time.perf_counter() - t1
@@ -276,8 +276,7 @@ class Engine(WorkflowCalls):
                     self.parts, req, b.pre, b.first, b.gen, self._turns.pass_turn, on_token
                 )
                 return call.finish(self, req, b, dec, time.perf_counter() - t1)
-        with self._turn():
-            b = call.begin(self, req)
+        b = call.begin_batched(self, req, self._turn())
         t1 = time.perf_counter()
         dec = call.decode_batched(self, req, b, on_token)
         decode_s = time.perf_counter() - t1

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from kvshare.engine.decode import DecodeResult, SamplingParams, end_reason
+from kvshare.errors import DecodeCapacityError
 from kvshare.kernels import KV
+from kvshare.model.batched import slot_tokens
 from kvshare.model.shared_prefix import ShareKey
 
 END = object()  # what a member emits after its last token
@@ -77,3 +79,31 @@ def fair_pick(pending: Sequence[Member], running: Sequence[Member], room: int) -
         load[m.tenant] += 1
         chosen.append(m)
     return chosen
+
+
+def need_bytes(
+    dims: tuple[int, int, int], prompt: int, max_new_tokens: int, context: int, dtype: Any
+) -> int:
+    """Decode-row bytes of a call of ``prompt`` tokens decoding up to ``max_new_tokens``
+    (whole slot blocks; ``dims``: layers, kv heads, head dim)."""
+    layers, heads, dim = dims
+    tokens = slot_tokens(prompt + max(0, min(max_new_tokens, context - prompt) - 1))
+    return int(tokens * 2 * layers * heads * dim * dtype.itemsize)
+
+
+def check_fits(need: int, budget: int, prompt: int, max_new_tokens: int) -> None:
+    """DecodeCapacityError when a call's decode rows (``need`` bytes) exceed the budget."""
+    if need > budget:
+        raise DecodeCapacityError(
+            f"this call's decode KV ({prompt} prompt + {max_new_tokens} new tokens: "
+            f"{need / 2**20:.1f} MiB) exceeds decode_pool_bytes "
+            f"({budget / 2**20:.1f} MiB); lower max_new_tokens or raise it"
+        )
+
+
+def outcome(m: Member) -> DecodeResult:
+    """A finished member's result, or its error raised."""
+    if m.error is not None:
+        raise m.error
+    assert m.result is not None
+    return m.result

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from kvshare.kernels.kv import KV, splice
 from kvshare.kernels.rope import _rotate_half
+from kvshare.model.chunked import Chunk, write_kv
+from kvshare.model.chunked import attention as chunk_attention
 from kvshare.model.shared_prefix import SharedPrefix, ShareKey, attend_rows
 
 
@@ -186,49 +188,88 @@ class BatchedDecoder:
         """Feed ``tokens`` [B] at ``positions`` [B] (rows ``[0, B)`` of ``slots``, B =
         ``slots.rows``; ``slots.positions()``); writes their K/V at each row's length,
         advances the lengths and returns the next-token logits [B, V] float32."""
-        b, lengths = slots.rows, slots.lengths
-        groups = [(p, torch.tensor(r, device=slots.keys.device)) for p, r in slots.groups()]
-        span = max(lengths) + 1
-        dev = slots.keys.device
-        at = torch.tensor(lengths, device=dev)
-        mask = None
-        if min(lengths) != max(lengths):  # padding to hide: [B, 1, 1, S]
-            mask = (torch.arange(span, device=dev)[None, :] <= at[:, None])[:, None, None]
-        x = self.inner.embed_tokens(tokens[:, None])  # [B, 1, E]
-        cos, sin = self.inner.rotary_emb(x, positions[:, None])  # [B, 1, D]
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
-        _, _, heads, cap, dim = slots.keys.shape
-        # flat row index of (sequence r, head h, slot at[r]) in a layer's [B' * H * C, D] view
-        flat = ((torch.arange(b, device=dev)[:, None] * heads + torch.arange(heads, device=dev))
-                * cap + at[:, None]).flatten()  # fmt: skip
+        return self.forward(slots, tokens, positions)[0]
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        slots: DecodeSlots | None,
+        tokens: Tensor,
+        positions: Tensor,
+        chunk: Chunk | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`step` with a prefill ``chunk`` [C tokens] in the same forward (B may be 0:
+        ``slots`` None). Returns the decode logits [B, V] and, for the prompt's last chunk,
+        its last token's logits [V] (float32)."""
+        b = slots.rows if slots is not None else 0
+        x = self.inner.embed_tokens(tokens)  # [B, E]
+        pos = positions
+        if chunk is not None:
+            x = torch.cat([x, self.inner.embed_tokens(chunk.ids)])  # [B + C, E]
+            pos = torch.cat([positions, chunk.positions()])
+        cos, sin = self.inner.rotary_emb(x, pos[None])  # [1, B + C, D]
+        rope = cos[0, :, None], sin[0, :, None]  # [B + C, 1, D]
+        attend = _Decode(slots, b) if slots is not None and b else None
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q, k, v = (_heads(p(h), attn.head_dim) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-            q = q * cos + _rotate_half(q) * sin  # [B, Hq, 1, D]
-            k = k * cos + _rotate_half(k) * sin
-            slots.keys[i].view(-1, dim).index_copy_(0, flat, k.reshape(-1, dim))
-            slots.values[i].view(-1, dim).index_copy_(0, flat, v.reshape(-1, dim))
-            keys, values = slots.keys[i, :b, :, :span], slots.values[i, :b, :, :span]
-            if groups:  # shared prefixes: attended once per group, merged (shared_prefix)
-                o = attend_rows(q, keys, values, attn.scaling, mask, groups, i)
-            else:
-                o = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
-                )
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+            q, k, v = (p(h).view(h.shape[0], -1, attn.head_dim)
+                       for p in (attn.q_proj, attn.k_proj, attn.v_proj))  # fmt: skip
+            q, k = (t * rope[0] + _rotate_half(t) * rope[1] for t in (q, k))  # [B + C, *, D]
+            parts = []
+            if attend is not None:  # [B, heads, D] -> [B, heads, 1, D]
+                parts.append(attend(i, q[:b, :, None], k[:b, :, None], v[:b, :, None], attn))
+            if chunk is not None:  # [C, heads, D] -> [1, heads, C, D]
+                qc, kc, vc = (t[b:].transpose(0, 1)[None] for t in (q, k, v))
+                write_kv(chunk, i, kc, vc)
+                oc = chunk_attention(chunk, i, qc, attn.scaling)  # [1, Hq, C, D]
+                parts.append(oc[0].transpose(0, 1).reshape(-1, q.shape[1] * q.shape[2]))
+            o = parts[0] if len(parts) == 1 else torch.cat(parts)
+            x = x + attn.o_proj(o)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        for r in range(b):
-            lengths[r] += 1
-        logits: Tensor = self.model.lm_head(self.inner.norm(x))[:, 0]
-        return logits.float()
+        if slots is not None:
+            for r in range(b):
+                slots.lengths[r] += 1
+        last = [b + int(chunk.ids.numel()) - 1] if chunk is not None and chunk.last else []
+        rows = x[list(range(b)) + last] if last else x[:b]
+        logits: Tensor = self.model.lm_head(self.inner.norm(rows)).float()
+        return logits[:b], (logits[b] if last else None)
+
+
+class _Decode:
+    """One step's decode attention over the rows of ``slots`` (B = ``b``): the slot each
+    row writes, the padding mask and the shared-prefix groups, made once per step."""
+
+    def __init__(self, slots: DecodeSlots, b: int) -> None:
+        self.slots, self.b = slots, b
+        dev, lengths = slots.keys.device, slots.lengths
+        self.groups = [(p, torch.tensor(r, device=dev)) for p, r in slots.groups()]
+        self.span = max(lengths) + 1
+        at = torch.tensor(lengths, device=dev)
+        self.mask = None
+        if min(lengths) != max(lengths):  # padding to hide: [B, 1, 1, S]
+            self.mask = (torch.arange(self.span, device=dev)[None, :] <= at[:, None])[:, None, None]
+        _, _, heads, cap, self.dim = slots.keys.shape
+        # flat row index of (sequence r, head h, slot at[r]) in a layer's [B' * H * C, D] view
+        rows, kv_heads = torch.arange(b, device=dev), torch.arange(heads, device=dev)
+        self.flat = ((rows[:, None] * heads + kv_heads) * cap + at[:, None]).flatten()
+
+    def __call__(self, i: int, q: Tensor, k: Tensor, v: Tensor, attn: Any) -> Tensor:
+        """Layer i: writes k, v [B, H, 1, D] at each row's length and returns the rows'
+        attention output [B, Hq * D] for q [B, Hq, 1, D]."""
+        slots, b, dim, span = self.slots, self.b, self.dim, self.span
+        slots.keys[i].view(-1, dim).index_copy_(0, self.flat, k.reshape(-1, dim))
+        slots.values[i].view(-1, dim).index_copy_(0, self.flat, v.reshape(-1, dim))
+        keys, values = slots.keys[i, :b, :, :span], slots.values[i, :b, :, :span]
+        if self.groups:  # shared prefixes: attended once per group, merged (shared_prefix)
+            o = attend_rows(q, keys, values, attn.scaling, self.mask, self.groups, i)
+        else:
+            o = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=self.mask, scale=attn.scaling, enable_gqa=True
+            )
+        return o.transpose(1, 2).reshape(b, -1)
 
 
 def slot_tokens(tokens: int) -> int:
     """Slot capacity: whole blocks of 128 tokens."""
     return -(-tokens // 128) * 128
-
-
-def _heads(x: Tensor, dim: int) -> Tensor:
-    """[B, 1, heads * D] -> [B, heads, 1, D]."""
-    return x.view(x.shape[0], 1, -1, dim).transpose(1, 2)

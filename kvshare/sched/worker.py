@@ -12,6 +12,8 @@ import atexit
 import threading
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 
 class Worker:
@@ -43,3 +45,13 @@ def _close_at_exit(ref: weakref.ref[Worker]) -> None:
     found = ref()
     if found is not None:
         found.close()
+
+
+def run_job(job: Callable[[], Any], future: Future[Any]) -> None:
+    """Run ``job`` into ``future`` (its result or its exception; nothing if cancelled)."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(job())
+    except BaseException as exc:  # handed to the caller
+        future.set_exception(exc)

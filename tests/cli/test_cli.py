@@ -209,9 +209,16 @@ def test_concurrent_bench_cli_compares_streams_with_one_at_a_time(tiny_dirs, tmp
     rows = json.loads((tmp_path / "concurrent.json").read_text())
     assert [r["streams"] for r in rows] == [1, 3] and rows[1]["mean_batch"] > 1
     assert all(r["tokens"] > 0 and r["serial_wall_s"] > 0 for r in rows)
-    assert "| 3 | full |" in capsys.readouterr().out
+    assert "| 3 | full | whole / 0 |" in capsys.readouterr().out
     assert main([*args[:5], "--streams", "0"]) == 2
     assert "--streams wants positive integers" in capsys.readouterr().err
+    assert main([*args, "--streams", "3", "--chunk", "0,8", "--every", "0,50"]) == 0  # side by side
+    rows = json.loads((tmp_path / "concurrent.json").read_text())
+    assert [(r["chunk"], r["every_ms"]) for r in rows] == [(0, 0), (0, 50), (8, 0), (8, 50)]
+    assert len({r["tokens"] for r in rows}) == 1
+    assert "| 3 | full | 8 / 0 |" in capsys.readouterr().out
+    assert main([*args, "--chunk", "-1"]) == 2
+    assert "--chunk wants integers >= 0" in capsys.readouterr().err
 
 
 def test_branches_bench_cli_holds_the_document_once(tiny_dirs, tmp_path, capsys):

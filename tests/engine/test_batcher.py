@@ -195,13 +195,13 @@ def test_the_decode_pool_budget_queues_calls_and_refuses_one_that_never_fits(tin
     row = 256 * 2 * layers * heads * dim * 4  # fp32 K and V
     eng = tiny_engine.fork(mode="prefix", decode_pool_bytes=2 * row)
     sizes: list[int] = []
-    step = eng.batcher.decoder.step
+    forward = eng.batcher.decoder.forward
 
     def watched(slots, *args):
         sizes.append(slots.nbytes)
-        return step(slots, *args)
+        return forward(slots, *args)
 
-    eng.batcher.decoder.step = watched
+    eng.batcher.decoder.forward = watched
     got = _together(eng)
     assert [r.tokens for r in got] == [_call(tiny_engine.fork(mode="prefix"), i).tokens
                                        for i in range(8)]  # fmt: skip
@@ -224,7 +224,7 @@ def test_a_long_prefill_lets_the_decoding_calls_step_between_its_layers(tiny_eng
     want = [long(tiny_engine.fork(mode="full"), i) for i in (0, 1)]
     for every, inline in ((10.0, True), (0.0, False)):
         eng = tiny_engine.fork(mode="full", decode_every_ms=every)
-        eng.batcher.decoder.step = _slowed(eng.batcher.decoder.step)  # A: 30 steps × 10 ms
+        eng.batcher.decoder.forward = _slowed(eng.batcher.decoder.forward)  # A: 30 × 10 ms
         decoding = threading.Event()
         out: dict[int, list[int]] = {}
         thread = threading.Thread(target=_first_call, args=(eng, long, out, decoding))
