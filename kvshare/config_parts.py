@@ -185,7 +185,13 @@ class TiersConfig:
     used when the model runs on an accelerator (on CPU the writer would take the model's
     cores: the caller writes, after its reply); disk_key_file: the secret that seals the disk
     tier's files (``kvshare.store.seal``; None: ``<disk_tier_dir>/kvshare.key``, created on first
-    use, owner-only)."""
+    use, owner-only); shared_tier: a tier shared with other engines (replicas), by URL
+    (``redis://127.0.0.1:6379/0``; ``memory://<name>``: in-process, for tests; None: none): every
+    stored trace is written through to it and a local miss adopts its verified candidates
+    (``kvshare.store.shared``); shared_key_file: the secret every replica seals and checks its
+    entries with (None: ``$KVSHARE_HOME/shared-tier.key``); shared_ttl_s: seconds an entry
+    lives unless read; shared_timeout_s: socket timeout of each call to it (a slow or down
+    server is skipped, never an error)."""
 
     host_tier_bytes: int = 0
     disk_tier_dir: str | None = None
@@ -195,9 +201,13 @@ class TiersConfig:
     eviction: str = "workflow"
     prefetch: bool = True
     pin_bytes: int = 64 << 20
+    shared_tier: str | None = None
+    shared_key_file: str | None = None
+    shared_ttl_s: int = 86_400
+    shared_timeout_s: float = 0.25
 
     def __post_init__(self) -> None:
-        for name in ("disk_tier_dir", "disk_key_file"):
+        for name in ("disk_tier_dir", "disk_key_file", "shared_tier", "shared_key_file"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{name} must be a str path or None, got {value!r}")
@@ -210,4 +220,6 @@ class TiersConfig:
             "eviction": check_choice("eviction", self.eviction, EVICTIONS),
             "prefetch": check_bool("prefetch", self.prefetch),
             "pin_bytes": check_int("pin_bytes", self.pin_bytes, 0, BYTES_MAX),
+            "shared_ttl_s": check_int("shared_ttl_s", self.shared_ttl_s, 1, 1 << 31),
+            "shared_timeout_s": check_float("shared_timeout_s", self.shared_timeout_s, 0.001, 60),
         })  # fmt: skip

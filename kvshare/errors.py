@@ -73,3 +73,8 @@ class StructuredOutputError(KVShareError, ValueError):
 class SandboxUnavailableError(KVShareError, RuntimeError):
     """No OS-level sandbox can start on this machine (bubblewrap missing, or user namespaces
     disabled): untrusted code is refused rather than run under the policy layer alone."""
+
+
+class ServiceUnavailableError(KVShareError, RuntimeError):
+    """A local service a command or test starts (``redis-server``) is missing or did not come
+    up; the message says why (and how to install it)."""

@@ -12,7 +12,7 @@ from kvshare import Engine, EngineConfig
 from kvshare.model import load as model_loading
 
 FAMILIES = ("llama", "qwen2", "mistral")
-pytest_plugins = ("serving",)  # tests/serving.py: the HTTP server fixtures of tests/serve
+pytest_plugins = ("serving", "redis_server")  # HTTP server (tests/serve), redis-server fixtures
 
 # Without a GPU the Triton kernels run in Triton's interpreter (set before triton is imported).
 if not torch.cuda.is_available():

@@ -70,6 +70,9 @@ def add_parser(sub: Any) -> None:
     )
     bench.add_argument("--requests", type=int, default=4, help="serve: requests per client")
     bench.add_argument(
+        "--faults", type=int, default=8, help="redis-faults: faults injected per round"
+    )
+    bench.add_argument(
         "--concurrency",
         type=int,
         default=1,
@@ -185,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
         return bench_more.run_concurrent(args, engine)
     if args.workload == "serve":
         return bench_more.run_serve(args, engine)
+    if args.workload == "redis-faults":
+        return bench_more.run_redis_faults(args, engine)
     if args.workload == "wrapper":
         from kvshare.bench.wrapper import measure as wrapper_cost
 

@@ -158,6 +158,26 @@ def run_serve(args: argparse.Namespace, engine) -> int:
     return 0 if all(r.errors == 0 and r.mismatches == 0 for r in rows) else 1
 
 
+def run_redis_faults(args: argparse.Namespace, engine) -> int:
+    """Replicas A and B sharing a real redis-server under injected faults (``--items``
+    rounds, default 100; ``--agents`` per workflow, B runs the last); exit 1 unless no call
+    failed and no wrong KV was served (``kvshare.bench.redis_faults``)."""
+    import json
+
+    from kvshare.bench.redis_faults import markdown, measure
+
+    rep = measure(
+        engine, rounds=args.items or 100, faults_per_round=args.faults,
+        agents=max(2, args.agents), prefix_len=args.prefix,
+        input_len=args.input, output_len=args.output,
+    )  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "redis-faults.json").write_text(json.dumps(rep.summary(), indent=1))
+    print(f"model {engine.loaded.source} on {engine.device}\n\n{markdown(rep)}")
+    return 0 if rep.failed_calls == 0 and rep.wrong_kv_served == 0 else 1
+
+
 def run_kernels(args: argparse.Namespace) -> int:
     import json
 

@@ -255,6 +255,7 @@ def finish(engine: Engine, req: Request, b: Begun, dec: DecodeResult, decode_s: 
         parts.segments.record_call(b.keys, wrote, user, readers, req.prompt.ids)
     with clock.stage("shadow"):
         fidelity = reference(parts, req, b.state, b.pre, dec.tokens)
+    parts.learned.publish(req.scope)  # a pool that changed goes to the shared tier, if any
     stats = call_stats(
         engine.config.mode, req, b.pre, dec, b.ttft, decode_s, fidelity, clock.result()
     )

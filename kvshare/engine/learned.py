@@ -18,6 +18,7 @@ import torch
 
 from kvshare.anchors import AnchorPool
 from kvshare.config import EngineConfig
+from kvshare.engine.shared_pools import SharedPools
 from kvshare.scope import Scope
 
 
@@ -36,9 +37,14 @@ class LearnedState:
     model's: estimates never leave it). Thread-safe."""
 
     def __init__(
-        self, config: EngineConfig, anchored: bool, device: torch.device | str = "cpu"
+        self,
+        config: EngineConfig,
+        anchored: bool,
+        device: torch.device | str = "cpu",
+        shared: SharedPools | None = None,
     ) -> None:
         self.config = config
+        self.shared = shared  # anchor pools shared with other replicas (read on a miss)
         self.anchored = anchored
         self.device = torch.device(device)
         self._states: OrderedDict[Scope, ScopeState] = OrderedDict()
@@ -59,6 +65,8 @@ class LearnedState:
             state = self._states.get(scope)
             if state is None:
                 state = self._states[scope] = self._fresh()
+                if self.shared is not None and state.pool is not None:
+                    state.pool = self.shared.fetch(scope) or state.pool
             self._states.move_to_end(scope)
             return state
 
@@ -66,6 +74,12 @@ class LearnedState:
         """The scope's state if it has one (does not create or touch it)."""
         with self._lock:
             return self._states.get(scope)
+
+    def publish(self, scope: Scope) -> None:
+        """Share the scope's pool if it changed (``kvshare.engine.shared_pools``)."""
+        state = None if self.shared is None or scope.anonymous else self.peek(scope)
+        if self.shared is not None and state is not None and state.pool is not None:
+            self.shared.publish(scope, state.pool)
 
     def put_pool(self, scope: Scope, pool: AnchorPool) -> None:
         """Replace the scope's anchor pool (e.g. one loaded from a file), then fit the budget."""

@@ -22,6 +22,7 @@ from kvshare.config import EngineConfig
 from kvshare.engine.correct import RunEstimate, commit_hits, estimate_runs
 from kvshare.engine.correct import learn as learn_offsets
 from kvshare.engine.decode import DecodeResult, decode, next_token, stop_checker
+from kvshare.engine.exact_shared import adopt_prefix, trace_of
 from kvshare.engine.fidelity import steer_ratio
 from kvshare.engine.learned import LearnedState, ScopeState
 from kvshare.engine.policy import OffsetStep, ReusePolicy
@@ -43,8 +44,9 @@ from kvshare.model.adapter import ModelAdapter
 from kvshare.model.load import LoadedModel
 from kvshare.model.prompt import Prompt, token_hash
 from kvshare.scope import Scope
-from kvshare.store.contract import SegmentStore, StoredSegment, StoreKey
+from kvshare.store.contract import SegmentStore, StoreKey
 from kvshare.store.radix import RadixCache
+from kvshare.store.shared import SharedTier
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Parts:
     segments: SegmentStore
     learned: LearnedState
     eos_ids: frozenset[int]
+    exact_shared: SharedTier | None = None  # prefix mode: kvshare.engine.exact_shared
 
     @property
     def model(self) -> nn.Module:
@@ -92,6 +95,9 @@ def plan(parts: Parts, scope: Scope, prompt: Prompt) -> Planned:
     if not policy.keeps_kv or scope.anonymous:
         return Planned([], [])
     hit, found = parts.prefix_cache.match(scope, prompt.ids[:-1])  # the last is computed
+    if parts.exact_shared is not None:
+        args = (parts.prefix_cache, scope, prompt.ids[:-1], hit, found, parts.device)
+        hit, found = adopt_prefix(parts.exact_shared, *args)
     runs = find_runs(prompt, hit, scope, parts.segments) if policy.relocates else []
     if hit + sum(r.length for r in runs) < max(1, parts.config.store.min_reuse_share * len(prompt)):
         parts.segments.release(r.segment.key for r in runs)
@@ -261,14 +267,14 @@ def remember(
     prompt, scope = req.prompt, req.scope
     ids = tuple(prompt.ids) + tuple(tokens[:-1])  # the last token was never fed: no KV
     parts.prefix_cache.insert(scope, ids, kv)
+    if parts.exact_shared is not None:
+        parts.exact_shared.put(trace_of(req, ids, kv, token_hash(ids)))
     digest = token_hash(ids) if parts.segments.budget_bytes else ""
     if not digest:
         return None
     if (scope, digest) in parts.segments:
         return (scope, digest)
-    bounds = tuple((s.start, f"m{s.index}") for s in prompt.segments)
-    bounds += ((prompt.tail.start, "reply"),)
-    trace = StoredSegment(scope, digest, ids, kv, "trace", "", req.agent, 0, "m0", bounds)
+    trace = trace_of(req, ids, kv, digest)
     stored = parts.segments.put(trace, (req.session, req.agent), readers)
     return trace.key if stored else None
 

@@ -8,12 +8,15 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+from kvshare.anchors import ModelIdentity
 from kvshare.config import EngineConfig
 from kvshare.engine import pipeline
 from kvshare.engine.batcher import DecodeBatcher
+from kvshare.engine.exact_shared import EXACT
 from kvshare.engine.idle import IdleTeacher
 from kvshare.engine.learned import LearnedState
 from kvshare.engine.policy import ReusePolicy
+from kvshare.engine.shared_pools import SharedPools
 from kvshare.errors import ConfigError
 from kvshare.kernels import kernels_for
 from kvshare.model.adapter import ModelAdapter
@@ -23,6 +26,7 @@ from kvshare.sched.prefetch import Prefetcher
 from kvshare.sched.schedule import BaseScheduler, LRUScheduler, Scheduler, SchedulerConfig
 from kvshare.store.radix import RadixCache
 from kvshare.store.segments import LRUSegmentStore, NullSegmentStore, SegmentStore
+from kvshare.store.shared import build_shared
 from kvshare.store.tiered import TieredStore, build_tiers, scheduler_priority
 
 
@@ -51,11 +55,13 @@ def segment_store(
     from the workflow scheduler (``kvshare.sched.schedule``)."""
     tiers, budget = config.tiers, config.store.segment_store_bytes
     workflow = tiers.eviction == "workflow"
-    if not workflow and not tiers.host_tier_bytes and tiers.disk_tier_dir is None:
+    local = not tiers.host_tier_bytes and tiers.disk_tier_dir is None
+    if not workflow and local and tiers.shared_tier is None:
         return LRUSegmentStore(budget)
     stack = build_tiers(tiers, budget, adapter.device, model)
     priority, pinned = scheduler_priority(scheduler), scheduler.pinned
-    return TieredStore(stack, priority, pinned, trim=workflow)
+    shared = build_shared(tiers, model)
+    return TieredStore(stack, priority, pinned, trim=workflow, shared=shared)
 
 
 def eos_ids(loaded: LoadedModel) -> set[int]:
@@ -79,6 +85,13 @@ def make_parts(
     store = config.store
     traces = store.store_segments and policy.relocates
     backend = config.kernels.kernel_backend
+    segments = (
+        segment_store(config, adapter, loaded.model, scheduler) if traces else NullSegmentStore()
+    )
+    shared, pools = getattr(segments, "shared", None), None
+    if shared is not None and policy.anchored:
+        identity = ModelIdentity.of(loaded.model)
+        pools = SharedPools(shared, identity, adapter.device, config.anchors)
     return pipeline.Parts(
         loaded=loaded,
         config=config,
@@ -86,14 +99,19 @@ def make_parts(
         adapter=adapter,
         kernels=kernels_for(adapter.device, backend),  # KernelUnavailableError first
         prefix_cache=RadixCache(store.prefix_cache_bytes),
-        segments=(
-            segment_store(config, adapter, loaded.model, scheduler)
-            if traces
-            else NullSegmentStore()
-        ),
-        learned=LearnedState(config, policy.anchored, adapter.device),
+        segments=segments,
+        learned=LearnedState(config, policy.anchored, adapter.device, pools),
+        exact_shared=exact_shared(config, policy, loaded.model, traces),
         eos_ids=frozenset(eos_ids(loaded)),
     )
+
+
+def exact_shared(config: EngineConfig, policy: ReusePolicy, model: Any, traces: bool) -> Any:
+    """The shared tier of exact prefixes (``kvshare.engine.exact_shared``): for a mode that
+    keeps KV but no traces (``prefix``), when ``tiers.shared_tier`` names one; else None."""
+    if traces or not policy.keeps_kv:
+        return None
+    return build_shared(config.tiers, model, prefix=EXACT)
 
 
 def make_prefetcher(

@@ -183,11 +183,17 @@ def _pread(fd: int, n: int, at: int, where: object) -> bytes:
 def read_meta(fd: int, size: int, where: object) -> tuple[Meta, str, str, int]:
     """(metadata, its text, the seal, where the tensor bytes start) from the header of an open
     segment file; StateFileError for anything but the layout :func:`file_chunks` writes."""
-    (n,) = struct.unpack("<Q", _pread(fd, 8, 0, where))
+    return _parse_meta(lambda n, at: _pread(fd, n, at, where), size, where)
+
+
+def _parse_meta(read: Any, size: int, where: object) -> tuple[Meta, str, str, int]:
+    """:func:`read_meta` over ``read(n, at)`` (exactly n bytes at offset ``at``, else
+    StateFileError) of a segment of ``size`` bytes."""
+    (n,) = struct.unpack("<Q", read(8, 0))
     if n > min(MAX_HEADER, size - 8):
         raise StateFileError(f"{where}: header of {n} bytes")
     try:
-        head = json.loads(_pread(fd, n, 8, where))
+        head = json.loads(read(n, 8))
         stored = head.pop("__metadata__")
         text, seal = stored["kvshare"], stored["hmac"]
         meta = Meta.model_validate_json(text)
@@ -206,15 +212,35 @@ def load(fd: int, size: int, sealer: Sealer, where: object) -> tuple[Meta, KV]:
     private mapping (StateFileError when its seal or layout is wrong)."""
     meta, text, seal, start = read_meta(fd, size, where)
     mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+    return meta, _sealed_kv(mapped, meta, text, seal, start, sealer, where)
+
+
+def loads(data: bytes, sealer: Sealer, where: object) -> tuple[Meta, KV]:
+    """:func:`load` of a segment held in memory (the bytes :func:`file_chunks` joined, as a
+    shared tier stores them); KV [L, H, S, D] over a private copy of ``data``."""
+
+    def read(n: int, at: int) -> bytes:
+        if at + n > len(data):
+            raise StateFileError(f"{where}: truncated")
+        return data[at : at + n]
+
+    meta, text, seal, start = _parse_meta(read, len(data), where)
+    return meta, _sealed_kv(bytearray(data), meta, text, seal, start, sealer, where)
+
+
+def _sealed_kv(
+    buffer: Any, meta: Meta, text: str, seal: str, start: int, sealer: Sealer, where: object
+) -> KV:
+    """The KV in ``buffer`` (a writable buffer of the whole segment) once its seal checks."""
     half = meta.nbytes() // 2
-    data = memoryview(mapped)
+    data = memoryview(buffer)
     parts: list[bytes | memoryview] = [text.encode(), data[start : start + half]]
     parts.append(data[start + half : start + 2 * half])
     if not sealer.check(seal, parts):
         raise StateFileError(f"{where}: the seal does not match (edited, or another store's)")
     dtype, count = DTYPES[meta.dtype], half // DTYPES[meta.dtype].itemsize
     keys, values = (
-        torch.frombuffer(mapped, dtype=dtype, count=count, offset=at).view(meta.shape)
+        torch.frombuffer(buffer, dtype=dtype, count=count, offset=at).view(meta.shape)
         for at in (start, start + half)
     )
-    return meta, KV(keys, values)
+    return KV(keys, values)

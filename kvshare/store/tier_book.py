@@ -60,6 +60,7 @@ class TierBook:
         pinned: Pinned | None = None,
         events: int = 10_000,
         trim: bool = False,
+        shared: Any = None,
     ) -> None:
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier")
@@ -69,6 +70,8 @@ class TierBook:
         self.pinned = pinned
         self.trim = trim
         self.trims = 0
+        self.shared = shared  # a SharedTier (kvshare.store.shared) or None
+        self.adopted = 0  # segments adopted from it
         self._entries: dict[StoreKey, TierEntry] = {}
         self._uses = Uses(self._entries)
         self._index = WindowIndex()

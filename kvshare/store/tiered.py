@@ -33,6 +33,8 @@ from kvshare.store.tier_book import Priority, TierEntry
 from kvshare.store.tier_moves import TierMoves
 from kvshare.store.tiers import KVTier
 
+SHARED_CANDIDATES = 4  # segments a local miss may adopt from the shared tier
+
 
 def scheduler_priority(scheduler: Any) -> Priority:
     """A scheduler's priority over the (session, agent) users that have both ids."""
@@ -52,9 +54,21 @@ class TieredStore(TierMoves, SegmentStore):
     # --- SegmentStore --------------------------------------------------------------------
 
     def put(
-        self, segment: StoredSegment, user: User = (None, None), readers: Iterable[str] = ()
+        self,
+        segment: StoredSegment,
+        user: User = (None, None),
+        readers: Iterable[str] = (),
+        share: bool = True,
     ) -> bool:
-        readers = tuple(readers)
+        """Store ``segment`` (see ``SegmentStore.put``); a new one is also written through
+        to the shared tier, if any, unless ``share`` is False (it came from there)."""
+        new = segment.key not in self
+        stored = self._put_local(segment, user, tuple(readers))
+        if stored and new and share and self.shared is not None:
+            self.shared.put(segment)  # never raises for the service; outside the lock
+        return stored
+
+    def _put_local(self, segment: StoredSegment, user: User, readers: tuple[str, ...]) -> bool:
         with self._lock:
             e = self._entries.get(segment.key)
             if e is not None:
@@ -104,6 +118,8 @@ class TieredStore(TierMoves, SegmentStore):
     ) -> list[Match]:
         """Verified runs as in every store; each matched segment is resolved onto the top
         tier and *leased* until :meth:`release` (the caller's, once it has read the KV)."""
+        if self.shared is not None:
+            self._adopt_shared(scope, tokens, min_len)
         with self._demand():
             found = match_indexed(self._index, scope, tokens, min_len, self._entries.__getitem__)
             out = []
@@ -116,6 +132,19 @@ class TieredStore(TierMoves, SegmentStore):
                 self._leases[e.key] += 1
                 out.append(Match(m.start, m.length, seg, m.offset))
             return out
+
+    def _adopt_shared(self, scope: Hashable, tokens: Sequence[int], min_len: int) -> None:
+        """On a local miss (at least ``2 * MIN_MATCH`` tokens no local run covers) adopt the
+        shared tier's verified candidates of ``scope`` (at most ``SHARED_CANDIDATES``)."""
+        with self._lock:
+            runs = match_indexed(self._index, scope, tokens, min_len, self._entries.__getitem__)
+            have = set(self._entries)
+        if len(tokens) - sum(m.length for m in runs) < 2 * MIN_MATCH:
+            return
+        assert self.shared is not None
+        for seg in self.shared.candidates(scope, tokens, SHARED_CANDIDATES, have):
+            if seg.scope == scope and self.put(seg, share=False):
+                self.adopted += 1
 
     def release(self, keys: Iterable[StoreKey]) -> None:
         """End the leases that :meth:`match` took on ``keys``."""
