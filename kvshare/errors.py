@@ -73,3 +73,8 @@ class StructuredOutputError(KVShareError, ValueError):
 class SandboxUnavailableError(KVShareError, RuntimeError):
     """No OS-level sandbox can start on this machine (bubblewrap missing, or user namespaces
     disabled): untrusted code is refused rather than run under the policy layer alone."""
+
+
+class RayStartError(KVShareError, RuntimeError):
+    """Ray or Ray Serve could not start, be reached, or deploy kvshare's replicas (the message
+    gives Ray's own reason)."""
