@@ -9,7 +9,7 @@ from kvshare.errors import KVShareError
 
 TEAMS = ["rag", "debate", "code"]
 WORKLOADS = ["synthetic", "qa", "crossover", "overhead", "kernels", "wrapper", "tiers"]
-WORKLOADS += ["concurrent", "branches", "routing", "serve", *TEAMS]
+WORKLOADS += ["concurrent", "branches", "routing", "serve", "replicas", *TEAMS]
 
 
 def engine_for(args: argparse.Namespace) -> Any:

@@ -57,7 +57,7 @@ def add_replica_args(serve: Any) -> None:
         help="--replicas: cache-affinity router, or Ray's default (power of two)",
     )  # fmt: skip
     serve.add_argument(
-        "--threshold", type=int, default=1, help="--replicas: load gap (requests) past which "
+        "--threshold", type=int, default=4, help="--replicas: load gap (requests) past which "
         "a workflow leaves its replica",
     )  # fmt: skip
     serve.add_argument("--replica-cpus", type=float, default=1.0, help="--replicas: CPUs each")

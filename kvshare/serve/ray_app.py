@@ -55,7 +55,7 @@ class ReplicaSpec:
     serve: ServeConfig = ServeConfig()
     keys: dict[str, Any] | None = None
     router: str = "affinity"
-    threshold: int = 1
+    threshold: int = 4
     segments: int = 2
     cpus: float = 1.0
     gpus: float = 0.0
