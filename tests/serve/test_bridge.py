@@ -64,3 +64,19 @@ def test_merged_metrics_label_every_sample_and_keep_families_together():
         'a_total{replica="r2",route="/x"} 1.0', "# HELP b g", "# TYPE b gauge",
         'b{replica="r1"} 2.0', 'b{replica="r2"} 2.0',
     ]  # fmt: skip
+
+
+def test_replica_options_are_checked_before_ray_starts(capsys):
+    import pytest
+
+    from kvshare.cli import main
+    from kvshare.errors import ConfigError
+    from kvshare.serve.ray_app import ReplicaSpec
+
+    assert main(["serve", "--replicas", "0", "--no-auth"]) == 2
+    assert "--replicas must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--replicas", "2", "--no-auth", "--host", "0.0.0.0"]) == 2
+    assert "loopback" in capsys.readouterr().err
+    for bad in ({"router": "random"}, {"threshold": -1}, {"segments": 0}):
+        with pytest.raises(ConfigError):
+            ReplicaSpec(**bad)
