@@ -71,7 +71,7 @@ class ReplicaSpec:
 
 def free_kv_bytes(engine: Any) -> int:
     """Bytes left under the prefix-cache and segment-store budgets (>= 0)."""
-    mem, cfg = engine.memory(), engine.config
+    mem, cfg = engine.memory(), engine.config.store
     left = cfg.prefix_cache_bytes - mem.prefix_cache + cfg.segment_store_bytes - mem.segments
     return max(0, int(left))
 

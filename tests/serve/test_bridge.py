@@ -80,3 +80,16 @@ def test_replica_options_are_checked_before_ray_starts(capsys):
     for bad in ({"router": "random"}, {"threshold": -1}, {"segments": 0}):
         with pytest.raises(ConfigError):
             ReplicaSpec(**bad)
+
+
+def test_routing_stats_report_queue_and_free_kv_falling_as_the_stores_fill(tiny_engine):
+    from kvshare.serve.ray_app import ReplicaServer
+
+    replica = ReplicaServer.__new__(ReplicaServer)  # its app, without Ray's replica context
+    replica.app = create_app(tiny_engine.fork(), ServeConfig())
+    empty = replica.record_routing_stats()
+    cfg = replica.app.state.serve.engine.config.store
+    assert empty == {"queue": 0, "waiting": 0,
+                     "free_kv_bytes": cfg.prefix_cache_bytes + cfg.segment_store_bytes}  # fmt: skip
+    replica.app.state.serve.engine.chat([{"role": "user", "content": "fill"}], max_new_tokens=2)
+    assert 0 <= replica.record_routing_stats()["free_kv_bytes"] < empty["free_kv_bytes"]
