@@ -132,7 +132,7 @@ class Ingress:
         router = affinity.LIVE.get("ReplicaServer")
         pins = router.replica_ids() if router is not None else [None]
         answers = await asyncio.gather(*(self.whole(Route("metrics", pin), call) for pin in pins))
-        return merge(dict(answers))
+        return merge(dict(answers)) + (routing_gauges(router.reported()) if router else b"")
 
     async def whole(self, route: Route, call: HttpCall) -> tuple[str, bytes]:
         """(replica id, body) of one call, read whole."""
@@ -142,6 +142,20 @@ class Ingress:
             replica = head.get(b"x-kvshare-replica", replica.encode()).decode()
             chunks.append(message.get("body", b""))
         return replica, b"".join(chunks)
+
+
+def routing_gauges(reported: dict[str, dict[str, Any]]) -> bytes:
+    """The router's view as Prometheus gauges: ``kvshare_routing_<stat>{replica}`` for each
+    stat a replica reported (queue, waiting, free_kv_bytes)."""
+    names = sorted({k for stats in reported.values() for k in stats})
+    lines = []
+    for name in names:
+        metric = f"kvshare_routing_{name}"
+        lines += [f"# HELP {metric} {name} the replica last reported to the router",
+                  f"# TYPE {metric} gauge"]  # fmt: skip
+        lines += [f'{metric}{{replica="{rid}"}} {stats[name]}'
+                  for rid, stats in reported.items() if name in stats]  # fmt: skip
+    return "".join(line + "\n" for line in lines).encode()
 
 
 async def bodies(stream: Any) -> AsyncIterator[bytes]:

@@ -43,6 +43,10 @@ class CacheAffinityRouter(RequestRouter):
         """The replicas this router can send to now."""
         return [rid.unique_id for rid in self.curr_replicas]
 
+    def reported(self) -> dict[str, dict[str, Any]]:
+        """What each replica last reported through ``record_routing_stats`` (by id)."""
+        return {rid.unique_id: dict(r.routing_stats or {}) for rid, r in self.curr_replicas.items()}
+
     def load(self, replica: RunningReplica) -> int:
         """Requests queued or running on ``replica`` (module docstring)."""
         cached = self.replica_queue_len_cache.get(replica.replica_id) or 0

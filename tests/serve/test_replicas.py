@@ -92,8 +92,12 @@ def test_api_keys_are_enforced_through_the_replicated_app(cluster):
         assert cluster.ask(c, "auth", 0).status_code == 200
         models = c.get("/v1/models").json()["data"]
         assert [m["id"] for m in models] == [cluster.model]
+        time.sleep(2.5)  # the replicas report every second
         text = c.get("/metrics").text
     assert text.count("# TYPE kvshare_requests_total counter") == 1
+    free = [ln for ln in text.splitlines() if ln.startswith("kvshare_routing_free_kv_bytes{")]
+    assert len(free) == 2 and all(float(ln.split()[-1]) > 0 for ln in free)
+    assert "# TYPE kvshare_routing_queue gauge" in text
     assert len(set(line.split('replica="')[1].split('"')[0] for line in text.splitlines()
                    if line.startswith("kvshare_requests_total{"))) == 2  # fmt: skip
 
