@@ -18,6 +18,7 @@ pin a replica, so there it is one replica's). Limits are per replica: a tenant m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -37,8 +38,10 @@ from kvshare.serve.metrics import merge
 
 ROUTER_PATH = "kvshare.serve.ray_router:CacheAffinityRouter"
 ROUTERS = ("affinity", "default")
-# How long /metrics waits for one replica's metrics (a known bug: from inside the ingress the
-# per-replica fan-out sometimes never answers; see docs/serve.md).
+# How long /metrics waits for one replica's metrics. The replicas are asked one after another:
+# calls a replica makes while serving a request inherit that request's internal id, and Ray
+# Serve's router (without its FIFO mixin) matches routed replicas to pending requests by that
+# id, so two concurrent calls from one ingress request could wait forever (seen with gather).
 SCRAPE_S = 5.0
 
 
@@ -134,10 +137,12 @@ class Ingress:
         """Every replica's ``/metrics``, labelled by replica (module docstring)."""
         router = affinity.LIVE.get("ReplicaServer")
         pins = router.replica_ids() if router is not None else [None]
-        jobs = [asyncio.wait_for(self.whole(Route("metrics", p), call), SCRAPE_S) for p in pins]
-        answers = await asyncio.gather(*jobs, return_exceptions=True)
-        texts = dict(a for a in answers if isinstance(a, tuple))
-        missing = len(answers) - len(texts)  # a replica that did not answer in SCRAPE_S
+        texts: dict[str, bytes] = {}
+        for pin in pins:  # one at a time: see SCRAPE_S
+            with contextlib.suppress(TimeoutError):
+                replica, text = await asyncio.wait_for(self.whole(Route("m", pin), call), SCRAPE_S)
+                texts[replica] = text
+        missing = len(pins) - len(texts)  # a replica that did not answer in SCRAPE_S
         tail = routing_gauges(router.reported()) if router else b""
         gauge = "# HELP kvshare_scrape_missing replicas whose metrics did not come in time\n"
         gauge += f"# TYPE kvshare_scrape_missing gauge\nkvshare_scrape_missing {missing}\n"

@@ -95,7 +95,7 @@ def test_api_keys_are_enforced_through_the_replicated_app(cluster):
         time.sleep(2.5)  # the replicas report every second
         t0 = time.monotonic()
         text = c.get("/metrics", timeout=30).text
-    assert time.monotonic() - t0 < 15  # bounded even when a replica's scrape hangs
+    assert time.monotonic() - t0 < 15
     free = [ln for ln in text.splitlines() if ln.startswith("kvshare_routing_free_kv_bytes{")]
     assert len(free) == 2 and all(float(ln.split()[-1]) > 0 for ln in free)
     assert "# TYPE kvshare_routing_queue gauge" in text
@@ -103,8 +103,8 @@ def test_api_keys_are_enforced_through_the_replicated_app(cluster):
                   .split()[-1])  # fmt: skip
     scraped = {ln.split('replica="')[1].split('"')[0] for ln in text.splitlines()
                if ln.startswith("kvshare_requests_total{")}  # fmt: skip
-    assert len(scraped) + missing == 2
-    assert missing == 0 or text.count("# TYPE kvshare_requests_total counter") <= 1
+    assert missing == 0 and len(scraped) == 2  # every replica scraped, in time
+    assert text.count("# TYPE kvshare_requests_total counter") == 1
 
 
 def test_a_killed_replica_sends_the_next_agent_elsewhere_and_the_call_succeeds(cluster):
