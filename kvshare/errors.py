@@ -78,3 +78,8 @@ class SandboxUnavailableError(KVShareError, RuntimeError):
 class ServiceUnavailableError(KVShareError, RuntimeError):
     """A local service a command or test starts (``redis-server``) is missing or did not come
     up; the message says why (and how to install it)."""
+
+
+class RayStartError(KVShareError, RuntimeError):
+    """Ray or Ray Serve could not start, be reached, or deploy kvshare's replicas (the message
+    gives Ray's own reason)."""

@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> None:
         "cost per call (ChatKVShare vs Engine.chat), or N concurrent streams against the "
         "same calls one at a time, or N parallel branches over one document (its prefix "
         "held once against a copy per branch), or the routing simulator (policies over "
-        "simulated replicas; no model)",
+        "simulated replicas; no model), or live replicas on a local Ray (affinity vs Ray's router)",
     )
     bench.add_argument(
         "--profile",
@@ -63,8 +63,10 @@ def add_parser(sub: Any) -> None:
         help="concurrent: decode_every_ms of the together runs, e.g. 0,100 (with every --chunk)",
     )
     bench.add_argument(
-        "--replicas", default="2,4,8,16,32,64", help="routing: simulated replica counts"
-    )
+        "--replicas", default="2,4,8,16,32,64",
+        help="routing: simulated replica counts; replicas: the first is R (live)",
+    )  # fmt: skip
+    bench.add_argument("--threshold", type=int, default=4, help="replicas: affinity load gap")
     bench.add_argument(
         "--clients", default="1,4,16", help="serve: concurrent HTTP clients (comma-separated)"
     )
@@ -170,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         return bench_more.run_kernels(args)
     if args.workload == "routing":
         return bench_more.run_routing(args)
+    if args.workload == "replicas":
+        return bench_more.run_replicas(args)
     engine = engine_for(args)
     if args.plots:
         from kvshare.bench.plots import write_plots

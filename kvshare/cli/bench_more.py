@@ -4,9 +4,10 @@ overhead and the kernel ops."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from kvshare.cli.common import parse_lengths
+from kvshare.cli.common import engine_for, parse_lengths
 from kvshare.config import IMPLEMENTED_MODES
 from kvshare.errors import KVShareError
 
@@ -201,6 +202,33 @@ def run_kernels(args: argparse.Namespace) -> int:
     (out / "kernels.md").write_text(text + "\n")
     print(text)
     return 0
+
+
+def run_replicas(args: argparse.Namespace) -> int:
+    """``--workload replicas``: ``--items`` (default 8) synthetic workflows at once on one
+    replica, then R (the first ``--replicas``) behind Ray's router and the affinity router."""
+    from kvshare.bench.replicas import markdown, measure
+    from kvshare.config import EngineConfig
+    from kvshare.serve import ServeConfig
+    from kvshare.serve.ray_app import ReplicaSpec
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    mode = modes[0] if len(modes) == 1 else "kvshare"
+    replicas = parse_lengths(args.replicas, "--replicas")[0]
+    args.items = args.items or 8
+    workload = synthetic(args, engine_for(args), default_items=8)
+    serve = ServeConfig(max_concurrent=1 << 10, max_queued_prompt_tokens=1 << 30)
+    spec = ReplicaSpec(
+        model=args.model, device=args.device, dtype=args.dtype, serve=serve,
+        engine=EngineConfig(mode=mode), threshold=args.threshold,
+    )  # fmt: skip
+    rows = measure(spec, workload, replicas)
+    text = markdown(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "replicas.json").write_text(json.dumps([r.model_dump() for r in rows], indent=1))
+    print(f"{workload.n_items} workflows x {workload.n_agents} agents, mode {mode}\n\n{text}")
+    return 0 if all(r.errors == 0 for r in rows) else 1
 
 
 def run_routing(args: argparse.Namespace) -> int:

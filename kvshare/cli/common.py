@@ -9,7 +9,7 @@ from kvshare.errors import KVShareError
 
 TEAMS = ["rag", "debate", "code"]
 WORKLOADS = ["synthetic", "qa", "crossover", "overhead", "kernels", "wrapper", "tiers"]
-WORKLOADS += ["concurrent", "branches", "routing", "serve", "redis-faults", *TEAMS]
+WORKLOADS += ["concurrent", "branches", "routing", "serve", "redis-faults", "replicas", *TEAMS]
 
 
 def engine_for(args: argparse.Namespace) -> Any:

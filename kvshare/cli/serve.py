@@ -31,6 +31,7 @@ def add_parser(sub: Any) -> None:
         "--no-auth", action="store_true", help="no keys, one tenant (loopback hosts only)"
     )
     serve.add_argument("--log-level", default="warning")
+    add_replica_args(serve)
     serve.set_defaults(func=run)
     actions = serve.add_subparsers(dest="action")
     keys = actions.add_parser("keys", help="manage API keys").add_subparsers(
@@ -40,6 +41,27 @@ def add_parser(sub: Any) -> None:
     add.add_argument("name")
     add.add_argument("--keys", default=None, help=f"keys file (default {default_keys()})")
     add.set_defaults(func=run_add)
+
+
+def add_replica_args(serve: Any) -> None:
+    """``--replicas N`` and its options: the app on Ray Serve (``kvshare.serve.ray_app``)."""
+    serve.add_argument(
+        "--replicas", type=int, default=None, help="N engines as Ray Serve replicas (ray[serve])"
+    )
+    serve.add_argument(
+        "--address", default=None, help="--replicas: join the Ray cluster at HOST:PORT "
+        "(default: start a local Ray on 127.0.0.1, stopped on exit)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--router", default="affinity", choices=["affinity", "default"],
+        help="--replicas: cache-affinity router, or Ray's default (power of two)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--threshold", type=int, default=4, help="--replicas: load gap (requests) past which "
+        "a workflow leaves its replica",
+    )  # fmt: skip
+    serve.add_argument("--replica-cpus", type=float, default=1.0, help="--replicas: CPUs each")
+    serve.add_argument("--replica-gpus", type=float, default=0.0, help="--replicas: GPUs each")
 
 
 def run_add(args: argparse.Namespace) -> int:
@@ -72,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
 
     serve, engine_config = server_configs(args)
     check_bind(args.host, serve)  # before the model loads
+    if args.replicas is not None:
+        from kvshare.cli.serve_ray import run_replicas
+
+        return run_replicas(args, serve, engine_config)
     engine = Engine.from_pretrained(
         args.model, device=args.device, dtype=args.dtype, config=engine_config
     )

@@ -91,6 +91,7 @@ class ConsistentHash(Router):
 
     def __init__(self, replicas: int, vnodes: int = 64) -> None:
         super().__init__(replicas)
+        self._vnodes = vnodes
         points = sorted(
             (stable_hash(f"{r}#{v}"), r) for r in range(replicas) for v in range(vnodes)
         )
@@ -142,11 +143,27 @@ class TwoChoiceAffinity(ConsistentHash):
         pick = least  # a new key (or its replica died): nothing to keep, the least loaded
         if last in found and loads[last] - loads[least] <= self.threshold:
             pick = last  # where its KV is, unless that replica is too far behind
-        self._last[key] = pick
+        self.settle(key, pick)
+        return pick
+
+    def grown(self, replicas: int) -> TwoChoiceAffinity:
+        """A copy over ``replicas`` (>= this one's) replicas that remembers the same keys:
+        the ring points of the replicas kept do not move, so neither do their keys."""
+        if replicas < self.replicas:
+            raise ConfigError(f"a router can grow, not shrink: {self.replicas} -> {replicas}")
+        other = TwoChoiceAffinity(
+            replicas, self.threshold, self._vnodes, self.remember, self.choices
+        )
+        other._last = OrderedDict(self._last)
+        return other
+
+    def settle(self, key: str, replica: int) -> None:
+        """Record that ``key`` went to ``replica`` (the choice, or where the caller really
+        sent it when that replica refused it): the next call of ``key`` prefers it."""
+        self._last[key] = replica
         self._last.move_to_end(key)
         if len(self._last) > self.remember:
             self._last.popitem(last=False)
-        return pick
 
 
 ROUTERS: Registry[type[Router]] = Registry("router")

@@ -77,3 +77,33 @@ class Metrics:
             self.batch.set(b["mean_batch"])
             self.steps.set(b["steps"])
         return generate_latest(self.registry)
+
+
+def merge(texts: dict[str, bytes]) -> bytes:
+    """The exposition texts of several replicas as one: every sample gains a ``replica``
+    label (the dict's key), each family's samples stay together under its first header."""
+    families: dict[str, list[str]] = {}
+    for replica, text in texts.items():
+        name = ""
+        for line in text.decode().splitlines():
+            if line.startswith("# HELP "):
+                name = line.split()[2]
+                if name in families:
+                    continue
+                families[name] = [line]
+            elif line.startswith("#"):
+                if len(families.get(name, ())) == 1:  # the TYPE line, first replica only
+                    families[name].append(line)
+            elif line.strip():
+                families.setdefault(name, []).append(_labelled(line, replica))
+    return "".join(line + "\n" for lines in families.values() for line in lines).encode()
+
+
+def _labelled(sample: str, replica: str) -> str:
+    """``name{a="b"} v`` -> ``name{replica="R",a="b"} v`` (and ``name v`` likewise)."""
+    label = f'replica="{replica}"'
+    head, sep, rest = sample.partition("{")
+    if sep:
+        return f"{head}{{{label}{'' if rest.startswith('}') else ','}{rest}"
+    name, _, value = sample.partition(" ")
+    return f"{name}{{{label}}} {value}"

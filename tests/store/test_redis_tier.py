@@ -173,7 +173,9 @@ def test_maxmemory_evicts_never_fails(redis_server):
     assert raw.info("memory")["used_memory"] <= 5 << 20
     assert raw.info("stats")["evicted_keys"] > 0
     served = [t.get(s.key, s.tokens) for s in segs]
-    assert served[-1] is not None and any(s is None for s in served)
+    # Redis's LRU clock ticks once a second: keys written within one tick are evicted in no
+    # particular order, so only "some kept, some evicted" is certain, not which
+    assert any(g is not None for g in served) and any(g is None for g in served)
     assert all(g is None or same(g, s) for g, s in zip(served, segs, strict=True))
     assert "corrupt" not in t.stats() and "failures" not in t.stats()
 
