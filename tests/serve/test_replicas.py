@@ -1,6 +1,6 @@
 """``kvshare serve --replicas`` on a real local Ray (one instance for the module, 2 replicas
-of the tiny model, the cache-affinity router). A Ray that cannot start fails the module's
-tests with Ray's reason."""
+of the tiny model, the cache-affinity router, a real redis-server as their shared KV tier).
+A Ray or a Redis that cannot start fails the module's tests with its reason."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from kvshare.bench.local_redis import LocalRedis
 from kvshare.config import EngineConfig
-from kvshare.errors import RayStartError
+from kvshare.errors import RayStartError, ServiceUnavailableError
 from kvshare.serve import ServeConfig
 from kvshare.serve.auth import add_key, read_keys
 from kvshare.serve.run import free_port
+
+from factories import DOC
 
 
 @dataclass
@@ -28,9 +31,16 @@ class Cluster:
         auth = {"Authorization": f"Bearer {self.key if key == 'own' else key}"} if key else {}
         return httpx.Client(base_url=self.base, headers=auth, timeout=120)
 
-    def ask(self, c: httpx.Client, session: str, agent: int, **extra) -> httpx.Response:
+    def ask(
+        self, c: httpx.Client, session: str, agent: int, doc: str | None = None, **extra
+    ) -> httpx.Response:
+        """Agent ``agent`` of workflow ``session``; ``doc``: a document every agent of the
+        workflow reads first (its KV an exact prefix of theirs), else a short prompt."""
         msgs = [{"role": "system", "content": f"You are agent {agent}."},
                 {"role": "user", "content": f"The shared document of {session}. Go."}]  # fmt: skip
+        if doc is not None:
+            msgs = [{"role": "system", "content": doc},
+                    {"role": "user", "content": f"Agent {agent}: your part."}]  # fmt: skip
         body = {"model": self.model, "messages": msgs, "max_tokens": 3, "temperature": 0}
         head = {"X-KVShare-Session": session, "X-KVShare-Agent": f"a{agent}"}
         return c.post("/v1/chat/completions", json={**body, **extra}, headers=head)
@@ -43,8 +53,15 @@ def cluster(tiny_dirs, tmp_path_factory) -> Iterator[Cluster]:
 
     keys = tmp_path_factory.mktemp("ray-keys") / "keys.json"
     key = add_key(keys, "alice")
+    try:
+        redis = LocalRedis()
+        redis.start()
+    except ServiceUnavailableError as exc:
+        pytest.fail(str(exc))
+    shared = EngineConfig.of(mode="prefix", shared_tier=redis.url,
+                             shared_key_file=str(keys.parent / "shared.key"))  # fmt: skip
     spec = ReplicaSpec(
-        model=str(tiny_dirs["llama"]), engine=EngineConfig(mode="prefix"),
+        model=str(tiny_dirs["llama"]), engine=shared,
         serve=ServeConfig(keys_file=str(keys)), keys=read_keys(keys), cpus=0.5,
     )  # fmt: skip
     port = free_port()
@@ -54,12 +71,14 @@ def cluster(tiny_dirs, tmp_path_factory) -> Iterator[Cluster]:
         deploy(spec, 2, "127.0.0.1", port)
     except RayStartError as exc:
         session.__exit__(None, None, None)
+        redis.close()
         pytest.fail(f"Ray (Serve) could not start here: {exc}")
     try:
         yield Cluster(f"http://127.0.0.1:{port}", key, tiny_dirs["llama"].name)
     finally:
         undeploy(local=True)
         session.__exit__(None, None, None)
+        redis.close()
 
 
 def test_agents_of_a_workflow_land_on_one_replica_and_workflows_spread(cluster):
@@ -107,22 +126,33 @@ def test_api_keys_are_enforced_through_the_replicated_app(cluster):
     assert text.count("# TYPE kvshare_requests_total counter") == 1
 
 
-def test_a_killed_replica_sends_the_next_agent_elsewhere_and_the_call_succeeds(cluster):
+def _reuse(r: httpx.Response) -> float:
+    usage = r.json()["usage"]
+    return usage["prompt_tokens_details"]["cached_tokens"] / usage["prompt_tokens"]
+
+
+def test_a_killed_replica_sends_the_next_agent_elsewhere_and_it_reuses_through_redis(cluster):
+    """The workflow's replica dies after two agents; the third lands on the other replica,
+    which never saw this document, and still reuses most of its prompt: the earlier agents'
+    KV, read from the shared Redis tier (checked on read: the same tokens, model, tenant)."""
     import ray
 
+    doc = f"{DOC} Failover ledger {time.time_ns()}."  # a document no other test used
     with cluster.client() as c:
-        first = cluster.ask(c, "kill-wf", 0)
+        first = cluster.ask(c, "kill-wf", 0, doc)
         assert first.status_code == 200
         home = first.headers["x-kvshare-replica"]
-        assert cluster.ask(c, "kill-wf", 1).headers["x-kvshare-replica"] == home
+        second = cluster.ask(c, "kill-wf", 1, doc)
+        assert second.headers["x-kvshare-replica"] == home and _reuse(second) > 0.5
         actor = ray.get_actor(f"SERVE_REPLICA::kvshare#ReplicaServer#{home}", namespace="serve")
         ray.kill(actor, no_restart=True)
         t0 = time.monotonic()
-        after = cluster.ask(c, "kill-wf", 2)
+        after = cluster.ask(c, "kill-wf", 2, doc)
         assert after.status_code == 200, after.text
         assert after.headers["x-kvshare-replica"] != home
         assert time.monotonic() - t0 < 60
-        again = cluster.ask(c, "kill-wf", 3)  # the workflow stays on its new replica
+        assert _reuse(after) >= 0.5, after.json()["usage"]  # the issue's failover target
+        again = cluster.ask(c, "kill-wf", 3, doc)  # the workflow stays on its new replica
         assert again.headers["x-kvshare-replica"] == after.headers["x-kvshare-replica"]
 
 
