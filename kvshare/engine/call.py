@@ -30,10 +30,14 @@ from kvshare.engine.results import ChatResult, Prefilled, call_stats, check_fini
 from kvshare.kernels import KV
 from kvshare.model.adapter import between_layers
 from kvshare.model.shared_prefix import ShareKey
+from kvshare.sched.worker import JobRunner
+from kvshare.store import write_later
 from kvshare.store.contract import StoreKey
 
 if TYPE_CHECKING:
     from kvshare.engine.engine import Engine
+
+SHARED_WRITES = JobRunner("kvshare-shared-writes")  # asyncio calls' shared-tier writes, in order
 
 
 @dataclass
@@ -240,6 +244,39 @@ async def decode_async(
     """:func:`decode_batched` awaited (tokens reach ``on_token`` on the event loop)."""
     assert engine.batcher is not None
     return await engine.batcher.adecode(_member(engine, req, b), on_token)
+
+
+def finish_turn(
+    engine: Engine,
+    req: Request,
+    b: Begun,
+    dec: DecodeResult,
+    decode_s: float,
+    turn: AbstractContextManager[Any],
+) -> ChatResult:
+    """:func:`finish` inside ``turn``; its writes to shared tiers right after it, on this
+    thread, with the model free for others (``kvshare.store.write_later``)."""
+    with turn, write_later.collected() as pending:
+        result = finish(engine, req, b, dec, decode_s)
+    write_later.run_all(pending)
+    return result
+
+
+async def afinish(
+    engine: Engine, req: Request, b: Begun, dec: DecodeResult, decode_s: float
+) -> ChatResult:
+    """:func:`finish_turn` for asyncio: ``finish`` on the step worker (in a turn), the writes
+    on the one shared writer thread; both awaited, no thread per call."""
+    assert engine.batcher is not None
+
+    def job() -> tuple[ChatResult, list[write_later.Write]]:
+        with write_later.collected() as pending:
+            return finish(engine, req, b, dec, decode_s), pending
+
+    result, pending = await asyncio.wrap_future(engine.batcher.submit(job))
+    if pending:
+        await asyncio.wrap_future(SHARED_WRITES.submit(lambda: write_later.run_all(pending)))
+    return result
 
 
 def finish(engine: Engine, req: Request, b: Begun, dec: DecodeResult, decode_s: float):

@@ -138,16 +138,13 @@ class Engine(WorkflowCalls):
         if self.batcher is None:
             return await asyncio.to_thread(self.chat, messages, on_token=on_token, **options)
         req = self._request(messages, on_token, options)
-        batcher = self.batcher
         try:
             with self._busy():
                 b = await call.abegin(self, req)
                 t1 = time.perf_counter()
                 dec = await call.decode_async(self, req, b, on_token)
                 s = time.perf_counter() - t1
-                return await asyncio.wrap_future(
-                    batcher.submit(lambda: call.finish(self, req, b, dec, s))
-                )
+                return await call.afinish(self, req, b, dec, s)
         finally:
             if self.prefetcher is not None:
                 self.prefetcher.call_ended(req.session)
@@ -279,9 +276,7 @@ class Engine(WorkflowCalls):
         b = call.begin_batched(self, req, self._turn())
         t1 = time.perf_counter()
         dec = call.decode_batched(self, req, b, on_token)
-        decode_s = time.perf_counter() - t1
-        with self._turns:
-            return call.finish(self, req, b, dec, decode_s)
+        return call.finish_turn(self, req, b, dec, time.perf_counter() - t1, self._turns)
 
     def _busy(self) -> AbstractContextManager[Any]:
         """A call's whole span, as the idle-time teacher sees it."""

@@ -44,6 +44,7 @@ from kvshare.model.adapter import ModelAdapter
 from kvshare.model.load import LoadedModel
 from kvshare.model.prompt import Prompt, token_hash
 from kvshare.scope import Scope
+from kvshare.store import write_later
 from kvshare.store.contract import SegmentStore, StoreKey
 from kvshare.store.radix import RadixCache
 from kvshare.store.shared import SharedTier
@@ -267,8 +268,9 @@ def remember(
     prompt, scope = req.prompt, req.scope
     ids = tuple(prompt.ids) + tuple(tokens[:-1])  # the last token was never fed: no KV
     parts.prefix_cache.insert(scope, ids, kv)
-    if parts.exact_shared is not None:
-        parts.exact_shared.put(trace_of(req, ids, kv, token_hash(ids)))
+    if (exact := parts.exact_shared) is not None:  # after the turn: kvshare.store.write_later
+        trace = trace_of(req, ids, kv, token_hash(ids))
+        write_later.write(lambda: exact.put(trace))
     digest = token_hash(ids) if parts.segments.budget_bytes else ""
     if not digest:
         return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -55,3 +56,30 @@ def run_job(job: Callable[[], Any], future: Future[Any]) -> None:
         future.set_result(job())
     except BaseException as exc:  # handed to the caller
         future.set_exception(exc)
+
+
+class JobRunner(Worker):
+    """One thread that runs submitted jobs in order; ``submit`` returns the job's future."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self._queue: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+
+    def submit(self, job: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._cond:
+            self._queue.append((job, future))
+            self._spawn(self._run, self.name)
+            self._cond.notify_all()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._queue or self._closed):
+                    self._cond.wait()
+                if not self._queue:  # closed, nothing left
+                    return
+                job, future = self._queue.popleft()
+            run_job(job, future)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from kvshare.store import write_later
 from kvshare.store.contract import MIN_MATCH, Match, SegmentStore, StoredSegment, StoreKey, User
 from kvshare.store.segments import match_indexed
 from kvshare.store.tier_book import Priority, TierEntry
@@ -64,8 +65,9 @@ class TieredStore(TierMoves, SegmentStore):
         to the shared tier, if any, unless ``share`` is False (it came from there)."""
         new = segment.key not in self
         stored = self._put_local(segment, user, tuple(readers))
-        if stored and new and share and self.shared is not None:
-            self.shared.put(segment)  # never raises for the service; outside the lock
+        shared = self.shared
+        if stored and new and share and shared is not None:  # outside the lock; never raises
+            write_later.write(lambda: shared.put(segment))  # for the service
         return stored
 
     def _put_local(self, segment: StoredSegment, user: User, readers: tuple[str, ...]) -> bool:
