@@ -45,11 +45,14 @@ class ReplicaRow(BaseModel):
     wall_s: float
 
 
-async def _workflow(client: httpx.AsyncClient, model: str, workload: Any, w: int) -> list[dict]:
-    """Every agent of workflow ``w`` in turn; one record per call."""
+async def _workflow(
+    client: httpx.AsyncClient, model: str, workload: Any, w: int, agents: int | None = None
+) -> list[dict]:
+    """The first ``agents`` (default: every) agents of workflow ``w`` in turn; one record
+    per call."""
     outputs: list[str] = []
     calls: list[dict[str, Any]] = []
-    for i in range(workload.n_agents):
+    for i in range(workload.n_agents if agents is None else agents):
         body = {"model": model, "messages": workload.messages(i, outputs, item=w),
                 "max_tokens": workload.output_len, "temperature": 0}  # fmt: skip
         head = {"X-KVShare-Session": f"wf{w}", "X-KVShare-Agent": workload.agent_name(i)}
@@ -115,15 +118,86 @@ def measure(spec: Any, workload: Any, replicas: int) -> list[ReplicaRow]:
     return rows
 
 
+def _table(columns: list[str], lines: list[str]) -> str:
+    """A markdown table: ``columns`` and one line per row (each ending in a newline)."""
+    return "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|\n" + "".join(lines)
+
+
 def markdown(rows: list[ReplicaRow]) -> str:
-    head = (
-        "| set-up | replicas | token reuse | of one replica's | answers differing | errors "
-        "| most replicas per workflow | replicas used | wall s |\n" + "|---" * 9 + "|\n"
-    )
-    return head + "".join(
+    columns = ["set-up", "replicas", "token reuse", "of one replica's", "answers differing",
+               "errors", "most replicas per workflow", "replicas used", "wall s"]  # fmt: skip
+    return _table(columns, [
         f"| {r.setup} | {r.replicas} | {r.token_reuse:.1%} | {r.of_single:.1%} | "
         f"{r.differ_from_single}/{r.calls} | {r.errors} | {r.max_replicas_per_workflow} | "
-        f"{r.replicas_used} | "
-        f"{r.wall_s:.1f} |\n"
+        f"{r.replicas_used} | {r.wall_s:.1f} |\n"
         for r in rows
-    )
+    ])  # fmt: skip
+
+
+class FailoverRow(BaseModel):
+    """One workflow whose replica is killed before its last agent: the replicas before and
+    after, the earlier agents' reuse there, the last agent's reuse on the other replica (read
+    from the shared tier) and errors."""
+
+    workflow: int
+    home: str
+    after: str
+    earlier_reuse: float
+    failover_reuse: float
+    errors: int
+
+
+def measure_failover(spec: Any, workload: Any, workflows: int) -> list[FailoverRow]:
+    """R = 2 replicas (``spec``'s engine names the shared tier) behind the affinity router;
+    each workflow in turn runs its agents but the last on its replica, that replica is killed
+    (Ray starts a fresh one in its place), and the last agent runs on the other one."""
+    from kvshare.serve.ray_cluster import deploy, ray_session, undeploy
+    from kvshare.serve.run import free_port
+
+    rows = []
+    with ray_session(None, max(os.cpu_count() or 1, int(2 * spec.cpus + 0.999))):
+        port = free_port()
+        deploy(replace(spec, router="affinity"), 2, "127.0.0.1", port)
+        try:
+            for w in range(workflows):
+                rows.append(asyncio.run(_failover(f"http://127.0.0.1:{port}", workload, w)))
+        finally:
+            undeploy(local=False)
+    return rows
+
+
+async def _failover(base: str, workload: Any, w: int) -> FailoverRow:
+    import ray
+
+    last = workload.n_agents - 1
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+        calls = await _workflow(client, model, workload, w, agents=last)
+        ok = [c for c in calls if "error" not in c]
+        home = ok[-1]["replica"] if ok else ""
+        actor = f"SERVE_REPLICA::kvshare#ReplicaServer#{home}"
+        ray.kill(ray.get_actor(actor, namespace="serve"), no_restart=True)
+        outputs = [c.get("text", "") for c in calls]
+        body = {"model": model, "messages": workload.messages(last, outputs, item=w),
+                "max_tokens": workload.output_len, "temperature": 0}  # fmt: skip
+        head = {"X-KVShare-Session": f"wf{w}", "X-KVShare-Agent": workload.agent_name(last)}
+        r = await client.post("/v1/chat/completions", json=body, headers=head)
+    usage = r.json().get("usage", {}) if r.status_code == 200 else {}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    later = ok[1:]  # the first agent of a workflow has nothing of its own to reuse
+    return FailoverRow(
+        workflow=w, home=home, after=r.headers.get("x-kvshare-replica", ""),
+        earlier_reuse=sum(c["cached"] for c in later) / max(1, sum(c["prompt"] for c in later)),
+        failover_reuse=cached / max(1, usage.get("prompt_tokens", 0)),
+        errors=len(calls) - len(ok) + (r.status_code != 200),
+    )  # fmt: skip
+
+
+def markdown_failover(rows: list[FailoverRow]) -> str:
+    columns = ["workflow", "replica before / after", "reuse of agents 2..n-1 before",
+               "last agent's reuse after the kill", "errors"]  # fmt: skip
+    return _table(columns, [
+        f"| {r.workflow} | {r.home} / {r.after} | {r.earlier_reuse:.1%} | "
+        f"{r.failover_reuse:.1%} | {r.errors} |\n"
+        for r in rows
+    ])  # fmt: skip

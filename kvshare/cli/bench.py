@@ -68,6 +68,12 @@ def add_parser(sub: Any) -> None:
     )  # fmt: skip
     bench.add_argument("--threshold", type=int, default=4, help="replicas: affinity load gap")
     bench.add_argument(
+        "--failover",
+        action="store_true",
+        help="replicas: a redis-server shared by 2 replicas; each workflow's replica is killed "
+        "before its last agent, which runs on the other (its reuse through Redis)",
+    )
+    bench.add_argument(
         "--clients", default="1,4,16", help="serve: concurrent HTTP clients (comma-separated)"
     )
     bench.add_argument("--requests", type=int, default=4, help="serve: requests per client")

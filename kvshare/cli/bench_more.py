@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from kvshare.cli.common import engine_for, parse_lengths
 from kvshare.config import IMPLEMENTED_MODES
@@ -222,12 +223,38 @@ def run_replicas(args: argparse.Namespace) -> int:
         model=args.model, device=args.device, dtype=args.dtype, serve=serve,
         engine=EngineConfig(mode=mode), threshold=args.threshold,
     )  # fmt: skip
+    if args.failover:
+        return _failover(args, spec, workload)
     rows = measure(spec, workload, replicas)
     text = markdown(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "replicas.json").write_text(json.dumps([r.model_dump() for r in rows], indent=1))
     print(f"{workload.n_items} workflows x {workload.n_agents} agents, mode {mode}\n\n{text}")
+    return 0 if all(r.errors == 0 for r in rows) else 1
+
+
+def _failover(args: argparse.Namespace, spec: Any, workload: Any) -> int:
+    """``--failover``: a local redis-server as the replicas' shared tier, a replica killed
+    before each workflow's last agent (``kvshare.bench.replicas.measure_failover``)."""
+    import tempfile
+    from dataclasses import replace
+
+    from kvshare.bench.local_redis import LocalRedis
+    from kvshare.bench.replicas import markdown_failover, measure_failover
+
+    redis = LocalRedis(maxmemory="2gb")
+    redis.start()
+    try:
+        key = str(Path(tempfile.mkdtemp(prefix="kvshare-failover-")) / "shared.key")
+        engine = spec.engine.with_options(shared_tier=redis.url, shared_key_file=key)
+        rows = measure_failover(replace(spec, engine=engine), workload, workload.n_items)
+    finally:
+        redis.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "failover.json").write_text(json.dumps([r.model_dump() for r in rows], indent=1))
+    print(markdown_failover(rows))
     return 0 if all(r.errors == 0 for r in rows) else 1
 
 
