@@ -119,30 +119,37 @@ class TieredStore(TierMoves, SegmentStore):
         self, scope: Hashable, tokens: Sequence[int], min_len: int = MIN_MATCH
     ) -> list[Match]:
         """Verified runs as in every store; each matched segment is resolved onto the top
-        tier and *leased* until :meth:`release` (the caller's, once it has read the KV)."""
-        if self.shared is not None:
-            self._adopt_shared(scope, tokens, min_len)
+        tier and *leased* until :meth:`release` (the caller's, once it has read the KV). On a
+        local miss (at least ``2 * MIN_MATCH`` tokens no local run covers) the shared tier's
+        verified candidates of ``scope`` are adopted first (at most ``SHARED_CANDIDATES``)."""
         with self._demand():
             found = match_indexed(self._index, scope, tokens, min_len, self._entries.__getitem__)
-            out = []
-            for m in found:
-                e = self._entries.get(m.segment.key)
-                seg = None if e is None else self._resolve(e)
-                if e is None or seg is None:
-                    continue
-                self._touch(e)
-                self._leases[e.key] += 1
-                out.append(Match(m.start, m.length, seg, m.offset))
-            return out
-
-    def _adopt_shared(self, scope: Hashable, tokens: Sequence[int], min_len: int) -> None:
-        """On a local miss (at least ``2 * MIN_MATCH`` tokens no local run covers) adopt the
-        shared tier's verified candidates of ``scope`` (at most ``SHARED_CANDIDATES``)."""
-        with self._lock:
-            runs = match_indexed(self._index, scope, tokens, min_len, self._entries.__getitem__)
+            covered = sum(m.length for m in found)
+            if self.shared is None or len(tokens) - covered < 2 * MIN_MATCH:
+                return self._lease(found)
             have = set(self._entries)
-        if len(tokens) - sum(m.length for m in runs) < 2 * MIN_MATCH:
-            return
+        self._adopt_shared(scope, tokens, have)  # outside the lock: puts take it
+        with self._demand():
+            return self._lease(
+                match_indexed(self._index, scope, tokens, min_len, self._entries.__getitem__)
+            )
+
+    def _lease(self, found: Sequence[Match]) -> list[Match]:
+        """Resolve and lease the segments of ``found`` (lock held)."""
+        out = []
+        for m in found:
+            e = self._entries.get(m.segment.key)
+            seg = None if e is None else self._resolve(e)
+            if e is None or seg is None:
+                continue
+            self._touch(e)
+            self._leases[e.key] += 1
+            out.append(Match(m.start, m.length, seg, m.offset))
+        return out
+
+    def _adopt_shared(self, scope: Hashable, tokens: Sequence[int], have: set[StoreKey]) -> None:
+        """Adopt the shared tier's verified candidates of ``scope`` for ``tokens`` (``have``:
+        the keys held here already)."""
         assert self.shared is not None
         for seg in self.shared.candidates(scope, tokens, SHARED_CANDIDATES, have):
             if seg.scope == scope and self.put(seg, share=False):
